@@ -1,0 +1,182 @@
+"""Evaluation: predictions of one model, and of whole grids of merged models at once.
+
+``predict`` runs one model over a dataset in fixed-size batches (the last one
+padded, padding dropped from the result). ``predict_grid`` evaluates K merged
+models — φ0 + Σ_i λ_ki τ_i for a (K, n) coefficient matrix — in one compiled
+program: the models are vmapped, chunked with ``lax.map`` to bound memory.
+For ``l_lora_model`` task vectors the outputs are exactly linear in λ, so
+``predict_grid_linear`` needs one forward pass and one JVP per task vector,
+then only a contraction for any number of merges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llora_jax import adapters as ad
+from llora_jax import model as M
+from llora_jax import tree as T
+
+PyTree = Any
+
+
+def iterate_batches(arrays: dict[str, np.ndarray], batch_size: int):
+    """Yield fixed-size batches in order; the last is padded and carries weight 0 there."""
+    n = len(next(iter(arrays.values())))
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        pad = batch_size - len(idx)
+        full = np.concatenate([idx, np.full(pad, idx[-1])]) if pad else idx
+        batch = {k: np.asarray(v)[full] for k, v in arrays.items()}
+        batch["weight"] = np.concatenate([np.ones(len(idx)), np.zeros(pad)]).astype(np.float32)
+        yield batch, len(idx)
+
+
+def _frozen(tm: M.TaskModel, phi0: PyTree | None) -> dict:
+    return {"params": tm.params, "head": tm.head, "phi0": phi0}
+
+
+def _bind(tm: M.TaskModel, frozen: dict) -> M.TaskModel:
+    return dataclasses.replace(tm, params=frozen["params"], head=frozen["head"])
+
+
+def make_predict_fn(tm: M.TaskModel, spec: M.AdapterSpec) -> Callable:
+    """jit(trainable, frozen, batch) -> predictions (B,)."""
+
+    def fn(trainable, frozen, batch):
+        out = M.forward(_bind(tm, frozen), spec, trainable, frozen["phi0"], batch)
+        return tm.predict(out, batch)
+
+    return jax.jit(fn)
+
+
+def predict(
+    tm: M.TaskModel,
+    spec: M.AdapterSpec,
+    trainable: PyTree,
+    phi0: PyTree | None,
+    arrays: dict[str, np.ndarray],
+    batch_size: int = 64,
+    predict_fn: Callable | None = None,
+) -> np.ndarray:
+    """Predictions of one model for every example of ``arrays`` (in order)."""
+    fn = predict_fn or make_predict_fn(tm, spec)
+    frozen = _frozen(tm, phi0)
+    outs = []
+    for batch, n in iterate_batches(arrays, batch_size):
+        outs.append(np.asarray(fn(trainable, frozen, batch))[:n])
+    return np.concatenate(outs)
+
+
+def merged_trainable(spec_method: str, base: PyTree, taus: PyTree, lambdas: jax.Array) -> PyTree:
+    """base + Σ_i λ_i τ_i with τ stacked on a leading axis (n, ...)."""
+    return jax.tree.map(
+        lambda b, t: b + jnp.tensordot(lambdas.astype(t.dtype), t, axes=(0, 0)).astype(b.dtype),
+        base,
+        taus,
+    )
+
+
+def make_grid_predict_fn(tm: M.TaskModel, spec: M.AdapterSpec, chunk: int) -> Callable:
+    """jit(base, taus, lambdas (K, n), frozen, batch) -> predictions (K, B).
+
+    ``base`` is φ0 for adapters (θ0 restricted to what trained for ``full``).
+    Models are evaluated ``chunk`` at a time (vmap inside lax.map) so memory
+    stays bounded while the whole grid is one compiled program.
+    """
+
+    def one(base, taus, lam, frozen, batch):
+        trainable = merged_trainable(spec.method, base, taus, lam)
+        out = M.forward(_bind(tm, frozen), spec, trainable, frozen["phi0"], batch)
+        return tm.predict(out, batch)
+
+    def grid(base, taus, lambdas, frozen, batch):
+        k = lambdas.shape[0]
+        pad = (-k) % chunk
+        lam = jnp.concatenate([lambdas, jnp.zeros((pad, lambdas.shape[1]), lambdas.dtype)])
+        lam = lam.reshape(-1, chunk, lambdas.shape[1])
+        f = jax.vmap(one, in_axes=(None, None, 0, None, None))
+        preds = jax.lax.map(lambda l: f(base, taus, l, frozen, batch), lam)
+        return preds.reshape(-1, *preds.shape[2:])[:k]
+
+    return jax.jit(grid)
+
+
+def predict_grid(
+    tm: M.TaskModel,
+    spec: M.AdapterSpec,
+    base: PyTree,
+    phi0: PyTree | None,
+    taus: list[PyTree],
+    lambdas: np.ndarray,
+    arrays: dict[str, np.ndarray],
+    batch_size: int = 64,
+    chunk: int = 8,
+) -> np.ndarray:
+    """Predictions (K, N) of the K merged models base + Σ λ_ki τ_i, in one program per batch."""
+    lambdas = jnp.asarray(lambdas, jnp.float32)
+    if lambdas.ndim != 2 or lambdas.shape[1] != len(taus):
+        raise ValueError(f"lambdas must have shape (K, {len(taus)}), got {lambdas.shape}")
+    fn = make_grid_predict_fn(tm, spec, chunk)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *taus)
+    frozen = _frozen(tm, phi0)
+    outs = []
+    for batch, n in iterate_batches(arrays, batch_size):
+        outs.append(np.asarray(fn(base, stacked, lambdas, frozen, batch))[:, :n])
+    return np.concatenate(outs, axis=1)
+
+
+def make_linear_grid_fn(tm: M.TaskModel, spec: M.AdapterSpec) -> Callable:
+    """For ``l_lora_model``: jit(phi0, taus, lambdas, frozen, batch) -> predictions (K, B).
+
+    Outputs at φ0 + Σ λ_i τ_i equal f(φ0) + Σ λ_i J τ_i exactly, so the cost is
+    one forward, one JVP per task vector and a (K × n) contraction.
+    """
+    if spec.method != "l_lora_model":
+        raise ValueError("the linear shortcut is exact only for l_lora_model task vectors")
+    lora_spec = dataclasses.replace(spec, method="lora")
+
+    def fn(phi0, taus, lambdas, frozen, batch):
+        tmx = _bind(tm, frozen)
+
+        def outputs(phi):
+            return M.forward(tmx, lora_spec, phi, None, batch)
+
+        y0, jt = ad.linearize_outputs(outputs, phi0, taus)
+        outs = ad.combine_linear(y0, jt, lambdas)
+        return jax.vmap(lambda o: tm.predict(o, batch))(outs)
+
+    return jax.jit(fn)
+
+
+def predict_grid_linear(
+    tm: M.TaskModel,
+    spec: M.AdapterSpec,
+    phi0: PyTree,
+    taus: list[PyTree],
+    lambdas: np.ndarray,
+    arrays: dict[str, np.ndarray],
+    batch_size: int = 64,
+) -> np.ndarray:
+    fn = make_linear_grid_fn(tm, spec)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *taus)
+    lambdas = jnp.asarray(lambdas, jnp.float32)
+    frozen = _frozen(tm, phi0)
+    outs = []
+    for batch, n in iterate_batches(arrays, batch_size):
+        outs.append(np.asarray(fn(phi0, stacked, lambdas, frozen, batch))[:, :n])
+    return np.concatenate(outs, axis=1)
+
+
+def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.asarray(preds) == np.asarray(labels)))
+
+
+def tree_size(t: PyTree) -> int:
+    return T.num_params(t)

@@ -1,0 +1,344 @@
+"""Sharded fine-tuning: one jitted step, a resumable loop, task-vector export.
+
+Frozen state (backbone θ0, frozen head, φ0) and trainable state (φ, or the
+trained backbone weights for full fine-tuning, plus optimizer state and step)
+are separate arguments; the optimizer only ever sees the trainable part, and
+the train state is donated. Batches are indexed by step (a seeded permutation
+per epoch), so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from llora_jax import model as M
+from llora_jax import sharding as S
+from llora_jax import task_vectors as tv
+from llora_jax import tree as T
+
+PyTree = Any
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "adamw"  # "adamw" | "adam" | "sgd"
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # "cosine" (warm-up + cosine decay) | "constant" (warm-up + constant)
+    warmup_steps: int = 0
+    total_steps: int = 100
+    clip_norm: float | None = 1.0
+    grad_accum: int = 1
+    b1: float = 0.9
+    b2: float = 0.999
+
+
+def make_optimizer(oc: OptimConfig) -> optax.GradientTransformation:
+    if oc.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0, oc.learning_rate, max(oc.warmup_steps, 0), max(oc.total_steps, 1), 0.0
+        )
+    elif oc.schedule == "constant":
+        lr = optax.join_schedules(
+            [optax.linear_schedule(0.0, oc.learning_rate, max(oc.warmup_steps, 1)),
+             optax.constant_schedule(oc.learning_rate)],
+            [max(oc.warmup_steps, 1)],
+        ) if oc.warmup_steps > 0 else optax.constant_schedule(oc.learning_rate)
+    else:
+        raise ValueError(f"unknown schedule {oc.schedule!r}; valid: cosine, constant")
+    if oc.optimizer == "adamw":
+        opt = optax.adamw(lr, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay)
+    elif oc.optimizer == "adam":
+        opt = optax.adam(lr, b1=oc.b1, b2=oc.b2)
+    elif oc.optimizer == "sgd":
+        opt = optax.sgd(lr)
+    else:
+        raise ValueError(f"unknown optimizer {oc.optimizer!r}; valid: adamw, adam, sgd")
+    chain = [optax.clip_by_global_norm(oc.clip_norm)] if oc.clip_norm else []
+    opt = optax.chain(*chain, opt)
+    if oc.grad_accum > 1:
+        opt = optax.MultiSteps(opt, every_k_schedule=oc.grad_accum)
+    return opt
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def make_train_step(
+    tm: M.TaskModel, spec: M.AdapterSpec, optimizer: optax.GradientTransformation
+) -> Callable:
+    """step(state, frozen, batch, rng) -> (state, metrics), pure and jittable.
+
+    frozen = {"params": θ0, "head": frozen head, "phi0": φ0}. A non-finite loss
+    leaves the state unchanged and is reported in metrics["nonfinite"].
+    """
+
+    def loss_fn(trainable, frozen, batch, rng):
+        tmx = dataclasses.replace(tm, params=frozen["params"], head=frozen["head"])
+        out = M.forward(tmx, spec, trainable, frozen["phi0"], batch, train=True, rng=rng)
+        per_ex = tm.loss(out, batch)
+        loss = M.weighted_mean(per_ex, batch["weight"])
+        pred = tm.predict(out, batch)
+        acc = M.weighted_mean((pred == batch["label"]).astype(jnp.float32), batch["weight"])
+        return loss, acc
+
+    def step(state, frozen, batch, rng):
+        rng = jax.random.fold_in(rng, state["step"])
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["trainable"], frozen, batch, rng
+        )
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
+        trainable = optax.apply_updates(state["trainable"], updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        new_state = {
+            "step": state["step"] + 1,
+            "trainable": keep(trainable, state["trainable"]),
+            "opt_state": keep(opt_state, state["opt_state"]),
+        }
+        metrics = {
+            "loss": loss,
+            "accuracy": acc,
+            "grad_norm": optax.tree.norm(grads),
+            "nonfinite": (~ok).astype(jnp.int32),
+        }
+        return new_state, metrics
+
+    return step
+
+
+def init_state(trainable: PyTree, optimizer: optax.GradientTransformation) -> dict:
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "trainable": trainable,
+        "opt_state": optimizer.init(trainable),
+    }
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+class StepBatches:
+    """Batch ``step`` of a seeded, epoch-wise shuffled pass over in-memory arrays.
+
+    Indexed by step, so resuming at step k gives the same batches as an
+    uninterrupted run. Each process takes its contiguous slice of the global
+    batch (multi-host); the remainder of an epoch is dropped.
+    """
+
+    def __init__(
+        self,
+        arrays: dict[str, np.ndarray],
+        batch_size: int,
+        seed: int,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        self.arrays = arrays
+        self.n = len(next(iter(arrays.values())))
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pi = jax.process_index() if process_index is None else process_index
+        self.pc = jax.process_count() if process_count is None else process_count
+        if batch_size % self.pc:
+            raise ValueError(f"batch size {batch_size} is not divisible by {self.pc} processes")
+        if self.n < batch_size:
+            raise ValueError(f"{self.n} training examples are fewer than one batch of {batch_size}")
+        self.per_epoch = self.n // batch_size
+        self._perm_epoch = -1
+        self._perm = None
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._perm_epoch = epoch
+        idx = self._perm[i * self.batch_size : (i + 1) * self.batch_size]
+        local = self.batch_size // self.pc
+        idx = idx[self.pi * local : (self.pi + 1) * local]
+        out = {k: np.asarray(v)[idx] for k, v in self.arrays.items()}
+        out.setdefault("weight", np.ones(len(idx), np.float32))
+        return out
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    total_steps: int = 100
+    batch_size: int = 16
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    ckpt_every: int = 50
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+
+def _ckpt_manager(workdir: Path, lc: LoopConfig):
+    import orbax.checkpoint as ocp
+
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=lc.keep_checkpoints, save_interval_steps=1, create=True
+    )
+    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=opts)
+
+
+def _write_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=float) + "\n")
+
+
+def finetune(
+    tm: M.TaskModel,
+    spec: M.AdapterSpec,
+    oc: OptimConfig,
+    lc: LoopConfig,
+    train_arrays: dict[str, np.ndarray],
+    workdir: str | os.PathLike,
+    *,
+    evaluate: Callable[[PyTree, PyTree], dict] | None = None,
+    final_eval: Callable[[PyTree, PyTree], dict] | None = None,
+    meta: dict | None = None,
+    mesh: Mesh | None = None,
+    frozen_shardings: PyTree | None = None,
+) -> dict:
+    """Fine-tune, resuming from ``workdir/checkpoints`` if present; export the task vector.
+
+    ``evaluate(trainable, phi0)`` returns validation metrics (called every
+    ``eval_every`` steps); ``final_eval`` returns the final {"val/...": ...,
+    "test/...": ...} written to ``workdir/metrics.json`` and the task vector's meta.
+    Returns that final metrics dict.
+    """
+    import orbax.checkpoint as ocp
+
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = mesh or S.make_mesh()
+    optimizer = make_optimizer(dataclasses.replace(oc, total_steps=lc.total_steps))
+    trainable0, phi0 = M.init_trainable(tm, spec, jax.random.key(lc.seed))
+    repl = S.replicated(mesh)
+    frozen = {"params": tm.params, "head": tm.head, "phi0": phi0}
+    frozen_sh = {
+        "params": frozen_shardings if frozen_shardings is not None
+        else jax.tree.map(lambda _: repl, tm.params),
+        "head": jax.tree.map(lambda _: repl, tm.head),
+        "phi0": jax.tree.map(lambda _: repl, phi0),
+    }
+    frozen = jax.device_put(frozen, frozen_sh)
+    state_shape = jax.eval_shape(lambda t: init_state(t, optimizer), trainable0)
+    state_sh = jax.tree.map(lambda _: repl, state_shape)
+    if spec.method == "full" and frozen_shardings is not None:
+        trainable_sh = T.unflatten(
+            {n: T.flatten(frozen_sh["params"])[n] for n in T.flatten(trainable0)}
+        )
+        state_sh = {"step": repl, "trainable": trainable_sh,
+                    "opt_state": jax.tree.map(lambda _: repl, state_shape["opt_state"])}
+    step_fn = jax.jit(
+        make_train_step(tm, spec, optimizer),
+        in_shardings=(state_sh, frozen_sh, S.batch_sharding(mesh), repl),
+        out_shardings=(state_sh, repl),
+        donate_argnums=0,
+    )
+
+    mngr = _ckpt_manager(workdir, lc)
+    start = mngr.latest_step()
+    if start is None:
+        state = jax.jit(lambda t: init_state(t, optimizer), out_shardings=state_sh)(trainable0)
+        start = 0
+    else:
+        abstract = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, state_sh
+        )
+        state = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
+    batches = StepBatches(train_arrays, lc.batch_size, lc.seed)
+    rng = jax.random.key(lc.seed + 1)
+    log_path = workdir / "metrics.jsonl"
+
+    bar = None
+    if lc.progress and jax.process_index() == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=lc.total_steps, initial=start, desc=f"{spec.method}", unit="step")
+    t0, n0 = time.perf_counter(), start
+    try:
+        for step in range(start, lc.total_steps):
+            batch = S.put_batch(batches(step), mesh)
+            state, metrics = step_fn(state, frozen, batch, rng)
+            done = step + 1
+            last = done == lc.total_steps
+            if done % lc.log_every == 0 or last or done % lc.ckpt_every == 0:
+                m = jax.device_get(metrics)
+                if int(m["nonfinite"]):
+                    raise TrainingDiverged(
+                        f"non-finite loss or gradient at step {done} (loss={float(m['loss'])}); "
+                        f"the last good checkpoint is kept in {workdir / 'checkpoints'}. Lower the "
+                        "learning rate or enable gradient clipping."
+                    )
+                dt = time.perf_counter() - t0
+                rate = (done - n0) * lc.batch_size / max(dt, 1e-9)
+                row = {"step": done, **{k: float(v) for k, v in m.items()}, "examples_per_s": rate}
+                if jax.process_index() == 0:
+                    _write_jsonl(log_path, row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", ex_s=f"{rate:.0f}")
+            if evaluate and lc.eval_every and done % lc.eval_every == 0 and not last:
+                vm = evaluate(state["trainable"], phi0)
+                if jax.process_index() == 0:
+                    _write_jsonl(log_path, {"step": done, **vm})
+            if done % lc.ckpt_every == 0 or last:
+                mngr.save(done, args=ocp.args.StandardSave(state))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        mngr.wait_until_finished()
+        mngr.close()
+
+    trainable = state["trainable"]
+    metrics = final_eval(trainable, phi0) if final_eval else {}
+    tau = T.sub(trainable, trainable0 if spec.method == "full" else phi0)
+    tau = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tau)
+    if jax.process_index() == 0:
+        _export(workdir, tm, spec, tau, phi0, metrics, lc, meta or {})
+    return metrics
+
+
+def _export(workdir, tm, spec, tau, phi0, metrics, lc, meta) -> None:
+    cfg = spec.lora
+    is_full = spec.method == "full"
+    fields = dict(
+        base_model=tm.base_model,
+        base_fingerprint=T.fingerprint(tm.params),
+        adapter_kind="full" if is_full else "lora",
+        mode=spec.method,
+        task=meta.pop("task", "unknown"),
+        seed=lc.seed,
+        steps=lc.total_steps,
+        targets=list(tm.full_ft_targets) if is_full else list(cfg.targets),
+        rank=None if is_full else cfg.rank,
+        alpha=None if is_full else cfg.alpha,
+        metrics=metrics,
+    )
+    full_meta = tv.make_meta(**fields, **meta)
+    phi0_host = None if phi0 is None else jax.tree.map(lambda x: np.asarray(jax.device_get(x)), phi0)
+    tv.save(workdir / "task_vector", tau, full_meta, phi0=phi0_host, overwrite=True)
+    (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))

@@ -1,0 +1,346 @@
+"""T5 / Flan-T5 backbone: parity with transformers (torch) on tiny random checkpoints."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from llora_jax import tree as T  # noqa: E402
+from llora_jax.backbones import hf, t5  # noqa: E402
+from llora_jax.backbones.hf import load_backbone  # noqa: E402
+
+VOCAB = 64
+# v1.0: ReLU feed-forward, tied embeddings (scaled decoder output).
+# v1.1 / Flan: gated-GELU, untied lm_head, more decoder than encoder layers, heads*d_kv != d_model.
+CONFIGS = {
+    "v1": dict(d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, feed_forward_proj="relu"),
+    "v11": dict(
+        d_model=40,
+        d_kv=8,
+        d_ff=56,
+        num_layers=2,
+        num_decoder_layers=3,
+        num_heads=3,
+        feed_forward_proj="gated-gelu",
+    ),
+}
+TOL = 1e-4
+
+
+def _build(kind, path):
+    torch.manual_seed(0 if kind == "v1" else 1)
+    tied = kind == "v1"
+    cfg = transformers.T5Config(
+        vocab_size=VOCAB,
+        relative_attention_num_buckets=8,  # small, so the log-spaced buckets are exercised
+        relative_attention_max_distance=20,
+        decoder_start_token_id=0,
+        tie_word_embeddings=tied,
+        **CONFIGS[kind],
+    )
+    model = transformers.T5ForConditionalGeneration(cfg)
+    with torch.no_grad():  # livelier weights than HF's init, so greedy outputs vary
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif p.ndim == 2 and "shared" not in name and "relative" not in name:
+                p.normal_(0.0, 1.5 / p.shape[1] ** 0.5)
+    if not tied:
+        # transformers 5 ties lm_head to shared even for tie_word_embeddings=False (NOTES.md).
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, cfg.d_model))
+        model.config.tie_word_embeddings = False
+    model.save_pretrained(path)
+    ref = transformers.T5ForConditionalGeneration.from_pretrained(path).eval()
+    assert (ref.lm_head.weight.data_ptr() == ref.shared.weight.data_ptr()) == tied
+    return ref
+
+
+@pytest.fixture(scope="module", params=["v1", "v11"])
+def case(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    ref = _build(request.param, path)
+    return request.param, path, ref, load_backbone(str(path))
+
+
+def _batch(seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(2, VOCAB, (3, 13))
+    mask = np.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[2, 5:] = 0
+    ids = np.where(mask > 0, ids, 0)
+    labels = rng.integers(2, VOCAB, (3, 7))
+    labels[1, 5:] = -100
+    labels[2, 2:] = -100
+    return ids, mask, labels
+
+
+def _t(x):
+    return torch.tensor(np.asarray(x))
+
+
+def test_relative_position_buckets_match_hf():
+    rel = np.arange(-300, 301)
+    att = transformers.models.t5.modeling_t5.T5Attention
+    for nb, md in [(32, 128), (8, 20), (16, 64), (64, 256)]:
+        for bidirectional in (True, False):
+            ref = att._relative_position_bucket(
+                torch.tensor(rel), bidirectional=bidirectional, num_buckets=nb, max_distance=md
+            ).numpy()
+            got = t5.relative_position_bucket(jnp.asarray(rel), bidirectional, nb, md)
+            np.testing.assert_array_equal(np.asarray(got), ref)
+
+
+def test_param_tree_mirrors_hf_names_and_axes(case):
+    kind, _, ref, bb = case
+    flat = T.flatten(bb.params)
+    n_hf = sum(p.numel() for p in ref.parameters())
+    assert T.num_params(bb.params) == n_hf
+    rel = [k for k in flat if "relative_attention_bias" in k]
+    assert rel == [
+        "decoder/block_0/layer_0/SelfAttention/relative_attention_bias/embedding",
+        "encoder/block_0/layer_0/SelfAttention/relative_attention_bias/embedding",
+    ]
+    assert ("lm_head/kernel" in flat) == (kind == "v11")
+    ff = "DenseReluDense/wi_0/kernel" if kind == "v11" else "DenseReluDense/wi/kernel"
+    assert f"encoder/block_1/layer_1/{ff}" in flat and f"decoder/block_1/layer_2/{ff}" in flat
+    q = ref.decoder.block[1].layer[1].EncDecAttention.q.weight.detach().numpy()
+    np.testing.assert_array_equal(flat["decoder/block_1/layer_1/EncDecAttention/q/kernel"], q.T)
+    # Logical axis names on every parameter.
+    boxed = jax.eval_shape(lambda: bb.module.init(jax.random.key(0), *_dummy()))["params"]
+    axes = {k: v.names for k, v in T.flatten(jax.tree.map(lambda x: x, boxed, is_leaf=_is_box)).items()}
+    assert axes["shared/embedding"] == ("vocab", "embed")
+    assert axes["encoder/block_0/layer_0/SelfAttention/q/kernel"] == ("embed", "qkv")
+    assert axes["encoder/block_0/layer_0/SelfAttention/o/kernel"] == ("qkv", "embed")
+    assert axes[rel[0]] == ("relpos", "heads")
+    assert axes[f"encoder/block_0/layer_1/{ff}"] == ("embed", "mlp")
+    assert axes["encoder/final_layer_norm/weight"] == ("embed",)
+    targets = T.select_paths(list(flat), t5.DEFAULT_LORA_TARGETS)
+    n_dec = bb.module.spec.num_decoder_layers
+    assert len(targets) == 2 * (bb.module.spec.num_layers + 2 * n_dec)
+    assert all(k.split("/")[-2] in ("q", "v") for k in targets)
+
+
+def _is_box(x):
+    return isinstance(x, nn.Partitioned)
+
+
+def _dummy():
+    ids = jnp.zeros((1, 4), jnp.int32)
+    return ids, jnp.ones_like(ids), ids
+
+
+def test_forward_and_loss_match_torch(case):
+    _, _, ref, bb = case
+    ids, mask, labels = _batch()
+    dec_mask = (labels != -100).astype(np.int64)
+    with torch.no_grad():
+        out = ref(
+            input_ids=_t(ids),
+            attention_mask=_t(mask),
+            labels=_t(labels),
+            decoder_attention_mask=_t(dec_mask),
+        )
+    dec_in = t5.shift_right(labels, 0, 0)
+    np.testing.assert_array_equal(np.asarray(dec_in), ref._shift_right(_t(labels)).numpy())
+    enc = bb.module.apply({"params": bb.params}, ids, mask, method="encode")
+    np.testing.assert_allclose(enc, out.encoder_last_hidden_state.numpy(), atol=TOL, rtol=0)
+    logits = bb.module.apply({"params": bb.params}, ids, mask, dec_in, dec_mask)
+    np.testing.assert_allclose(logits, out.logits.numpy(), atol=TOL, rtol=0)
+    assert abs(float(t5.loss(logits, labels)) - out.loss.item()) <= TOL
+    # An explicit label mask is the same as HF's -100 convention.
+    safe = np.where(labels < 0, 0, labels)
+    assert abs(float(t5.loss(logits, safe, dec_mask)) - out.loss.item()) <= TOL
+
+
+def test_bfloat16_compute_close_to_float32(case):
+    _, path, _, bb = case
+    ids, mask, labels = _batch(1)
+    dec_in = t5.shift_right(labels, 0, 0)
+    ref = np.asarray(bb.module.apply({"params": bb.params}, ids, mask, dec_in))
+    for param_dtype in (jnp.float32, jnp.bfloat16):
+        low = load_backbone(str(path), dtype=jnp.bfloat16, param_dtype=param_dtype)
+        assert {x.dtype for x in jax.tree.leaves(low.params)} == {jnp.dtype(param_dtype)}
+        got = np.asarray(low.module.apply({"params": low.params}, ids, mask, dec_in))
+        assert got.dtype == np.float32
+        # bf16 keeps ~3 significant digits; errors compound over a few layers.
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        assert err < 0.05, err
+        same_top = (got.argmax(-1) == ref.argmax(-1)).mean()
+        assert same_top > 0.8, same_top
+
+
+def _hf_generate(ref, ids, mask, n, eos):
+    with torch.no_grad():
+        out = ref.generate(
+            input_ids=_t(ids),
+            attention_mask=_t(mask),
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=n,
+            eos_token_id=eos,
+            pad_token_id=0,
+            decoder_start_token_id=0,
+        ).numpy()
+    assert (out[:, 0] == 0).all()
+    out = out[:, 1:]
+    return np.pad(out, ((0, 0), (0, n - out.shape[1])), constant_values=0)
+
+
+def test_greedy_decode_matches_generate(case):
+    _, _, ref, bb = case
+    ids, mask, _ = _batch(2)
+    n = 9
+    free = _hf_generate(ref, ids, mask, n, eos=VOCAB + 5)  # an id never produced: no stop
+    assert len(np.unique(free)) > 4  # a degenerate model would make this test weak
+    # Stop row 0 early: its 4th token becomes EOS (unless it already occurs before).
+    eos = int(free[0, 3])
+    want = _hf_generate(ref, ids, mask, n, eos=eos)
+    got = t5.greedy_decode(bb.module, bb.params, ids, mask, n, eos_token_id=eos)
+    assert got.shape == (3, n) and got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert (want[0, 4:] == 0).all()
+    got_free = t5.greedy_decode(bb.module, bb.params, ids, mask, n, eos_token_id=-1)
+    np.testing.assert_array_equal(np.asarray(got_free), free)
+
+
+def test_cached_steps_equal_teacher_forcing(case):
+    _, _, _, bb = case
+    module, params = bb.module, bb.params
+    ids, mask, labels = _batch(3)
+    dec_in = jnp.asarray(t5.shift_right(np.where(labels < 0, 5, labels), 0, 0))
+    full = module.apply({"params": params}, ids, mask, dec_in)
+
+    @jax.jit
+    def stepwise(params):
+        enc = module.apply({"params": params}, ids, mask, method="encode")
+        cache = t5.init_decode_cache(module, ids.shape[0], dec_in.shape[1])
+        outs = []
+        for i in range(dec_in.shape[1]):  # encoder states only on the first step
+            logits, cache = module.apply(
+                {"params": params}, dec_in[:, i : i + 1], enc if i == 0 else None, mask,
+                cache=cache, method="decode",
+            )
+            outs.append(logits)
+        return jnp.concatenate(outs, axis=1), cache["index"]
+
+    steps, index = stepwise(params)
+    assert int(index) == dec_in.shape[1]
+    np.testing.assert_allclose(steps, full, atol=TOL, rtol=0)
+
+
+def _torch_label_scores(ref, ids, mask, cands):
+    scores = np.zeros((ids.shape[0], len(cands)))
+    for j, cand in enumerate(cands):
+        labels = _t(np.tile(np.asarray(cand)[None], (ids.shape[0], 1)))
+        with torch.no_grad():
+            logits = ref(input_ids=_t(ids), attention_mask=_t(mask), labels=labels).logits
+        logp = torch.log_softmax(logits.double(), -1)
+        scores[:, j] = logp.gather(-1, labels[..., None])[..., 0].sum(-1).numpy()
+    return scores
+
+
+def test_score_label_words_matches_torch(case):
+    _, _, ref, bb = case
+    ids, mask, _ = _batch(4)
+    cands = [[7, 1], [12, 30, 1], [40, 2, 9, 1]]  # label words of 1-3 tokens, then EOS
+    width = max(map(len, cands))
+    label_ids = np.array([c + [0] * (width - len(c)) for c in cands])
+    label_mask = np.array([[1] * len(c) + [0] * (width - len(c)) for c in cands])
+    got = t5.score_label_words(bb.module, bb.params, ids, mask, label_ids, label_mask)
+    assert got.shape == (3, 3)
+    np.testing.assert_allclose(got, _torch_label_scores(ref, ids, mask, cands), atol=TOL, rtol=0)
+    # Per-example candidates, (batch, n_labels, T), give the same scores.
+    per_ex = t5.score_label_words(
+        bb.module,
+        bb.params,
+        ids,
+        mask,
+        np.broadcast_to(label_ids, (3, *label_ids.shape)),
+        np.broadcast_to(label_mask, (3, *label_mask.shape)),
+    )
+    np.testing.assert_allclose(per_ex, got, atol=1e-6, rtol=0)
+
+
+def test_adapters_by_interception_reach_cached_decoding(case):
+    """A dense delta added by intercepting nn.Dense equals merging it into the kernels."""
+    kind, _, _, bb = case
+    if kind != "v11":
+        pytest.skip("one configuration is enough")
+    module, params = bb.module, bb.params
+    paths = [k[: -len("/kernel")] for k in T.select_paths(params, t5.DEFAULT_LORA_TARGETS)]
+    flat = T.flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(paths))
+    deltas = {p: 0.5 * jax.random.normal(k, flat[p + "/kernel"].shape) for p, k in zip(paths, keys)}
+    merged = T.unflatten({k: v + deltas[k[: -len("/kernel")]] if k[: -len("/kernel")] in deltas else v
+                          for k, v in flat.items()})
+
+    def apply_fn(both, *args, **kwargs):
+        base, delta = both
+
+        def icpt(next_fun, a, kw, ctx):
+            y = next_fun(*a, **kw)
+            path = "/".join(ctx.module.path)
+            if isinstance(ctx.module, nn.Dense) and path in delta:
+                y = y + a[0] @ delta[path]
+            return y
+
+        with nn.intercept_methods(icpt):
+            return module.apply({"params": base}, *args, **kwargs)
+
+    ids, mask, _ = _batch(5)
+    want = t5.greedy_decode(module, merged, ids, mask, 8, eos_token_id=-1)
+    got = t5.greedy_decode(module, (params, deltas), ids, mask, 8, eos_token_id=-1, apply_fn=apply_fn)
+    base = t5.greedy_decode(module, params, ids, mask, 8, eos_token_id=-1)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert (np.asarray(base) != np.asarray(want)).any()  # the deltas do matter
+    lab, lmask = np.array([[7, 1, 0], [12, 30, 1]]), np.array([[1, 1, 0], [1, 1, 1]])
+    s_want = t5.score_label_words(module, merged, ids, mask, lab, lmask)
+    s_got = t5.score_label_words(module, (params, deltas), ids, mask, lab, lmask, apply_fn=apply_fn)
+    np.testing.assert_allclose(s_got, s_want, atol=TOL, rtol=0)
+
+
+def test_dropout_only_when_not_deterministic(case):
+    _, _, _, bb = case
+    ids, mask, labels = _batch(6)
+    dec_in = t5.shift_right(labels, 0, 0)
+    run = lambda det, key=None: bb.module.apply(  # noqa: E731
+        {"params": bb.params}, ids, mask, dec_in, deterministic=det,
+        rngs=None if key is None else {"dropout": key},
+    )
+    a, b, c = run(False, jax.random.key(0)), run(False, jax.random.key(0)), run(False, jax.random.key(1))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
+    assert np.abs(np.asarray(a) - np.asarray(run(True))).max() > 1e-3
+    with pytest.raises(Exception, match="dropout"):
+        run(False)
+
+
+def test_params_from_hf_names_bad_keys(case):
+    kind, path, _, _ = case
+    config = hf.load_hf_config(path)
+    state = hf.load_state_dict(path)
+    key = "decoder.block.1.layer.1.EncDecAttention.v.weight"
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        t5.params_from_hf({k: v for k, v in state.items() if k != key}, config)
+    bad = dict(state)
+    bad[key] = state[key][:, :-1]
+    with pytest.raises(ValueError, match=r"EncDecAttention\.v\.weight.*shape"):
+        t5.params_from_hf(bad, config)
+    if kind == "v11":
+        # An untied config without lm_head.weight falls back to shared.weight, as transformers does.
+        noh = {k: v for k, v in state.items() if k != "lm_head.weight"}
+        params = t5.params_from_hf(noh, config)
+        np.testing.assert_array_equal(params["lm_head"]["kernel"], state["shared.weight"].T)
+    else:
+        other = dict(state, **{"lm_head.weight": state["shared.weight"] + 1.0})
+        with pytest.raises(ValueError, match="lm_head.weight"):
+            t5.params_from_hf(other, config)
