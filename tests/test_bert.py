@@ -76,46 +76,49 @@ def tiny(tmp_path_factory):
 
 
 def test_tiny_parity_with_torch(tiny):
-    model, path, (ids, mask, types) = tiny
-    b = hf.load_backbone(str(path))
-    ref_h, ref_e = torch_embed(model, ids, mask, types)
-    h = b.module.apply({"params": b.params}, ids, mask, types)
-    valid = mask.astype(bool)  # HF also computes padded positions; compare them all anyway
-    assert np.abs(np.asarray(h) - ref_h).max() <= 1e-4
-    assert np.abs(np.asarray(h)[valid] - ref_h[valid]).max() <= 1e-4
-    emb = jax.jit(bert.sentence_embedding, static_argnums=0)(b.module, b.params, ids, mask, types)
-    assert emb.shape == (4, TINY["hidden_size"]) and emb.dtype == jnp.float32
-    assert np.abs(np.asarray(emb) - ref_e).max() <= 1e-4
-    # Padding really matters: embedding the padded row unmasked gives something else.
-    unmasked = bert.sentence_embedding(b.module, b.params, ids, np.ones_like(mask), types)
-    assert np.abs(np.asarray(unmasked[2]) - ref_e[2]).max() > 1e-2
-
-
-def test_tiny_pooler_parity(tiny):
+    """Hidden states, pooler output and sentence embeddings all match torch (<= 1e-4)."""
     model, path, (ids, mask, types) = tiny
     b = hf.load_backbone(str(path), add_pooling_layer=True)
     assert "pooler" in b.params
+
+    @jax.jit
+    def run(params, ids, mask, types):
+        hidden, pooled = b.module.apply({"params": params}, ids, mask, types)
+        return hidden, pooled, bert.sentence_embedding(b.module, params, ids, mask, types)
+
+    h, pooled, emb = run(b.params, ids, mask, types)
     with torch.no_grad():
-        ref = model(
+        ref_pooled = model(
             input_ids=torch.tensor(ids),
             attention_mask=torch.tensor(mask),
             token_type_ids=torch.tensor(types),
         ).pooler_output.numpy()
-    _, pooled = b.module.apply({"params": b.params}, ids, mask, types)
-    assert np.abs(np.asarray(pooled) - ref).max() <= 1e-4
+    ref_h, ref_e = torch_embed(model, ids, mask, types)
+    # HF also computes padded positions; compare them all.
+    assert np.abs(np.asarray(h) - ref_h).max() <= 1e-4
+    assert np.abs(np.asarray(pooled) - ref_pooled).max() <= 1e-4
+    assert emb.shape == (4, TINY["hidden_size"]) and emb.dtype == jnp.float32
+    assert np.abs(np.asarray(emb) - ref_e).max() <= 1e-4
+    # Padding really matters: the padded row embedded without its mask gives something else.
+    _, _, unmasked = run(b.params, ids, np.ones_like(mask), types)
+    assert np.abs(np.asarray(unmasked[2]) - ref_e[2]).max() > 1e-2
 
 
 def test_bf16_compute_close_to_f32(tiny):
     """Stated tolerance: bf16 compute gives embeddings with cosine >= 0.99 to float32."""
-    _, path, (ids, mask, types) = tiny
-    f32 = hf.load_backbone(str(path))
+    model, path, (ids, mask, types) = tiny
     b16 = hf.load_backbone(str(path), dtype=jnp.bfloat16)
-    h16 = b16.module.apply({"params": b16.params}, ids, mask, types)
-    assert h16.dtype == jnp.bfloat16
-    e32 = bert.sentence_embedding(f32.module, f32.params, ids, mask, types)
-    e16 = bert.sentence_embedding(b16.module, b16.params, ids, mask, types)
-    assert e16.dtype == jnp.float32
-    assert cosines(e16, e32).min() >= 0.99
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(b16.params))  # storage unchanged
+
+    @jax.jit
+    def run(params):
+        hidden = b16.module.apply({"params": params}, ids, mask, types)
+        return hidden, bert.sentence_embedding(b16.module, params, ids, mask, types)
+
+    h16, e16 = run(b16.params)
+    assert h16.dtype == jnp.bfloat16 and e16.dtype == jnp.float32
+    _, ref_e = torch_embed(model, ids, mask, types)
+    assert cosines(e16, ref_e).min() >= 0.99
 
 
 def test_mean_pool_and_normalize_closed_form():
@@ -135,17 +138,21 @@ def test_mean_pool_and_normalize_closed_form():
 def test_logical_axes_and_lora_targets(tiny):
     _, path, _ = tiny
     module = bert.module_from_hf_config(transformers.AutoConfig.from_pretrained(path))
-    boxed = module.init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))["params"]
+    boxed = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 3), jnp.int32))
+    boxed = boxed["params"]
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
     named = _names(boxed)
     assert named["encoder/layer_0/attention/self/query/kernel"] == ("embed", "qkv")
+    assert named["encoder/layer_0/attention/self/value/bias"] == ("qkv",)
     assert named["encoder/layer_1/attention/output/dense/kernel"] == ("qkv", "embed")
     assert named["encoder/layer_0/intermediate/dense/kernel"] == ("embed", "mlp")
     assert named["encoder/layer_0/output/dense/kernel"] == ("mlp", "embed")
     assert named["embeddings/word_embeddings/embedding"] == ("vocab", "embed")
     assert named["embeddings/position_embeddings/embedding"] == ("pos", "embed")
     assert named["embeddings/LayerNorm/scale"] == ("embed",)
+    vocab = {n for names in named.values() for n in names} - {None}
+    assert vocab <= {"vocab", "embed", "mlp", "qkv", "pos"}
     chosen = sorted(T.select(nn.unbox(boxed), bert.DEFAULT_LORA_TARGETS))
     assert chosen == [
         f"encoder/layer_{i}/attention/self/{n}/kernel" for i in range(2) for n in ("query", "value")
@@ -164,12 +171,18 @@ def _names(boxed) -> dict:
 def test_dropout_only_when_not_deterministic(tiny):
     _, path, (ids, mask, types) = tiny
     b = hf.load_backbone(str(path))
-    apply = b.module.apply
-    det = apply({"params": b.params}, ids, mask, types)
-    again = apply({"params": b.params}, ids, mask, types, deterministic=True)
-    np.testing.assert_array_equal(np.asarray(det), np.asarray(again))
-    d1 = apply({"params": b.params}, ids, mask, types, deterministic=False, rngs={"dropout": jax.random.key(1)})
-    d2 = apply({"params": b.params}, ids, mask, types, deterministic=False, rngs={"dropout": jax.random.key(2)})
+
+    @jax.jit
+    def run(params, key):
+        det = b.module.apply({"params": params}, ids, mask, types, deterministic=True)
+        drop = b.module.apply(
+            {"params": params}, ids, mask, types, deterministic=False, rngs={"dropout": key}
+        )
+        return det, drop
+
+    det, d1 = run(b.params, jax.random.key(1))
+    det2, d2 = run(b.params, jax.random.key(2))
+    np.testing.assert_array_equal(np.asarray(det), np.asarray(det2))
     assert np.abs(np.asarray(d1) - np.asarray(det)).max() > 1e-3
     assert np.abs(np.asarray(d1) - np.asarray(d2)).max() > 1e-3
 
@@ -178,7 +191,9 @@ def test_params_from_hf_missing_key(tiny):
     model, path, _ = tiny
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     del state["encoder.layer.1.attention.self.value.bias"]
-    with pytest.raises(ValueError, match=r"lacks key 'encoder\.layer\.1\.attention\.self\.value\.bias'"):
+    with pytest.raises(
+        ValueError, match=r"lacks key 'encoder\.layer\.1\.attention\.self\.value\.bias'"
+    ):
         bert.params_from_hf(state, model.config)
     # A "bert." prefix (BertFor* checkpoints) is accepted.
     prefixed = {"bert." + k: v.numpy() for k, v in model.state_dict().items()}
@@ -212,12 +227,13 @@ def test_real_minilm_matches_torch():
     assert mask.min() == 0 and types.max() == 1  # padding and sentence pairs are exercised
     ref_model = transformers.BertModel.from_pretrained(path, add_pooling_layer=False).eval()
     _, ref = torch_embed(ref_model, ids, mask, types)
-    emb = np.asarray(bert.sentence_embedding(b.module, b.params, ids, mask, types))
+    embed = jax.jit(bert.sentence_embedding, static_argnums=0)
+    emb = np.asarray(embed(b.module, b.params, ids, mask, types))
     assert cosines(emb, ref).min() >= 0.9999
     np.testing.assert_allclose(np.linalg.norm(emb, axis=-1), 1.0, atol=1e-5)
     # The paraphrase pair is closer than an unrelated sentence (the model is meaningful).
     assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2
-    # bf16 storage and compute: stated tolerance cosine >= 0.99 to the float32 embeddings.
+    # bf16 storage and compute: stated tolerance cosine >= 0.999 (seen: 0.99994).
     b16 = hf.load_backbone(str(path), param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
-    emb16 = np.asarray(bert.sentence_embedding(b16.module, b16.params, ids, mask, types))
-    assert cosines(emb16, emb).min() >= 0.99
+    emb16 = np.asarray(embed(b16.module, b16.params, ids, mask, types))
+    assert cosines(emb16, emb).min() >= 0.999

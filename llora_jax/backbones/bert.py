@@ -371,7 +371,9 @@ def params_from_hf(
         p = f"encoder.layer.{i}."
         params["encoder"][f"layer_{i}"] = {
             "attention": {
-                "self": {n: dense(f"{p}attention.self.{n}", H, H) for n in ("query", "key", "value")},
+                "self": {
+                    n: dense(f"{p}attention.self.{n}", H, H) for n in ("query", "key", "value")
+                },
                 "output": {
                     "dense": dense(p + "attention.output.dense", H, H),
                     "LayerNorm": norm(p + "attention.output.LayerNorm"),

@@ -8,6 +8,7 @@ paper's prompt ensembling). Per-dataset template lists belong to ``llora_jax.dat
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,27 +63,34 @@ def build_zeroshot_head(
             "checkpoint); this one is vision-only"
         )
     texts = [_render(t, c) for c in class_names for t in templates]
-    max_len = module.text.max_position_embeddings
-
-    @jax.jit
-    def encode(p, ids, mask):
-        emb = module.apply({"params": p}, ids, mask, method="encode_text")
-        return _normalize(emb.astype(jnp.float32))
-
-    chunks = []
-    for start in range(0, len(texts), batch_size):
-        tok = tokenizer(
-            texts[start : start + batch_size],
-            padding=True,
-            truncation=True,
-            max_length=max_len,
-            return_tensors="np",
-        )
-        ids = np.asarray(tok["input_ids"], np.int32)
-        mask = np.asarray(tok["attention_mask"], np.int32)
-        chunks.append(encode(params, ids, mask))
-    emb = jnp.concatenate(chunks).reshape(len(class_names), len(templates), -1)
+    # One tokenization padded to the longest prompt and equal-size chunks: a single compile.
+    tok = tokenizer(
+        texts,
+        padding=True,
+        truncation=True,
+        max_length=module.text.max_position_embeddings,
+        return_tensors="np",
+    )
+    ids = np.asarray(tok["input_ids"], np.int32)
+    mask = np.asarray(tok["attention_mask"], np.int32)
+    n = len(texts)
+    size = min(batch_size, n)
+    pad = -n % size
+    if pad:  # fill the last chunk with copies of row 0, dropped below
+        ids = np.concatenate([ids, np.repeat(ids[:1], pad, 0)])
+        mask = np.concatenate([mask, np.repeat(mask[:1], pad, 0)])
+    chunks = [
+        _encode_text(module, params, ids[i : i + size], mask[i : i + size])
+        for i in range(0, len(ids), size)
+    ]
+    emb = jnp.concatenate(chunks)[:n].reshape(len(class_names), len(templates), -1)
     return jax.lax.stop_gradient(_normalize(emb.mean(axis=1)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_text(module: nn.Module, params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    emb = module.apply({"params": params}, ids, mask, method="encode_text")
+    return _normalize(emb.astype(jnp.float32))
 
 
 def zeroshot_logits(image_embeds: jax.Array, head: jax.Array, logit_scale: Any) -> jax.Array:

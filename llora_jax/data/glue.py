@@ -3,8 +3,8 @@
 T5 inputs follow T5's GLUE preprocessing: ``"{task} {field}: {text} ..."`` with the fields
 in sorted-name order (``"mnli hypothesis: {h} premise: {p}"``), targets are the label
 words of :class:`~llora_jax.data.tasks.TaskSpec` (index = tfds label id). STS-B targets are
-the score rounded to the nearest 0.2 (``round(5 * y) / 5``, numpy round-half-to-even as
-``tf.round`` does) written as ``"{:.1f}"``.
+the score rounded to the nearest 0.2 (``round(5 * y) / 5`` in float32, round half to
+even, as ``tf.round`` in T5's preprocessing) written as ``"{:.1f}"``.
 """
 
 from __future__ import annotations
@@ -39,8 +39,13 @@ def as_spec(task: Any) -> TaskSpec:
 
 
 def stsb_round(scores: np.ndarray | Sequence[float]) -> np.ndarray:
-    """Round similarity scores to the nearest 0.2 (T5's STS-B target grid)."""
-    return np.round(np.asarray(scores, np.float64) * 5.0) / 5.0
+    """Round similarity scores to the nearest 0.2 (T5's STS-B target grid).
+
+    In float32 like T5 on tfds' float32 labels: ``1.7 -> 8.5 -> 8 -> 1.6`` there (half to
+    even), whereas float64 arithmetic would give 1.8.
+    """
+    x = np.asarray(scores, np.float32)
+    return np.round(x * np.float32(5.0)) / np.float32(5.0)
 
 
 def format_score(score: float) -> str:

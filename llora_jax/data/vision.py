@@ -223,18 +223,48 @@ def resize_center_crop(img: np.ndarray, size: int) -> np.ndarray:
 def normalize(images, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
     """uint8 [..., H, W, 3] -> float32 standardised pixels. Works on numpy and jax arrays,
     so it can run inside the jitted step (ship uint8 to the device: 4x fewer bytes)."""
-    xp = np if isinstance(images, np.ndarray) else __import__("jax.numpy", fromlist=["x"])
+    if isinstance(images, np.ndarray):
+        xp = np
+    else:
+        import jax.numpy as xp
     x = images.astype(xp.float32) / 255.0
     return (x - xp.asarray(mean, xp.float32)) / xp.asarray(std, xp.float32)
+
+
+def preprocess_on_device(images, size: int = 224, *, normalized: bool = True):
+    """The CLIP preprocessing of :func:`resize_center_crop` (+ :func:`normalize`) as a jax
+    function of a uint8 batch [B, H, W, C] (C = 1 or 3): call it inside the jitted step.
+
+    For fixed-size datasets (MNIST, SVHN, GTSRB, EuroSAT, RESISC45) this keeps the host
+    out of the way: batches travel at native size (GTSRB: 3 KB per image instead of
+    150 KB) and the resize is one vectorised op. jax's antialiased bicubic matches PIL's
+    within one intensity level (tested).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    b, h, w, c = images.shape
+    x = images.astype(jnp.float32)
+    if c == 1:
+        x = jnp.repeat(x, 3, axis=-1)
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = jax.image.resize(x, (b, nh, nw, 3), "bicubic", antialias=True)
+        x = jnp.clip(jnp.round(x), 0.0, 255.0)  # PIL returns uint8 pixels
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = x[:, top : top + size, left : left + size]
+    return normalize(x) if normalized else x
 
 
 def image_transform(
     size: int = 224, *, normalized: bool = False, key: str = "image"
 ) -> Callable[[Mapping[str, object]], dict]:
-    """A batch transform for :func:`llora_jax.data.batches`: the ``key`` field (a stacked
-    array or a list of variable-size HWC images) becomes ``uint8 [B, size, size, 3]``
-    (or float32 CLIP-normalised when ``normalized``). Batches already at the target size
-    are passed through without a per-image loop."""
+    """A host batch transform for :func:`llora_jax.data.batches`: the ``key`` field (a
+    stacked array or a list of variable-size HWC images) becomes ``uint8 [B, size, size,
+    3]`` (or float32 CLIP-normalised when ``normalized``). Needed for variable-size
+    datasets (SUN397, Cars, DTD; use ``num_workers``); for fixed-size ones prefer
+    :func:`preprocess_on_device`. Batches already at the target size pass through."""
 
     def transform(batch: Mapping[str, object]) -> dict:
         images = batch[key]

@@ -1,0 +1,182 @@
+"""Text classification on a frozen sentence encoder (BERT / MiniLM) with frozen label heads.
+
+In the spirit of CLIP's zero-shot heads, each class gets a short
+natural-language description, embedded once by the *frozen base* encoder:
+logits = scale · cos(embedding(input), embedding(description)). Sentence pairs
+are encoded as one joint input ([CLS] a [SEP] b [SEP]). Regression tasks
+(STS-B) become 5 equal-width bins of the score range with descriptions of
+increasing similarity; their metric adds the Spearman/Pearson correlation of
+the predicted bin centre with the true score.
+
+Only the encoder (or its adapters) trains, so merged models need no head
+surgery: every task vector shares the same frozen heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from llora_jax import model as M
+from llora_jax.backbones import bert
+from llora_jax.data import encoder_format
+from llora_jax.data.tasks import TaskSpec
+
+N_BINS = 5
+
+# Nicer descriptions for well-known label words; any other task falls back to
+# "{label word with spaces}", so nothing depends on these names.
+_KNOWN = {
+    ("unacceptable", "acceptable"): (
+        "this sentence is ungrammatical and unacceptable",
+        "this sentence is grammatical and acceptable",
+    ),
+    ("negative", "positive"): ("this is negative", "this is positive"),
+    ("not_equivalent", "equivalent"): (
+        "the two sentences mean different things",
+        "the two sentences mean the same thing",
+    ),
+    ("not_duplicate", "duplicate"): (
+        "the two questions ask different things",
+        "the two questions ask the same thing",
+    ),
+    ("entailment", "not_entailment"): (
+        "the second sentence follows from the first",
+        "the second sentence does not follow from the first",
+    ),
+    ("entailment", "neutral", "contradiction"): (
+        "the second sentence follows from the first",
+        "the second sentence may or may not be true given the first",
+        "the second sentence contradicts the first",
+    ),
+}
+_BIN_WORDS = ("unrelated", "barely related", "somewhat similar", "very similar", "equivalent")
+
+
+def label_descriptions(spec: TaskSpec) -> tuple[str, ...]:
+    """One description per class (per score bin for regression tasks)."""
+    if spec.is_regression:
+        if len(spec.text_fields) > 1:
+            return tuple(f"the two sentences are {w}" for w in _BIN_WORDS)
+        return tuple(f"a score of {k + 1} out of {N_BINS}" for k in range(N_BINS))
+    words = tuple(spec.label_names)
+    if words in _KNOWN:
+        return _KNOWN[words]
+    return tuple(w.replace("_", " ") for w in words)
+
+
+def score_bins(spec: TaskSpec, scores: np.ndarray) -> np.ndarray:
+    lo, hi = spec.label_range or (float(np.min(scores)), float(np.max(scores)))
+    width = (hi - lo) / N_BINS
+    return np.clip(((np.asarray(scores) - lo) / width).astype(np.int64), 0, N_BINS - 1)
+
+
+def bin_centres(spec: TaskSpec) -> np.ndarray:
+    lo, hi = spec.label_range or (0.0, 1.0)
+    width = (hi - lo) / N_BINS
+    return lo + width * (np.arange(N_BINS) + 0.5)
+
+
+def tokenize(
+    tokenizer: Any, text_a: Sequence[str], text_b: Sequence[str] | None, max_len: int
+) -> dict[str, np.ndarray]:
+    enc = tokenizer(
+        list(text_a),
+        list(text_b) if text_b is not None else None,
+        max_length=max_len,
+        padding="max_length",
+        truncation=True,
+        return_tensors="np",
+        return_token_type_ids=True,
+    )
+    return {
+        "input_ids": enc["input_ids"].astype(np.int32),
+        "attention_mask": enc["attention_mask"].astype(np.int32),
+        "token_type_ids": enc["token_type_ids"].astype(np.int32),
+    }
+
+
+def encode_examples(
+    tokenizer: Any, spec: TaskSpec, examples: Mapping[str, Any], max_len: int
+) -> dict[str, np.ndarray]:
+    """Examples (data.load_task(...).examples) -> model arrays with an integer "label".
+
+    Regression tasks also keep the float "score" (for correlation metrics).
+    """
+    fmt = encoder_format(spec, examples)
+    arrays = tokenize(tokenizer, fmt["text_a"], fmt["text_b"], max_len)
+    if spec.is_regression:
+        arrays["score"] = fmt["label"].astype(np.float32)
+        arrays["label"] = score_bins(spec, fmt["label"]).astype(np.int32)
+    else:
+        arrays["label"] = fmt["label"].astype(np.int32)
+    return arrays
+
+
+def build_head(
+    module: Any, params: Any, tokenizer: Any, descriptions: Sequence[str], max_len: int = 32
+) -> jnp.ndarray:
+    """(C, H) L2-normalised embeddings of the class descriptions by the frozen base model."""
+    toks = tokenize(tokenizer, descriptions, None, max_len)
+    return bert.sentence_embedding(
+        module, params, toks["input_ids"], toks["attention_mask"], toks["token_type_ids"]
+    )
+
+
+def task_model(
+    backbone: Any,
+    tokenizer: Any,
+    spec: TaskSpec,
+    *,
+    scale: float = 20.0,
+    descriptions: Sequence[str] | None = None,
+) -> M.TaskModel:
+    """A TaskModel whose logits are scale · cos(sentence embedding, frozen class embedding)."""
+    descriptions = tuple(descriptions or label_descriptions(spec))
+    head = {
+        "classes": build_head(backbone.module, backbone.params, tokenizer, descriptions),
+        "scale": jnp.asarray(scale, jnp.float32),
+    }
+
+    def readout(call, batch, head, train):
+        hidden = call(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["token_type_ids"],
+            deterministic=not train,
+        )
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        emb = bert.l2_normalize(bert.mean_pool(hidden, batch["attention_mask"]))
+        return {"logits": head["scale"] * emb @ head["classes"].T.astype(emb.dtype)}
+
+    return M.TaskModel(
+        module=backbone.module,
+        params=backbone.params,
+        readout=readout,
+        loss=M.classification_loss,
+        predict=M.argmax_predict,
+        head=head,
+        base_model=str(backbone.source),
+        full_ft_targets=(r"^encoder/",),
+    )
+
+
+def metrics(spec: TaskSpec, preds: np.ndarray, arrays: Mapping[str, np.ndarray]) -> dict:
+    """Task metrics of class predictions (bin predictions for regression tasks)."""
+    from llora_jax.data import compute_metrics
+
+    preds = np.asarray(preds)
+    if spec.is_regression:
+        from llora_jax.data.metrics import pearson, spearman
+
+        values = bin_centres(spec)[preds]
+        score = np.asarray(arrays["score"])
+        return {
+            "accuracy": float(np.mean(preds == np.asarray(arrays["label"]))),
+            "pearson": pearson(values, score),
+            "spearman": spearman(values, score),
+        }
+    return compute_metrics(spec, preds, np.asarray(arrays["label"]))
