@@ -50,6 +50,11 @@ class OptimConfig:
 
 
 def make_optimizer(oc: OptimConfig) -> optax.GradientTransformation:
+    if oc.warmup_steps >= oc.total_steps and oc.warmup_steps > 0:
+        raise ValueError(
+            f"warmup_steps ({oc.warmup_steps}) must be smaller than the number of steps "
+            f"({oc.total_steps})"
+        )
     if oc.schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(
             0.0, oc.learning_rate, max(oc.warmup_steps, 0), max(oc.total_steps, 1), 0.0

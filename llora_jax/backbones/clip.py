@@ -5,20 +5,44 @@ Paths: ``vision_model/encoder/layers_0/self_attn/q_proj/kernel``, ``text_model/.
 checkpoint (``CLIPVisionModel[WithProjection]``) gives the same ``vision_model/...`` paths and no
 text tower, so adapters and task vectors are interchangeable between the two.
 
-Images are NHWC float arrays (JAX convention; HF uses NCHW). The HF-format conversion lives in
-``clip_convert``; the zero-shot head and the image preprocessing in ``clip_heads`` and
-``clip_preprocess``; all are re-exported here.
+Accepted HF checkpoints (key layouts):
+
+* ``CLIPModel``: ``vision_model.*``, ``text_model.*``, ``visual_projection.weight``,
+  ``text_projection.weight``, ``logit_scale``;
+* ``CLIPVisionModelWithProjection``: ``vision_model.*`` + ``visual_projection.weight``;
+* ``CLIPVisionModel``: ``vision_model.*`` (hub, transformers 4) or bare ``embeddings.*``,
+  ``encoder.*``, ... (saved by transformers 5); the same for the text-only models.
+  Whether a tower-only checkpoint has a projection is read from ``config.architectures``.
+
+Images are NHWC float arrays (JAX convention; HF uses NCHW). Tower internals live in
+``clip_layers``, the zero-shot head in ``clip_heads``, image preprocessing in
+``clip_preprocess``; the public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from llora_jax import tree as tree_lib
+from llora_jax.backbones.clip_heads import (
+    PAPER_TEMPLATE,
+    PAPER_TEMPLATES,
+    build_zeroshot_head,
+    zeroshot_logits,
+)
+from llora_jax.backbones.clip_layers import (
+    TextConfig,
+    TextTransformer,
+    VisionConfig,
+    VisionTransformer,
+    dense,
+)
+from llora_jax.backbones.clip_preprocess import CLIP_MEAN, CLIP_STD, preprocess_images
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
@@ -28,6 +52,7 @@ __all__ = [
     "init_params",
     "module_from_hf_config",
     "params_from_hf",
+    "hf_key_for",
     "build_zeroshot_head",
     "zeroshot_logits",
     "PAPER_TEMPLATE",
@@ -42,286 +67,6 @@ DEFAULT_LORA_TARGETS: tuple[str, ...] = (
     r"^vision_model/encoder/layers_\d+/self_attn/q_proj/kernel$",
     r"^vision_model/encoder/layers_\d+/self_attn/v_proj/kernel$",
 )
-
-_KERNEL_INIT = nn.initializers.normal(0.02)
-_NEG = -1e30  # finite "minus infinity": a fully masked row stays finite (uniform), never NaN
-
-
-@dataclasses.dataclass(frozen=True)
-class VisionConfig:
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    image_size: int
-    patch_size: int
-    num_channels: int = 3
-    layer_norm_eps: float = 1e-5
-    hidden_act: str = "quick_gelu"
-    attention_dropout: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class TextConfig:
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    vocab_size: int
-    max_position_embeddings: int
-    # HF pooling rule: eos_token_id == 2 (pre-2023 configs) -> position of the largest id
-    # (the original CLIP vocabulary puts <|endoftext|> last); otherwise the first position of eos.
-    eos_token_id: int = 2
-    layer_norm_eps: float = 1e-5
-    hidden_act: str = "quick_gelu"
-    attention_dropout: float = 0.0
-
-
-def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    acts = {
-        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-        "relu": jax.nn.relu,
-    }
-    if name not in acts:
-        raise ValueError(f"CLIP hidden_act {name!r} is not supported; use one of {sorted(acts)}")
-    return acts[name]
-
-
-def _dense(features: int, axes: tuple, dtype: Any, param_dtype: Any, bias: bool = True) -> nn.Dense:
-    return nn.Dense(
-        features,
-        use_bias=bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(_KERNEL_INIT, axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
-    )
-
-
-def _layer_norm(eps: float, dtype: Any, param_dtype: Any) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=eps,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-    )
-
-
-class Attention(nn.Module):
-    hidden_size: int
-    num_heads: int
-    dropout: float
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def setup(self) -> None:
-        # Separate q/k/v Dense layers: adapters intercept nn.Dense by path.
-        mk = lambda axes: _dense(self.hidden_size, axes, self.dtype, self.param_dtype)  # noqa: E731
-        self.q_proj = mk(("embed", "qkv"))
-        self.k_proj = mk(("embed", "qkv"))
-        self.v_proj = mk(("embed", "qkv"))
-        self.out_proj = mk(("qkv", "embed"))
-        self.attn_dropout = nn.Dropout(self.dropout)
-
-    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
-        b, t, _ = x.shape
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} not divisible by {self.num_heads}")
-        hd = self.hidden_size // self.num_heads
-        split = lambda y: y.reshape(b, t, self.num_heads, hd)  # noqa: E731
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        scores = scores * hd**-0.5
-        if mask is not None:
-            scores = jnp.where(mask, scores, _NEG)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # softmax in float32, like HF
-        probs = self.attn_dropout(probs, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, self.hidden_size)
-        return self.out_proj(out)
-
-
-class MLP(nn.Module):
-    hidden_size: int
-    intermediate_size: int
-    hidden_act: str
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def setup(self) -> None:
-        self.fc1 = _dense(self.intermediate_size, ("embed", "mlp"), self.dtype, self.param_dtype)
-        self.fc2 = _dense(self.hidden_size, ("mlp", "embed"), self.dtype, self.param_dtype)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(_activation(self.hidden_act)(self.fc1(x)))
-
-
-class Encoder(nn.Module):
-    """Pre-LN transformer layers ``layers_{i}`` (HF ``encoder.layers.{i}``)."""
-
-    cfg: VisionConfig | TextConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def setup(self) -> None:
-        c, dt, pdt = self.cfg, self.dtype, self.param_dtype
-        self.layers = [
-            EncoderLayer(c, dtype=dt, param_dtype=pdt) for _ in range(self.cfg.num_layers)
-        ]
-
-    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
-        for layer in self.layers:
-            x = layer(x, mask, deterministic)
-        return x
-
-
-class EncoderLayer(nn.Module):
-    cfg: VisionConfig | TextConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def setup(self) -> None:
-        c, dt, pdt = self.cfg, self.dtype, self.param_dtype
-        self.layer_norm1 = _layer_norm(c.layer_norm_eps, dt, pdt)
-        self.self_attn = Attention(c.hidden_size, c.num_heads, c.attention_dropout, dt, pdt)
-        self.layer_norm2 = _layer_norm(c.layer_norm_eps, dt, pdt)
-        self.mlp = MLP(c.hidden_size, c.intermediate_size, c.hidden_act, dt, pdt)
-
-    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
-        x = x + self.self_attn(self.layer_norm1(x), mask, deterministic)
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class VisionEmbeddings(nn.Module):
-    cfg: VisionConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def setup(self) -> None:
-        c = self.cfg
-        # A convolution, not a Dense: the patch embedding is never an adapter target.
-        self.patch_embedding = nn.Conv(
-            c.hidden_size,
-            kernel_size=(c.patch_size, c.patch_size),
-            strides=(c.patch_size, c.patch_size),
-            padding="VALID",
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(_KERNEL_INIT, (None, None, None, "embed")),
-        )
-        self.class_embedding = self.param(
-            "class_embedding",
-            nn.with_logical_partitioning(_KERNEL_INIT, ("embed",)),
-            (c.hidden_size,),
-            self.param_dtype,
-        )
-        num_positions = (c.image_size // c.patch_size) ** 2 + 1
-        self.position_embedding = nn.Embed(
-            num_positions,
-            c.hidden_size,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            embedding_init=nn.with_logical_partitioning(_KERNEL_INIT, ("pos", "embed")),
-        )
-
-    def __call__(self, pixel_values: jax.Array) -> jax.Array:
-        c = self.cfg
-        want = (c.image_size, c.image_size, c.num_channels)
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
-            hint = ""
-            if pixel_values.ndim == 4 and pixel_values.shape[1] == c.num_channels:
-                hint = " (NCHW input? transpose with x.transpose(0, 2, 3, 1))"
-            raise ValueError(
-                f"CLIP pixel_values must be NHWC (batch, {want[0]}, {want[1]}, {want[2]}), "
-                f"got shape {tuple(pixel_values.shape)}{hint}"
-            )
-        patches = self.patch_embedding(pixel_values.astype(self.dtype))
-        b = patches.shape[0]
-        patches = patches.reshape(b, -1, c.hidden_size)  # row-major grid, like HF flatten(2)
-        cls = jnp.broadcast_to(self.class_embedding.astype(self.dtype), (b, 1, c.hidden_size))
-        x = jnp.concatenate([cls, patches], axis=1)
-        return x + self.position_embedding(jnp.arange(x.shape[1]))[None]
-
-
-class VisionTransformer(nn.Module):
-    """HF ``CLIPVisionModel``: returns (last_hidden_state, pooled = post_layernorm(CLS))."""
-
-    cfg: VisionConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def setup(self) -> None:
-        c, dt, pdt = self.cfg, self.dtype, self.param_dtype
-        self.embeddings = VisionEmbeddings(c, dt, pdt)
-        self.pre_layrnorm = _layer_norm(c.layer_norm_eps, dt, pdt)  # sic: HF spelling
-        self.encoder = Encoder(c, dt, pdt)
-        self.post_layernorm = _layer_norm(c.layer_norm_eps, dt, pdt)
-
-    def __call__(self, pixel_values: jax.Array, deterministic: bool = True):
-        x = self.pre_layrnorm(self.embeddings(pixel_values))
-        x = self.encoder(x, None, deterministic)
-        return x, self.post_layernorm(x[:, 0])
-
-
-class TextTransformer(nn.Module):
-    """HF ``CLIPTextModel``: causal encoder, final norm, pooled at the EOS token."""
-
-    cfg: TextConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def setup(self) -> None:
-        c, dt, pdt = self.cfg, self.dtype, self.param_dtype
-        self.embeddings = TextEmbeddings(c, dt, pdt)
-        self.encoder = Encoder(c, dt, pdt)
-        self.final_layer_norm = _layer_norm(c.layer_norm_eps, dt, pdt)
-
-    def __call__(
-        self, input_ids: jax.Array, attention_mask: jax.Array | None, deterministic: bool = True
-    ):
-        b, t = input_ids.shape
-        mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
-        if attention_mask is not None:
-            mask = mask & (attention_mask[:, None, None, :] > 0)
-        x = self.encoder(self.embeddings(input_ids), mask, deterministic)
-        x = self.final_layer_norm(x)
-        if self.cfg.eos_token_id == 2:
-            pos = jnp.argmax(input_ids, axis=-1)
-        else:  # first eos; 0 when a row has none (as HF's argmax of all-zeros)
-            pos = jnp.argmax(input_ids == self.cfg.eos_token_id, axis=-1)
-        return x, x[jnp.arange(b), pos]
-
-
-class TextEmbeddings(nn.Module):
-    cfg: TextConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def setup(self) -> None:
-        c = self.cfg
-        embed = lambda n, axes: nn.Embed(  # noqa: E731
-            n,
-            c.hidden_size,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            embedding_init=nn.with_logical_partitioning(_KERNEL_INIT, axes),
-        )
-        self.token_embedding = embed(c.vocab_size, ("vocab", "embed"))
-        self.position_embedding = embed(c.max_position_embeddings, ("pos", "embed"))
-
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
-        t = input_ids.shape[-1]
-        if input_ids.ndim != 2 or t > self.cfg.max_position_embeddings:
-            raise ValueError(
-                f"CLIP input_ids must be (batch, seq) with seq <= max_position_embeddings="
-                f"{self.cfg.max_position_embeddings}; got shape {tuple(input_ids.shape)} "
-                "(tokenize with truncation=True, max_length=...)"
-            )
-        return self.token_embedding(input_ids) + self.position_embedding(jnp.arange(t))[None]
 
 
 class CLIP(nn.Module):
@@ -347,7 +92,7 @@ class CLIP(nn.Module):
             self.vision_model = VisionTransformer(self.vision, dt, pdt)
         if self.text is not None:
             self.text_model = TextTransformer(self.text, dt, pdt)
-        proj = lambda: _dense(self.projection_dim, ("embed", None), dt, pdt, bias=False)  # noqa: E731
+        proj = lambda: dense(self.projection_dim, ("embed", None), dt, pdt, bias=False)  # noqa: E731
         if self.use_visual_projection:
             self.visual_projection = proj()
         if self.use_text_projection:
@@ -431,27 +176,165 @@ def init_params(module: CLIP, rng: jax.Array) -> dict:
     return nn.unbox(module.init(rng, method=CLIP.init_all))["params"]
 
 
+_TOWERS = ("vision_model", "text_model")
+
+
+def _vision_config(vc: Any) -> VisionConfig:
+    return VisionConfig(
+        hidden_size=vc.hidden_size,
+        intermediate_size=vc.intermediate_size,
+        num_layers=vc.num_hidden_layers,
+        num_heads=vc.num_attention_heads,
+        image_size=vc.image_size,
+        patch_size=vc.patch_size,
+        num_channels=vc.num_channels,
+        layer_norm_eps=vc.layer_norm_eps,
+        hidden_act=vc.hidden_act,
+        attention_dropout=float(vc.attention_dropout),
+    )
+
+
+def _text_config(tc: Any) -> TextConfig:
+    eos = tc.eos_token_id
+    if isinstance(eos, (list, tuple)):
+        if len(eos) != 1:
+            raise ValueError(f"CLIP text config has eos_token_id={eos}; expected a single id")
+        eos = eos[0]
+    if eos is None:
+        raise ValueError("CLIP text config has no eos_token_id; set it in config.json")
+    return TextConfig(
+        hidden_size=tc.hidden_size,
+        intermediate_size=tc.intermediate_size,
+        num_layers=tc.num_hidden_layers,
+        num_heads=tc.num_attention_heads,
+        vocab_size=tc.vocab_size,
+        max_position_embeddings=tc.max_position_embeddings,
+        eos_token_id=int(eos),
+        layer_norm_eps=tc.layer_norm_eps,
+        hidden_act=tc.hidden_act,
+        attention_dropout=float(tc.attention_dropout),
+    )
+
+
 def module_from_hf_config(
     config: Any, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
 ) -> CLIP:
-    """The :class:`CLIP` module for an HF ``CLIPConfig`` / ``CLIPVisionConfig`` / ``CLIPTextConfig``."""
-    from llora_jax.backbones import clip_convert  # imports this module: keep it lazy
+    """The :class:`CLIP` module for a ``CLIPConfig`` / ``CLIPVisionConfig`` / ``CLIPTextConfig``."""
+    model_type = getattr(config, "model_type", None)
+    archs = set(getattr(config, "architectures", None) or [])
+    kw = {"dtype": dtype, "param_dtype": param_dtype}
+    if model_type == "clip":
+        return CLIP(
+            vision=_vision_config(config.vision_config),
+            text=_text_config(config.text_config),
+            projection_dim=config.projection_dim,
+            use_visual_projection=True,
+            use_text_projection=True,
+            use_logit_scale=True,
+            logit_scale_init=float(config.logit_scale_init_value),
+            **kw,
+        )
+    if model_type == "clip_vision_model":
+        proj = "CLIPVisionModelWithProjection" in archs
+        return CLIP(
+            vision=_vision_config(config),
+            text=None,
+            projection_dim=config.projection_dim if proj else None,
+            use_visual_projection=proj,
+            **kw,
+        )
+    if model_type == "clip_text_model":
+        proj = "CLIPTextModelWithProjection" in archs
+        return CLIP(
+            vision=None,
+            text=_text_config(config),
+            projection_dim=config.projection_dim if proj else None,
+            use_text_projection=proj,
+            **kw,
+        )
+    raise ValueError(
+        f"not a CLIP config: model_type={model_type!r}; expected 'clip', 'clip_vision_model' "
+        "or 'clip_text_model'"
+    )
 
-    return clip_convert.module_from_hf_config(config, dtype=dtype, param_dtype=param_dtype)
+
+def _tower_prefixes(state: dict[str, Any], module: CLIP) -> dict[str, str]:
+    """HF key prefix of each tower: "vision_model." or "" (tower-only models saved by v5)."""
+    prefixes = {}
+    for tower in _TOWERS:
+        nested = any(k.startswith(tower + ".") for k in state)
+        only_tower = (module.vision is None) or (module.text is None)
+        prefixes[tower] = tower + "." if nested or not only_tower else ""
+    return prefixes
+
+
+def hf_key_for(path: str, prefixes: dict[str, str] | None = None) -> tuple[str, str]:
+    """HF key for a Flax param path, and its layout ("dense", "conv", "plain")."""
+    prefixes = prefixes or {t: t + "." for t in _TOWERS}
+    parts = path.split("/")
+    head = ""
+    if parts[0] in _TOWERS:
+        head, parts = prefixes[parts[0]], parts[1:]
+    parts = [p.replace("layers_", "layers.") if p.startswith("layers_") else p for p in parts]
+    leaf, layout = parts[-1], "plain"
+    if leaf == "kernel":
+        leaf = "weight"
+        layout = "conv" if parts[-2] == "patch_embedding" else "dense"
+    elif leaf in ("scale", "embedding"):
+        leaf = "weight"
+    return head + ".".join([*parts[:-1], leaf]), layout
+
+
+def _to_flax(x: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "dense":  # torch Linear (out, in) -> (in, out)
+        return x.T
+    if layout == "conv":  # torch Conv2d (out, in, kh, kw) -> (kh, kw, in, out)
+        return x.transpose(2, 3, 1, 0)
+    return x
+
+
+def _hf_shape(shape: tuple, layout: str) -> tuple:
+    if layout == "dense":
+        return tuple(reversed(shape))
+    if layout == "conv":
+        return (shape[3], shape[2], shape[0], shape[1])
+    return tuple(shape)
 
 
 def params_from_hf(state: dict[str, Any], config: Any) -> dict:
-    """HF CLIP state dict (numpy arrays) -> Flax params; raises naming a missing/misshapen key."""
-    from llora_jax.backbones import clip_convert
+    """Convert an HF CLIP state dict (numpy arrays) into the Flax params tree.
 
-    return clip_convert.params_from_hf(state, config)
-
-
-# Re-exported so that users need only ``from llora_jax.backbones import clip``.
-from llora_jax.backbones.clip_heads import (  # noqa: E402
-    PAPER_TEMPLATE,
-    PAPER_TEMPLATES,
-    build_zeroshot_head,
-    zeroshot_logits,
-)
-from llora_jax.backbones.clip_preprocess import CLIP_MEAN, CLIP_STD, preprocess_images  # noqa: E402
+    Raises ValueError naming the HF key when a tensor is missing, has a shape that does not match
+    the config, or when the checkpoint holds weights this config would silently drop.
+    """
+    module = module_from_hf_config(config)
+    expected = tree_lib.flatten(jax.eval_shape(lambda: init_params(module, jax.random.key(0))))
+    prefixes = _tower_prefixes(state, module)
+    flat, used = {}, set()
+    for path, spec in expected.items():
+        key, layout = hf_key_for(path, prefixes)
+        if key not in state:
+            near = sorted(k for k in state if k.split(".")[0] == key.split(".")[0])[:5]
+            raise ValueError(
+                f"CLIP checkpoint has no tensor {key!r} (needed for parameter {path!r}); "
+                f"keys with the same prefix: {near or sorted(state)[:5]}. Is config.json "
+                "(model_type / architectures) the one saved with these weights?"
+            )
+        value = np.asarray(state[key])
+        want = _hf_shape(tuple(spec.shape), layout)
+        if tuple(value.shape) != want:
+            raise ValueError(
+                f"CLIP checkpoint tensor {key!r} has shape {tuple(value.shape)}, but the config "
+                f"expects {want}; the weights do not belong to this config.json"
+            )
+        flat[path] = _to_flax(value, layout)
+        used.add(key)
+    # position_ids are non-persistent buffers that old checkpoints still carry.
+    unused = sorted(k for k in state if k not in used and not k.endswith("position_ids"))
+    if unused:
+        raise ValueError(
+            f"CLIP checkpoint has tensors the config does not use: {unused[:10]}. A vision/text-only "
+            "checkpoint with a projection needs config.architectures = "
+            "['CLIPVisionModelWithProjection'] (or ['CLIPTextModelWithProjection'])"
+        )
+    return tree_lib.unflatten(flat)

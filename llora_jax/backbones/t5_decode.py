@@ -112,21 +112,13 @@ def greedy_decode(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     input_ids = jnp.asarray(input_ids)
     mask = _ones_if_none(attention_mask, input_ids)
-    return _greedy(
-        module,
-        apply_fn,
-        int(max_new_tokens),
-        int(start),
-        int(eos),
-        int(pad),
-        params,
-        input_ids,
-        mask,
-    )
+    ids = (start, eos, pad)
+    return _greedy(module, apply_fn, int(max_new_tokens), params, input_ids, mask, *ids)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _greedy(module, apply_fn, n, start, eos, pad, params, input_ids, mask):
+# Token ids are traced (not static) so that changing them does not recompile.
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _greedy(module, apply_fn, n, params, input_ids, mask, start, eos, pad):
     apply = _apply(module, apply_fn)
     batch = input_ids.shape[0]
     enc = apply(params, input_ids, mask, method="encode")
@@ -171,12 +163,11 @@ def score_label_words(
     (batch, n_labels, T); mask 1 on the real tokens of each candidate (include its EOS to
     score the whole word). Returns (batch, n_labels) float32; ``argmax(-1)`` is the
     prediction. The encoder runs once per input; candidates are teacher-forced in one batch.
-    Pure and traceable: wrap it in ``jax.jit`` (with the module closed over) for speed.
+    Jitted (the module and ``apply_fn`` are static; arrays and token ids are traced).
     """
     s = module.spec
     start = s.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
     pad = s.pad_token_id if pad_token_id is None else pad_token_id
-    apply = _apply(module, apply_fn)
     input_ids = jnp.asarray(input_ids)
     mask = _ones_if_none(attention_mask, input_ids)
     labels = jnp.asarray(label_token_ids)
@@ -186,6 +177,12 @@ def score_label_words(
             f"label_token_ids {labels.shape} and label_mask {lmask.shape} must have the same "
             "shape, (n_labels, T) or (batch, n_labels, T)"
         )
+    return _score(module, apply_fn, params, input_ids, mask, labels, lmask, start, pad)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _score(module, apply_fn, params, input_ids, mask, labels, lmask, start, pad):
+    apply = _apply(module, apply_fn)
     batch = input_ids.shape[0]
     if labels.ndim == 2:
         labels = jnp.broadcast_to(labels[None], (batch, *labels.shape))

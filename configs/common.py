@@ -1,0 +1,82 @@
+"""Fields shared by every fine-tuning config (ml_collections).
+
+Every field can be overridden on the command line: ``--config.optim.learning_rate=3e-4``.
+"""
+
+from ml_collections import ConfigDict
+
+
+def base_config() -> ConfigDict:
+    c = ConfigDict()
+    c.model = ""  # short name, used in run directories
+    c.backbone = ""  # HF hub id or local directory
+    c.kind = ""  # "text_encoder" | "t5" | "clip"
+    c.task = ""
+    c.method = "lora"  # full | lora | l_lora | l_lora_model
+    c.seed = 0
+    c.dtype = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
+    c.param_dtype = "float32"  # storage dtype of the frozen backbone
+
+    c.lora = ConfigDict()
+    c.lora.rank = 16
+    c.lora.alpha = 32.0
+    c.lora.dropout = 0.1
+    c.lora.targets = ()  # () = the backbone's default (attention query and value)
+    c.lora.init_b = "zero"
+
+    c.optim = ConfigDict()
+    c.optim.optimizer = "adamw"
+    c.optim.learning_rate = 1e-4
+    c.optim.weight_decay = 0.0
+    c.optim.schedule = "cosine"
+    c.optim.warmup_steps = 0
+    c.optim.clip_norm = 1.0
+    c.optim.grad_accum = 1
+
+    c.steps = 1000
+    c.batch_size = 16
+    c.log_every = 20
+    c.eval_every = 0  # 0: evaluate on the validation split only at the end
+    c.ckpt_every = 200
+    c.eval_batch_size = 64
+
+    c.data = ConfigDict()
+    c.data.data_dir = ""  # "" = $LLORA_DATA_DIR, else tfds
+    c.data.source = "auto"  # auto | local | tfds
+    c.data.val_size = 0  # 0 = min(10% of train, val_max)
+    c.data.val_max = 1000
+    c.data.max_len = 128
+    c.data.target_len = 8
+    c.data.train_limit = 0  # 0 = all
+    c.data.eval_limit = 0  # cap on validation / test examples (0 = all)
+    c.data.image_size = 224
+
+    c.mesh = ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.model = 1
+    c.mesh.rules = "replicated"  # replicated | fsdp | tp
+    return c
+
+
+def tiny(c: ConfigDict) -> ConfigDict:
+    """Seconds-long runs for tests: few steps, short inputs, few examples."""
+    c.steps = 6
+    c.optim.warmup_steps = 1
+    c.batch_size = 4
+    c.log_every = 2
+    c.ckpt_every = 3
+    c.eval_batch_size = 8
+    c.lora.rank = 2
+    c.lora.alpha = 4.0
+    c.data.max_len = 16
+    c.data.train_limit = 32
+    c.data.eval_limit = 16
+    c.data.val_size = 16
+    c.data.image_size = 32
+    c.dtype = "float32"
+    return c
+
+
+def parse_arg(arg: str | None) -> set[str]:
+    return {a.strip() for a in (arg or "").split(",") if a.strip()}

@@ -1,0 +1,216 @@
+"""From a config to a runnable experiment: backbone, task model, arrays, metrics.
+
+This is the only place (with ``main.py``) that reads config objects; it turns
+them into the explicit arguments that the library functions take.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llora_jax import model as M
+from llora_jax import train as TR
+from llora_jax.adapters import LoraConfig
+
+KINDS = ("text_encoder", "t5", "clip")
+
+
+def compute_dtype(name: str) -> Any:
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    try:
+        return jnp.dtype(name)
+    except TypeError as e:
+        raise ValueError(f"unknown dtype {name!r}; use auto, float32 or bfloat16") from e
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a fine-tuning or evaluation run of one task needs."""
+
+    task: str
+    tm: M.TaskModel
+    spec: M.AdapterSpec
+    arrays: dict[str, dict[str, np.ndarray]]  # "train" | "validation" | "test"
+    metric_fn: Callable[[np.ndarray, dict[str, np.ndarray]], dict]
+    task_spec: Any
+    primary_metric: str = "accuracy"
+
+
+class BackboneCache:
+    """Load each backbone once per process (a study fine-tunes many tasks on one base)."""
+
+    def __init__(self) -> None:
+        self._items: dict[tuple, Any] = {}
+
+    def get(self, source: str, dtype: Any, param_dtype: Any) -> tuple[Any, Any]:
+        from llora_jax.backbones import hf
+
+        key = (source, str(dtype), str(param_dtype))
+        if key not in self._items:
+            bb = hf.load_backbone(source, dtype=dtype, param_dtype=param_dtype)
+            try:
+                tok = hf.load_tokenizer(bb.path)
+            except Exception:  # vision-only checkpoints carry no tokenizer
+                tok = None
+            self._items[key] = (bb, tok)
+        return self._items[key]
+
+
+def lora_config(c: Any, default_targets: tuple[str, ...]) -> LoraConfig:
+    return LoraConfig(
+        rank=int(c.lora.rank),
+        alpha=float(c.lora.alpha),
+        dropout=float(c.lora.dropout),
+        targets=tuple(c.lora.targets) or tuple(default_targets),
+        init_b=str(c.lora.init_b),
+    )
+
+
+def optim_config(c: Any) -> TR.OptimConfig:
+    o = c.optim
+    return TR.OptimConfig(
+        optimizer=o.optimizer,
+        learning_rate=float(o.learning_rate),
+        weight_decay=float(o.weight_decay),
+        schedule=o.schedule,
+        warmup_steps=int(o.warmup_steps),
+        total_steps=int(c.steps),
+        clip_norm=float(o.clip_norm) or None,
+        grad_accum=int(o.grad_accum),
+    )
+
+
+def loop_config(c: Any, progress: bool = True) -> TR.LoopConfig:
+    return TR.LoopConfig(
+        total_steps=int(c.steps),
+        batch_size=int(c.batch_size),
+        seed=int(c.seed),
+        log_every=int(c.log_every),
+        eval_every=int(c.eval_every),
+        ckpt_every=int(c.ckpt_every),
+        progress=progress,
+    )
+
+
+def _limit(n: int, limit: int) -> np.ndarray:
+    return np.arange(min(n, limit) if limit else n)
+
+
+def _load_splits(c: Any) -> dict[str, Any]:
+    from llora_jax import data
+
+    kw = dict(
+        data_dir=c.data.data_dir or None,
+        source=c.data.source,
+        val_size=int(c.data.val_size) or None,
+        val_max=int(c.data.val_max),
+        seed=0,  # the validation carve is fixed, whatever the training seed
+    )
+    return {s: data.load_task(c.task, s, **kw) for s in ("train", "validation", "test")}
+
+
+def build(c: Any, cache: BackboneCache | None = None) -> Experiment:
+    """Build the experiment that config ``c`` describes."""
+    from llora_jax.model import check_method
+
+    check_method(c.method)
+    if c.kind not in KINDS:
+        raise ValueError(f"unknown config.kind {c.kind!r}; valid kinds: {', '.join(KINDS)}")
+    cache = cache or BackboneCache()
+    dtype = compute_dtype(c.dtype)
+    bb, tok = cache.get(c.backbone, dtype, compute_dtype(c.param_dtype))
+    splits = _load_splits(c)
+    builder = {"text_encoder": _build_text_encoder, "t5": _build_t5, "clip": _build_clip}[c.kind]
+    return builder(c, bb, tok, splits)
+
+
+def _build_text_encoder(c, bb, tok, splits) -> Experiment:
+    from llora_jax.backbones import bert
+    from llora_jax.heads import text_encoder as TE
+
+    spec = splits["train"].spec
+    limits = {"train": int(c.data.train_limit), "validation": int(c.data.eval_limit),
+              "test": int(c.data.eval_limit)}
+    arrays = {
+        s: TE.encode_examples(tok, spec, d.take(_limit(len(d), limits[s])), int(c.data.max_len))
+        for s, d in splits.items()
+    }
+    tm = TE.task_model(bb, tok, spec, scale=float(c.get("head_scale", 20.0)))
+    return Experiment(
+        task=spec.name,
+        tm=tm,
+        spec=M.AdapterSpec(c.method, lora_config(c, bert.DEFAULT_LORA_TARGETS)),
+        arrays=arrays,
+        metric_fn=lambda preds, arr: TE.metrics(spec, preds, arr),
+        task_spec=spec,
+        primary_metric=spec.primary_metric,
+    )
+
+
+def _build_t5(c, bb, tok, splits) -> Experiment:
+    from llora_jax.heads import t5_text
+
+    return t5_text.build_experiment(c, bb, tok, splits)
+
+
+def _build_clip(c, bb, tok, splits) -> Experiment:
+    from llora_jax.heads import clip_zeroshot
+
+    return clip_zeroshot.build_experiment(c, bb, tok, splits)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def evaluate_split(exp: Experiment, trainable: Any, phi0: Any, split: str, batch_size: int) -> dict:
+    from llora_jax import evaluate as E
+
+    arr = exp.arrays[split]
+    preds = E.predict(exp.tm, exp.spec, trainable, phi0, arr, batch_size)
+    return exp.metric_fn(preds, arr)
+
+
+def run_finetune(c: Any, workdir: str | Path, cache: BackboneCache | None = None,
+                 progress: bool = True, mesh: Any = None) -> dict:
+    """Fine-tune one task as configured; writes checkpoints, metrics and the task vector.
+
+    Returns the final metrics ({"val/...": ..., "test/...": ...}).
+    """
+    exp = build(c, cache)
+    bs = int(c.eval_batch_size)
+
+    def final_eval(trainable, phi0):
+        out = {}
+        for split, prefix in (("validation", "val"), ("test", "test")):
+            for k, v in evaluate_split(exp, trainable, phi0, split, bs).items():
+                out[f"{prefix}/{k}"] = v
+        return out
+
+    def periodic(trainable, phi0):
+        return {f"val/{k}": v for k, v in evaluate_split(exp, trainable, phi0, "validation",
+                                                          bs).items()}
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(c.to_json_best_effort(indent=2, sort_keys=True))
+    return TR.finetune(
+        exp.tm,
+        exp.spec,
+        optim_config(c),
+        loop_config(c, progress),
+        exp.arrays["train"],
+        workdir,
+        evaluate=periodic,
+        final_eval=final_eval,
+        meta={"task": exp.task, "model": c.model, "config": json.loads(c.to_json_best_effort())},
+        mesh=mesh,
+    )

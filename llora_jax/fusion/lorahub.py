@@ -1,0 +1,101 @@
+"""LoraHub-style coefficient search (Huang et al., 2023): one weight per task, gradient-free.
+
+Minimises  objective(w) + l1 · Σ_i |w_i|  over w ∈ [−bounds, bounds]^n with a
+nevergrad optimizer (NGOpt by default), ``budget`` evaluations, seeded, starting
+at w_i = 1/n (the average; evaluated first). The merged task vector is
+Σ_i w_i τ_i at the best *evaluated* w (not the optimizer's extrapolated
+recommendation, whose loss nobody measured).
+
+``objective`` is any callable np.ndarray (n,) -> float, typically the
+validation loss of the model merged with those weights; it runs on the host,
+once per evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from llora_jax.fusion._common import PyTree, check_taus
+from llora_jax.fusion.task_arithmetic import weighted
+
+
+def _stop_threads(opt: Any, seen: set[int] | None = None) -> None:
+    # nevergrad's recast optimizers (e.g. the COBYLA that NGOpt picks for small budgets)
+    # run scipy in a thread that only stops when the optimizer is garbage-collected;
+    # stop it explicitly so that no thread outlives the search.
+    seen = set() if seen is None else seen
+    if opt is None or id(opt) in seen:
+        return
+    seen.add(id(opt))
+    thread = getattr(opt, "_messaging_thread", None)
+    if thread is not None and hasattr(thread, "stop"):
+        thread.stop()
+    for name in ("optim", "_optim", "optimizers", "_optimizers"):
+        try:
+            sub = getattr(opt, name, None)
+        except Exception:  # noqa: BLE001 - some properties build lazily and may refuse
+            continue
+        for s in sub if isinstance(sub, (list, tuple)) else [sub]:
+            if hasattr(s, "ask"):
+                _stop_threads(s, seen)
+
+
+def lorahub(
+    taus: Sequence[PyTree],
+    objective: Callable[[np.ndarray], float],
+    *,
+    bounds: float = 1.5,
+    l1: float = 0.05,
+    budget: int = 40,
+    seed: int = 0,
+    optimizer: str = "NGOpt",
+) -> tuple[PyTree, np.ndarray, list[dict]]:
+    """Search one coefficient per task; returns (merged τ, best weights, history).
+
+    ``history`` has one dict per evaluation, in order: ``weights`` (n,),
+    ``objective`` (the raw value) and ``loss`` (objective + l1 term, what is
+    minimised). A NaN objective counts as +inf.
+    """
+    import nevergrad as ng  # heavy import, only needed here
+
+    taus = check_taus(taus)
+    n = len(taus)
+    if not bounds > 0:
+        raise ValueError(f"lorahub bounds must be > 0, got {bounds}")
+    if budget < 1:
+        raise ValueError(f"lorahub budget must be >= 1 evaluation, got {budget}")
+    if optimizer not in ng.optimizers.registry:
+        raise ValueError(f"unknown nevergrad optimizer {optimizer!r} (see ng.optimizers.registry)")
+    init = np.full(n, 1.0 / n)
+    if 1.0 / n > bounds:
+        init = np.full(n, float(bounds))
+    param = ng.p.Array(init=init).set_bounds(-bounds, bounds)
+    param.random_state = np.random.RandomState(seed)
+    opt = ng.optimizers.registry[optimizer](parametrization=param, budget=budget, num_workers=1)
+
+    history: list[dict] = []
+    try:
+        with warnings.catch_warnings():
+            # scipy's COBYLA (inside NGOpt) warns about nevergrad's tolerance setting.
+            warnings.filterwarnings("ignore", message=".*RHOEND.*")
+            opt.suggest(init)
+            for _ in range(budget):
+                cand = opt.ask()
+                w = np.clip(np.asarray(cand.value, np.float64), -bounds, bounds)
+                raw = float(objective(w.copy()))
+                loss = raw + l1 * float(np.abs(w).sum())
+                if math.isnan(loss):
+                    loss = math.inf
+                opt.tell(cand, loss)
+                history.append({"weights": w, "objective": raw, "loss": loss})
+    finally:
+        _stop_threads(opt)
+
+    best = min(range(len(history)), key=lambda i: history[i]["loss"])
+    best_w = history[best]["weights"].copy()
+    return weighted(taus, best_w.astype(np.float32)), best_w, history
