@@ -21,7 +21,6 @@ import numpy as np
 
 from llora_jax import adapters as ad
 from llora_jax import model as M
-from llora_jax import tree as T
 
 PyTree = Any
 
@@ -74,13 +73,22 @@ def predict(
     return np.concatenate(outs)
 
 
-def merged_trainable(spec_method: str, base: PyTree, taus: PyTree, lambdas: jax.Array) -> PyTree:
+def merged_trainable(base: PyTree, taus: PyTree, lambdas: jax.Array) -> PyTree:
     """base + Σ_i λ_i τ_i with τ stacked on a leading axis (n, ...)."""
     return jax.tree.map(
         lambda b, t: b + jnp.tensordot(lambdas.astype(t.dtype), t, axes=(0, 0)).astype(b.dtype),
         base,
         taus,
     )
+
+
+def _chunked(fn: Callable, xs: PyTree, k: int, chunk: int) -> jax.Array:
+    """fn vmapped over the leading axis of xs (size k), ``chunk`` at a time under lax.map."""
+    pad = (-k) % chunk
+    xs = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]), xs)
+    xs = jax.tree.map(lambda x: x.reshape(-1, chunk, *x.shape[1:]), xs)
+    out = jax.lax.map(jax.vmap(fn), xs)
+    return out.reshape(-1, *out.shape[2:])[:k]
 
 
 def make_grid_predict_fn(tm: M.TaskModel, spec: M.AdapterSpec, chunk: int) -> Callable:
@@ -91,19 +99,13 @@ def make_grid_predict_fn(tm: M.TaskModel, spec: M.AdapterSpec, chunk: int) -> Ca
     stays bounded while the whole grid is one compiled program.
     """
 
-    def one(base, taus, lam, frozen, batch):
-        trainable = merged_trainable(spec.method, base, taus, lam)
-        out = M.forward(_bind(tm, frozen), spec, trainable, frozen["phi0"], batch)
-        return tm.predict(out, batch)
-
     def grid(base, taus, lambdas, frozen, batch):
-        k = lambdas.shape[0]
-        pad = (-k) % chunk
-        lam = jnp.concatenate([lambdas, jnp.zeros((pad, lambdas.shape[1]), lambdas.dtype)])
-        lam = lam.reshape(-1, chunk, lambdas.shape[1])
-        f = jax.vmap(one, in_axes=(None, None, 0, None, None))
-        preds = jax.lax.map(lambda l: f(base, taus, l, frozen, batch), lam)
-        return preds.reshape(-1, *preds.shape[2:])[:k]
+        def one(lam):
+            trainable = merged_trainable(base, taus, lam)
+            out = M.forward(_bind(tm, frozen), spec, trainable, frozen["phi0"], batch)
+            return tm.predict(out, batch)
+
+        return _chunked(one, lambdas, lambdas.shape[0], min(chunk, lambdas.shape[0]))
 
     return jax.jit(grid)
 
@@ -118,12 +120,17 @@ def predict_grid(
     arrays: dict[str, np.ndarray],
     batch_size: int = 64,
     chunk: int = 8,
+    grid_fn: Callable | None = None,
 ) -> np.ndarray:
-    """Predictions (K, N) of the K merged models base + Σ λ_ki τ_i, in one program per batch."""
+    """Predictions (K, N) of the K merged models base + Σ λ_ki τ_i, in one program per batch.
+
+    To evaluate K arbitrary merged task vectors m_k (TIES, DARE, ...), pass them
+    as ``taus`` with ``lambdas`` = the identity matrix.
+    """
     lambdas = jnp.asarray(lambdas, jnp.float32)
     if lambdas.ndim != 2 or lambdas.shape[1] != len(taus):
         raise ValueError(f"lambdas must have shape (K, {len(taus)}), got {lambdas.shape}")
-    fn = make_grid_predict_fn(tm, spec, chunk)
+    fn = grid_fn or make_grid_predict_fn(tm, spec, chunk)
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *taus)
     frozen = _frozen(tm, phi0)
     outs = []
@@ -174,9 +181,54 @@ def predict_grid_linear(
     return np.concatenate(outs, axis=1)
 
 
+class GridEvaluator:
+    """Evaluates merged models of one task model, reusing its compiled programs.
+
+    ``predict(base, phi0, taus, lambdas, arrays)`` -> predictions (K, N) of
+    base + Σ λ_ki τ_i; ``l_lora_model`` task vectors take the exact linear
+    shortcut. jit caches one executable per distinct (K, n) shape.
+    """
+
+    def __init__(self, tm: M.TaskModel, spec: M.AdapterSpec, batch_size: int = 64, chunk: int = 8):
+        self.tm, self.spec, self.batch_size, self.chunk = tm, spec, batch_size, chunk
+        self.linear = spec.method == "l_lora_model"
+        self._fn = make_linear_grid_fn(tm, spec) if self.linear else make_grid_predict_fn(
+            tm, spec, chunk
+        )
+
+    def predict(
+        self,
+        base: PyTree,
+        phi0: PyTree | None,
+        taus: list[PyTree],
+        lambdas: np.ndarray,
+        arrays: dict[str, np.ndarray],
+    ) -> np.ndarray:
+        lambdas = jnp.asarray(lambdas, jnp.float32)
+        if lambdas.ndim != 2 or lambdas.shape[1] != len(taus):
+            raise ValueError(f"lambdas must have shape (K, {len(taus)}), got {lambdas.shape}")
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *taus)
+        frozen = _frozen(self.tm, base if self.linear else phi0)
+        outs = []
+        for batch, n in iterate_batches(arrays, self.batch_size):
+            outs.append(np.asarray(self._fn(base, stacked, lambdas, frozen, batch))[:, :n])
+        return np.concatenate(outs, axis=1)
+
+
+def predict_merged(
+    tm: M.TaskModel,
+    spec: M.AdapterSpec,
+    base: PyTree,
+    phi0: PyTree | None,
+    taus: list[PyTree],
+    lambdas: np.ndarray,
+    arrays: dict[str, np.ndarray],
+    batch_size: int = 64,
+    chunk: int = 8,
+) -> np.ndarray:
+    """Predictions (K, N) of base + Σ λ_ki τ_i, by the exact linear shortcut when it applies."""
+    return GridEvaluator(tm, spec, batch_size, chunk).predict(base, phi0, taus, lambdas, arrays)
+
+
 def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.asarray(preds) == np.asarray(labels)))
-
-
-def tree_size(t: PyTree) -> int:
-    return T.num_params(t)

@@ -173,7 +173,8 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
 
 def init_params(module: CLIP, rng: jax.Array) -> dict:
     """Random parameters (plain arrays, no partitioning boxes) for every tower of ``module``."""
-    return nn.unbox(module.init(rng, method=CLIP.init_all))["params"]
+    # Jitted: op-by-op Flax init dispatches hundreds of tiny computations.
+    return jax.jit(lambda r: nn.unbox(module.init(r, method=CLIP.init_all))["params"])(rng)
 
 
 _TOWERS = ("vision_model", "text_model")

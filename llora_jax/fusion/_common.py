@@ -49,8 +49,10 @@ def check_taus(taus: Sequence[PyTree]) -> list[PyTree]:
         if flat.keys() != ref.keys():
             missing = set(ref) - set(flat)
             first = min(missing | (set(flat) - set(ref)))
-            where = f"missing from task vector {i}" if first in missing else (
-                f"only in task vector {i}, not in task vector 0"
+            where = (
+                f"missing from task vector {i}"
+                if first in missing
+                else (f"only in task vector {i}, not in task vector 0")
             )
             raise ValueError(
                 f"task vector {i} has a different tree structure from task vector 0: "
@@ -133,5 +135,7 @@ def topk_masks(taus: Sequence[PyTree], frac: float, name: str = "k") -> list[PyT
     thr = topk_thresholds(taus, frac, name)
     masks = []
     for i, tau in enumerate(taus):
-        masks.append(jax.tree.map(lambda x, i=i: topk_keep(jnp.asarray(x)[None], thr[i : i + 1])[0], tau))
+        masks.append(
+            jax.tree.map(lambda x, i=i: topk_keep(jnp.asarray(x)[None], thr[i : i + 1])[0], tau)
+        )
     return masks

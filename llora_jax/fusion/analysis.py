@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +51,9 @@ def _layers(tree: PyTree, what: str) -> dict[str, dict[str, jax.Array]]:
             layers.setdefault(prefix, {})[leaf] = v
     for prefix, lay in layers.items():
         if set(lay) != {"A", "B"}:
-            raise ValueError(f"{what}: LoRA layer {prefix!r} has {sorted(lay)} but needs both A and B")
+            raise ValueError(
+                f"{what}: LoRA layer {prefix!r} has {sorted(lay)} but needs both A and B"
+            )
     if not layers:
         raise ValueError(f"{what}: no LoRA layers found (expected leaves named .../A and .../B)")
     return layers
@@ -94,4 +97,3 @@ def lora_delta_w(
             dw = dw + mm(ta, tb)
         out[path] = s * dw
     return out
-

@@ -16,8 +16,10 @@ def task_arithmetic(taus: Sequence[PyTree], lam: Any) -> PyTree:
     """λ Σ_i τ_i with one scalar λ (may be a traced value, e.g. under ``vmap`` over a λ grid)."""
     taus = check_taus(taus)
     if np.ndim(lam) != 0:
-        raise ValueError(f"task_arithmetic takes one scalar lam, got shape {np.shape(lam)}; "
-                         "use weighted(taus, lams) for one coefficient per task")
+        raise ValueError(
+            f"task_arithmetic takes one scalar lam, got shape {np.shape(lam)}; "
+            "use weighted(taus, lams) for one coefficient per task"
+        )
 
     def leaf(*xs):
         return (lam * stack_leaves(xs).sum(0)).astype(xs[0].dtype)

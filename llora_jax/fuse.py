@@ -1,0 +1,177 @@
+"""Merge task vectors, choose hyper-parameters on validation, score on test.
+
+For every subset of tasks and every fusion method, each hyper-parameter
+setting becomes a merged task vector; all settings that differ only in λ are
+evaluated as one batched grid (TIES(k)·λ, DARE(p)·λ, TA·λ, isolation: core + λ·rest),
+on the validation split of every task in the subset. The setting with the
+best mean validation score is then scored once on test. Normalized score =
+merged test score ÷ the task's own fine-tuned model's test score (same
+fine-tuning method, same seed), as the paper reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from llora_jax import evaluate as E
+from llora_jax import fusion
+from llora_jax import tree as T
+from llora_jax.experiment import Experiment
+from llora_jax.task_vectors import TaskVector, check_compatible
+
+PyTree = Any
+
+# Methods whose merged vector is λ · m(other hparams): one vector per group, λ as coefficient.
+_SCALED = ("task_arithmetic", "ties", "dare")
+
+
+@dataclasses.dataclass
+class Member:
+    """One fine-tuned task: its experiment (task model, arrays) and its task vector."""
+
+    exp: Experiment
+    tv: TaskVector
+    evaluator: E.GridEvaluator | None = None
+
+    @property
+    def task(self) -> str:
+        return self.exp.task
+
+    def single_score(self, split: str = "test") -> float:
+        prefix = "test" if split == "test" else "val"
+        return float(self.tv.meta["metrics"][f"{prefix}/{self.exp.primary_metric}"])
+
+    def grid(self, batch_size: int, chunk: int) -> E.GridEvaluator:
+        if self.evaluator is None:
+            self.evaluator = E.GridEvaluator(self.exp.tm, self.exp.spec, batch_size, chunk)
+        return self.evaluator
+
+
+def _groups(name: str, grid: Sequence[dict]) -> list[tuple[dict, list[dict]]]:
+    """Group grid entries by everything but λ: [(fixed hparams, [entries...])]."""
+    out: dict[tuple, tuple[dict, list[dict]]] = {}
+    for hp in grid:
+        fixed = {k: v for k, v in hp.items() if k != "lam"}
+        key = tuple(sorted((k, repr(v)) for k, v in fixed.items()))
+        out.setdefault(key, (fixed, []))[1].append(hp)
+    return list(out.values())
+
+
+def candidates(name: str, taus: list[PyTree], grid: Sequence[dict]):
+    """Yield (vectors, rows) where rows = [(hparams, coefficients over vectors)]."""
+    fn = fusion.get(name)
+    for fixed, entries in _groups(name, grid):
+        if name == "average":
+            yield [fn(taus)], [({}, [1.0])]
+        elif name in _SCALED and all("lam" in e for e in entries):
+            m = fn(taus, **fixed, lam=1.0)
+            yield [m], [(e, [float(e["lam"])]) for e in entries]
+        elif name == "isolation" and all("lam" in e for e in entries):
+            core = fn(taus, **fixed, lam=0.0)
+            rest = T.sub(fn(taus, **fixed, lam=1.0), core)
+            yield [core, rest], [(e, [1.0, float(e["lam"])]) for e in entries]
+        else:  # any other registered method: one merged vector per entry
+            vecs = [fn(taus, **e) for e in entries]
+            yield vecs, [(e, list(np.eye(len(vecs))[i])) for i, e in enumerate(entries)]
+
+
+def _primary(member: Member, preds: np.ndarray, split: str) -> float:
+    arr = member.exp.arrays[split]
+    return float(member.exp.metric_fn(preds, arr)[member.exp.primary_metric])
+
+
+def _scores(members, base, phi0, vectors, rows, split, bs, chunk) -> np.ndarray:
+    """(K, n_tasks) primary scores of each row's merged model on each member's split."""
+    lam = np.asarray([r for _, r in rows], np.float32)
+    out = np.zeros((len(rows), len(members)))
+    for j, m in enumerate(members):
+        preds = m.grid(bs, chunk).predict(base, phi0, vectors, lam, m.exp.arrays[split])
+        out[:, j] = [_primary(m, p, split) for p in preds]
+    return out
+
+
+def _base(members: Sequence[Member]) -> tuple[PyTree, PyTree | None]:
+    """(base, φ0): φ0 for adapters; θ0 restricted to what trained for full fine-tuning."""
+    from llora_jax import model as M
+
+    m0 = members[0]
+    base, phi0 = M.init_trainable(m0.exp.tm, m0.exp.spec, jax.random.key(0))
+    if phi0 is not None:
+        phi0 = m0.tv.phi0  # the exact linearization point the vectors were trained from
+        base = phi0
+    return base, phi0
+
+
+def fuse_subset(
+    members: Sequence[Member],
+    name: str,
+    *,
+    grid: Sequence[dict] | None = None,
+    batch_size: int = 64,
+    chunk: int = 8,
+    lorahub_budget: int = 40,
+    seed: int = 0,
+) -> dict:
+    """Choose ``name``'s hyper-parameters on validation for these tasks, score on test."""
+    check_compatible([m.tv for m in members])
+    taus = [m.tv.tau for m in members]
+    base, phi0 = _base(members)
+    tasks = [m.task for m in members]
+    if name == "lorahub":
+        return _lorahub(members, taus, base, phi0, batch_size, chunk, lorahub_budget, seed)
+    grid = list(grid if grid is not None else fusion.hparam_grid(name))
+    best = None
+    for vectors, rows in candidates(name, taus, grid):
+        val = _scores(members, base, phi0, vectors, rows, "validation", batch_size, chunk)
+        means = val.mean(axis=1)
+        k = int(np.argmax(means))
+        if best is None or means[k] > best[0]:
+            best = (float(means[k]), vectors, rows[k], val[k])
+    _, vectors, row, val_scores = best
+    test = _scores(members, base, phi0, vectors, [row], "test", batch_size, chunk)[0]
+    return _record(members, tasks, row[0], val_scores, test)
+
+
+def _record(members, tasks, hparams, val_scores, test_scores) -> dict:
+    norm = [t / max(m.single_score("test"), 1e-12) for t, m in zip(test_scores, members)]
+    return {
+        "hparams": {k: (float(v) if isinstance(v, (int, float, np.floating)) else v)
+                    for k, v in hparams.items()},
+        "val": dict(zip(tasks, map(float, val_scores))),
+        "test": dict(zip(tasks, map(float, test_scores))),
+        "test_normalized": dict(zip(tasks, map(float, norm))),
+        "avg_test": float(np.mean(test_scores)),
+        "avg_normalized": float(np.mean(norm)),
+    }
+
+
+def _lorahub(members, taus, base, phi0, bs, chunk, budget, seed) -> dict:
+    tasks = [m.task for m in members]
+
+    def objective(w: np.ndarray) -> float:
+        val = _scores(members, base, phi0, taus, [({}, list(w))], "validation", bs, chunk)[0]
+        return 1.0 - float(np.mean(val))
+
+    _, weights, _ = fusion.lorahub(taus, objective, budget=budget, seed=seed)
+    row = ({f"w_{t}": float(w) for t, w in zip(tasks, weights)}, list(map(float, weights)))
+    val = _scores(members, base, phi0, taus, [row], "validation", bs, chunk)[0]
+    test = _scores(members, base, phi0, taus, [row], "test", bs, chunk)[0]
+    return _record(members, tasks, row[0], val, test)
+
+
+def subsets(tasks: Sequence[str], min_size: int = 2, max_size: int | None = None) -> list[tuple]:
+    """Every subset of ``tasks`` with min_size..max_size elements, in a stable order."""
+    max_size = max_size or len(tasks)
+    return [
+        c for r in range(min_size, max_size + 1) for c in itertools.combinations(tasks, r)
+    ]
+
+
+def subset_key(tasks: Sequence[str]) -> str:
+    return "+".join(sorted(tasks))

@@ -1,0 +1,120 @@
+"""Validation-selected fusion and disentanglement grids equal direct one-by-one loops."""
+
+import jax
+import numpy as np
+import pytest
+
+from llora_jax import evaluate as E
+from llora_jax import fuse as F
+from llora_jax import model as M
+from llora_jax import tree as T
+from llora_jax.disentangle import disentanglement_error
+from llora_jax.experiment import Experiment
+from llora_jax.task_vectors import TaskVector, TaskVectorError
+from llora_jax.adapters import LoraConfig
+from tests import toy
+
+LORA = LoraConfig(rank=3, alpha=6.0, targets=("query", "value"))
+
+
+def _members(method="lora", n=2, fingerprint="fp"):
+    tm = toy.toy_task_model()
+    spec = M.AdapterSpec(method, LORA)
+    base, phi0 = M.init_trainable(tm, spec, jax.random.key(0))
+    out = []
+    for i in range(n):
+        d = toy.toy_task(seed=i + 1, n=48)
+        arrays = {s: {k: v[j::3] for k, v in d.items()} for j, s in enumerate(["train", "validation", "test"])}
+        exp = Experiment(
+            task=f"t{i}", tm=tm, spec=spec, arrays=arrays,
+            metric_fn=lambda p, a: {"accuracy": E.accuracy(p, a["label"])}, task_spec=None,
+        )
+        leaves, treedef = jax.tree.flatten(base)
+        keys = jax.random.split(jax.random.key(100 + i), len(leaves))
+        tau = jax.tree.unflatten(treedef, [0.8 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+        meta = {"task": f"t{i}", "base_model": "toy", "base_fingerprint": fingerprint if i == 0 else "fp",
+                "adapter_kind": "lora", "mode": method, "targets": ["query", "value"], "rank": 3,
+                "alpha": 6.0, "phi0_fingerprint": "x", "structure": T.structure_signature(tau),
+                "metrics": {"test/accuracy": 0.5, "val/accuracy": 0.5}}
+        out.append(F.Member(exp=exp, tv=TaskVector(tau=tau, meta=meta, phi0=phi0)))
+    return out
+
+
+@pytest.mark.parametrize("method", ["lora", "l_lora_model"])
+def test_task_arithmetic_selection_equals_brute_force(method):
+    members = _members(method)
+    grid = [{"lam": lam} for lam in (0.0, 0.3, 0.7, 1.0)]
+    got = F.fuse_subset(members, "task_arithmetic", grid=grid, batch_size=8)
+    phi0 = members[0].tv.phi0
+    fn = E.make_predict_fn(members[0].exp.tm, members[0].exp.spec)
+    best = None
+    for hp in grid:
+        merged = T.add(phi0, T.scale(T.add(members[0].tv.tau, members[1].tv.tau), hp["lam"]))
+        val = [E.accuracy(E.predict(m.exp.tm, m.exp.spec, merged, phi0, m.exp.arrays["validation"], 8, fn),
+                          m.exp.arrays["validation"]["label"]) for m in members]
+        if best is None or np.mean(val) > best[0]:
+            test = [E.accuracy(E.predict(m.exp.tm, m.exp.spec, merged, phi0, m.exp.arrays["test"], 8, fn),
+                               m.exp.arrays["test"]["label"]) for m in members]
+            best = (np.mean(val), hp, test)
+    assert got["hparams"] == best[1]
+    assert got["test"] == pytest.approx(dict(t0=best[2][0], t1=best[2][1]))
+    assert got["avg_normalized"] == pytest.approx(np.mean(best[2]) / 0.5)
+
+
+def test_every_grid_method_runs_and_records_choice():
+    members = _members()
+    for name, grid in [
+        ("average", None),
+        ("ties", [{"k": 0.5, "lam": 0.5}, {"k": 1.0, "lam": 1.0}]),
+        ("dare", [{"p": 0.3, "lam": 0.5, "base": "task_arithmetic", "key": 0}]),
+        ("isolation", [{"p": 0.1, "lam": 0.2}, {"p": 0.1, "lam": 0.9}]),
+    ]:
+        got = F.fuse_subset(members, name, grid=grid, batch_size=8)
+        assert set(got["test"]) == {"t0", "t1"}, name
+        if grid:
+            assert got["hparams"] in grid, name
+
+
+def test_isolation_decomposition_equals_direct_merge():
+    from llora_jax import fusion
+
+    members = _members(n=3)
+    taus = [m.tv.tau for m in members]
+    (vecs, rows), = list(F.candidates("isolation", taus, [{"p": 0.2, "lam": 0.35}]))
+    merged = T.weighted_sum(vecs, np.asarray(rows[0][1], np.float32))
+    direct = fusion.isolation(taus, p=0.2, lam=0.35)
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(direct)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+def test_incompatible_vectors_are_refused():
+    with pytest.raises(TaskVectorError, match="base_fingerprint"):
+        F.fuse_subset(_members(fingerprint="other"), "average")
+
+
+@pytest.mark.parametrize("method", ["lora", "l_lora_model"])
+def test_disentanglement_grid_equals_direct_loop(method):
+    m1, m2 = _members(method)
+    grid = (-1.0, 0.0, 1.5)
+    xi = disentanglement_error(m1, m2, grid, n_examples=16, batch_size=8, chunk=4)
+    assert xi.shape == (3, 3)
+    assert xi[1, 1] == 0.0  # ξ(0, 0) = 0
+    phi0 = m1.tv.phi0
+    fn = E.make_predict_fn(m1.exp.tm, m1.exp.spec)
+
+    def pred(m, l1, l2):
+        merged = T.add(phi0, T.add(T.scale(m1.tv.tau, l1), T.scale(m2.tv.tau, l2)))
+        arr = {k: v[:16] for k, v in m.exp.arrays["test"].items()}
+        return E.predict(m.exp.tm, m.exp.spec, merged, phi0, arr, 8, fn)
+
+    for i, l1 in enumerate(grid):
+        for j, l2 in enumerate(grid):
+            ref = np.mean(pred(m1, l1, 0) != pred(m1, l1, l2)) + np.mean(pred(m2, 0, l2) != pred(m2, l1, l2))
+            assert xi[i, j] == pytest.approx(ref), (l1, l2)
+    assert xi.max() > 0
+
+
+def test_subsets_cover_all_combinations():
+    s = F.subsets(["a", "b", "c"])
+    assert s == [("a", "b"), ("a", "c"), ("b", "c"), ("a", "b", "c")]
+    assert F.subset_key(("b", "a")) == "a+b"
