@@ -93,7 +93,7 @@ def _primary(results: Mapping, task: str, metrics: Mapping, where: str) -> float
             return metrics["accuracy"]
         raise ValueError(
             f"results.json: no primary_metric for task '{task}' and {where} has metrics "
-            f"{sorted(metrics)}; add \"primary_metric\": {{\"{task}\": <one of them>}}"
+            f'{sorted(metrics)}; add "primary_metric": {{"{task}": <one of them>}}'
         )
     if name not in metrics:
         raise ValueError(
@@ -143,11 +143,16 @@ def _summarize_single(results: Mapping, methods: list[str], tasks: list[str]) ->
         for t in tasks:
             where = f"single.{m}.{t}"
             table[t] = {
-                s: _primary(results, t, _mapping(e["test"], f"{where}.{s}.test"), f"{where}.{s}.test")
+                s: _primary(
+                    results, t, _mapping(e["test"], f"{where}.{s}.test"), f"{where}.{s}.test"
+                )
                 for s, e in _seed_items(by_task.get(t), where)
                 if e.get("test")
             }
-        out[m] = {"tasks": {t: stat(table[t].values()) for t in tasks}, "average": _seedwise(table, tasks)}
+        out[m] = {
+            "tasks": {t: stat(table[t].values()) for t in tasks},
+            "average": _seedwise(table, tasks),
+        }
     return out
 
 
@@ -170,8 +175,12 @@ def _summarize_fusion(results: Mapping, methods: list[str]) -> tuple[dict, dict]
     n_full = max(sizes_all, default=0)
     out, best = {}, {}
     for f, by_method in tables.items():
+        if not any(by_method.values()):
+            continue  # a fusion name with no subsets at all: nothing to show
         sizes = sorted({len(k.split("+")) for d in by_method.values() for k in d})
-        keys_full = sorted(k for d in by_method.values() for k in d if len(k.split("+")) == sizes[-1])
+        keys_full = sorted(
+            k for d in by_method.values() for k in d if len(k.split("+")) == sizes[-1]
+        )
         full_key = keys_full[0] if keys_full else None
         entry = {"sizes": sizes, "full_subset": full_key, "absolute": {}, "normalized": {}}
         entry["hparams_full"] = {}
@@ -181,13 +190,18 @@ def _summarize_fusion(results: Mapping, methods: list[str]) -> tuple[dict, dict]
                 ("absolute", "avg_test", "test"),
                 ("normalized", "avg_normalized", "test_normalized"),
             ):
-                table = {k: {s: _value(e, key, per_task) for s, e in v.items()} for k, v in subsets.items()}
+                table = {
+                    k: {s: _value(e, key, per_task) for s, e in v.items()}
+                    for k, v in subsets.items()
+                }
                 entry[name][m] = {
                     str(n): _seedwise(table, [k for k in subsets if len(k.split("+")) == n])
                     for n in sizes
                 }
             if full_key in subsets:
-                entry["hparams_full"][m] = {s: e.get("hparams") for s, e in subsets[full_key].items()}
+                entry["hparams_full"][m] = {
+                    s: e.get("hparams") for s, e in subsets[full_key].items()
+                }
         out[f] = entry
     for m in methods:
         cands = []
@@ -209,9 +223,15 @@ def _summarize_cosine(results: Mapping, methods: list[str]) -> tuple[dict, dict]
     for m in _ordered(methods, cosine):
         seeds = _seed_items(cosine[m], f"cosine.{m}")
         param = [e.get("mean_off_diagonal") for _, e in seeds]
-        param = [p if p is not None else _offdiag_mean(e.get("matrix")) for p, (_, e) in zip(param, seeds)]
+        param = [
+            p if p is not None else _offdiag_mean(e.get("matrix"))
+            for p, (_, e) in zip(param, seeds)
+        ]
         dw = [e.get("delta_w_mean_off_diagonal") for _, e in seeds]
-        dw = [d if d is not None else _offdiag_mean(e.get("delta_w_matrix")) for d, (_, e) in zip(dw, seeds)]
+        dw = [
+            d if d is not None else _offdiag_mean(e.get("delta_w_matrix"))
+            for d, (_, e) in zip(dw, seeds)
+        ]
         out[m] = {"param": stat(param), "delta_w": stat(dw)}
     overlap = _mapping(results.get("isolation_overlap"), "isolation_overlap")
     iso = {}
@@ -249,11 +269,14 @@ def _summarize_disentanglement(results: Mapping, methods: list[str]) -> dict:
     return out
 
 
-def _verdict(claim: str, base: str, lin: str, a: dict | None, b: dict | None, lower: bool, why: str) -> dict:
+def _verdict(
+    claim: str, base: str, lin: str, a: dict | None, b: dict | None, lower: bool, why: str
+) -> dict:
     """Compare the means of the linearized (b) and baseline (a) methods."""
     v = {"claim": claim, "baseline": base, "linearized": lin, base: a, lin: b}
     if a is None or b is None:
-        return {**v, "verdict": NOT_MEASURED, "detail": why}
+        missing = " and ".join(m for m, x in ((base, a), (lin, b)) if x is None)
+        return {**v, "verdict": NOT_MEASURED, "detail": f"no usable results for {missing}"}
     better = b["mean"] < a["mean"] if lower else b["mean"] > a["mean"]
     stds = [s["std"] for s in (a, b) if s["std"] is not None]
     noise = stds and abs(b["mean"] - a["mean"]) < max(stds)
@@ -268,7 +291,9 @@ def _verdicts(results: Mapping, summary: dict, base: str, lin: str) -> dict:
         what = "flattened task vectors" if key == "param" else "ΔW = s·A·B products"
         a, b = (cos.get(m, {}).get(key) for m in (base, lin))
         claim = f"L-LoRA's ({lin}) mean off-diagonal cosine similarity ({what}) is lower than LoRA's ({base})"
-        out[label] = _verdict(claim, base, lin, a, b, True, f"mean over seeds of the mean off-diagonal ({what})")
+        out[label] = _verdict(
+            claim, base, lin, a, b, True, f"mean over seeds of the mean off-diagonal ({what})"
+        )
     tables = _fusion_tables(results)
     usable = [f for f, d in tables.items() if base in d and lin in d]
     fusion = "task_arithmetic" if "task_arithmetic" in usable else (usable[0] if usable else None)
@@ -277,13 +302,19 @@ def _verdicts(results: Mapping, summary: dict, base: str, lin: str) -> dict:
         common = [k for k in tables[fusion][base] if k in tables[fusion][lin]]
         a, b = (
             _seedwise(
-                {k: {s: _value(e, "avg_normalized", "test_normalized") for s, e in tables[fusion][m][k].items()} for k in common},
+                {
+                    k: {
+                        s: _value(e, "avg_normalized", "test_normalized")
+                        for s, e in tables[fusion][m][k].items()
+                    }
+                    for k in common
+                },
                 common,
             )
             for m in (base, lin)
         )
     claim = f"L-LoRA's ({lin}) normalized merged score is higher than LoRA's ({base})"
-    why = f"fusion '{fusion}', mean over all subsets both methods have" if fusion else "no fusion results"
+    why = f"fusion '{fusion}', mean over all subsets both methods have"
     out["fusion_normalized"] = {**_verdict(claim, base, lin, a, b, False, why), "fusion": fusion}
     a = b = None
     dis = _mapping(results.get("disentanglement"), "disentanglement")
@@ -292,7 +323,9 @@ def _verdicts(results: Mapping, summary: dict, base: str, lin: str) -> dict:
         common = [p for p in ta if p in tb]
         a, b = _seedwise(ta, common), _seedwise(tb, common)
     claim = f"L-LoRA's ({lin}) mean disentanglement error is lower than LoRA's ({base})"
-    out["disentanglement"] = _verdict(claim, base, lin, a, b, True, "mean ξ over the pairs both methods have")
+    out["disentanglement"] = _verdict(
+        claim, base, lin, a, b, True, "mean ξ over the pairs both methods have"
+    )
     return out
 
 

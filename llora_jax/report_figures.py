@@ -59,7 +59,12 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def _seeds(by_seed: Mapping) -> list:
-    return [by_seed[k] for k in sorted(by_seed, key=lambda s: (0, int(s)) if str(s).lstrip("-").isdigit() else (1, s))]
+    return [
+        by_seed[k]
+        for k in sorted(
+            by_seed, key=lambda s: (0, int(s)) if str(s).lstrip("-").isdigit() else (1, s)
+        )
+    ]
 
 
 def mean_xi(by_seed: Mapping, where: str) -> tuple[np.ndarray, np.ndarray, int]:
@@ -108,13 +113,20 @@ def _ticks(grid: np.ndarray, max_ticks: int = 11) -> tuple[np.ndarray, list[str]
 
 
 def plot_disentanglement(
-    grid: np.ndarray, xi: np.ndarray, title: str, path: Path, vmax: float | None = None, pair: str = ""
+    grid: np.ndarray,
+    xi: np.ndarray,
+    title: str,
+    path: Path,
+    vmax: float | None = None,
+    pair: str = "",
 ) -> Path:
     """Heatmap of ξ with λ1 on the vertical axis (increasing upward) and λ2 horizontal."""
     fig = Figure(figsize=HEATMAP_SIZE, dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     vmax = float(np.max(xi)) if vmax is None else vmax
-    im = ax.imshow(xi, origin="lower", cmap="viridis", vmin=0.0, vmax=max(vmax, 1e-12), aspect="auto")
+    im = ax.imshow(
+        xi, origin="lower", cmap="viridis", vmin=0.0, vmax=max(vmax, 1e-12), aspect="auto"
+    )
     idx, labels = _ticks(grid)
     ax.set_xticks(idx, labels, rotation=90)
     ax.set_yticks(idx, labels)
@@ -128,7 +140,13 @@ def plot_disentanglement(
 
 
 def plot_matrices(
-    panels: list[tuple[str, np.ndarray]], tasks: list[str], title: str, path: Path, vmin: float, vmax: float, cmap: str
+    panels: list[tuple[str, np.ndarray]],
+    tasks: list[str],
+    title: str,
+    path: Path,
+    vmin: float,
+    vmax: float,
+    cmap: str,
 ) -> Path:
     """Task × task matrices side by side, values written in the cells for up to 12 tasks."""
     w, h = MATRIX_PANEL_SIZE
@@ -144,13 +162,17 @@ def plot_matrices(
                 for j in range(len(tasks)):
                     dark = (m[i, j] - vmin) / max(vmax - vmin, 1e-12) > 0.6
                     color = "white" if dark else "black"
-                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7, color=color)
+                    ax.text(
+                        j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7, color=color
+                    )
         fig.colorbar(im, ax=ax, shrink=0.8)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
-def plot_score_vs_tasks(normalized: Mapping[str, Mapping[str, Mapping | None]], title: str, path: Path) -> Path:
+def plot_score_vs_tasks(
+    normalized: Mapping[str, Mapping[str, Mapping | None]], title: str, path: Path
+) -> Path:
     """normalized = {method: {str(n_tasks): stat}}; a line per method with std error bars."""
     fig = Figure(figsize=LINE_SIZE, dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
@@ -176,7 +198,12 @@ def plot_score_vs_tasks(normalized: Mapping[str, Mapping[str, Mapping | None]], 
 
 def make_figures(results: Mapping, summary: Mapping, out_dir: Path) -> dict[str, dict]:
     """Write every figure the results allow; returns file names (relative to out_dir) by kind."""
-    out: dict[str, dict] = {"disentanglement": {}, "cosine": {}, "isolation": {}, "score_vs_tasks": {}}
+    out: dict[str, dict] = {
+        "disentanglement": {},
+        "cosine": {},
+        "isolation": {},
+        "score_vs_tasks": {},
+    }
     dis = results.get("disentanglement") or {}
     by_pair: dict[str, dict] = {}
     for m, pairs in dis.items():
@@ -216,6 +243,8 @@ def make_figures(results: Mapping, summary: Mapping, out_dir: Path) -> dict[str,
         if not any(v is not None for d in e["normalized"].values() for v in d.values()):
             continue
         name = f"score_vs_tasks_{safe_name(f)}.png"
-        plot_score_vs_tasks(e["normalized"], f"{f}: normalized score vs number of tasks", out_dir / name)
+        plot_score_vs_tasks(
+            e["normalized"], f"{f}: normalized score vs number of tasks", out_dir / name
+        )
         out["score_vs_tasks"][f] = name
     return out

@@ -19,7 +19,7 @@ _MISSING_TEXT = {
 
 
 def fmt_stat(s: Mapping | None, digits: int = 3) -> str:
-    """"mean ± std" (std omitted for one seed), "—" when there is nothing."""
+    """ "mean ± std" (std omitted for one seed), "—" when there is nothing."""
     if s is None:
         return "—"
     if s.get("std") is None:
@@ -81,7 +81,11 @@ def _single(s: Mapping) -> list[str]:
     rows = []
     for m, d in s["single"].items():
         stats = list(d["tasks"].values())
-        rows.append([m] + [fmt_stat(d["tasks"][t]) for t in tasks] + [fmt_stat(d["average"]), _n_seeds(stats)])
+        rows.append(
+            [m]
+            + [fmt_stat(d["tasks"][t]) for t in tasks]
+            + [fmt_stat(d["average"]), _n_seeds(stats)]
+        )
     return out + [md_table(["method", *tasks, "average", "seeds"], rows)]
 
 
@@ -105,10 +109,21 @@ def _fusion(s: Mapping, figures: Mapping) -> list[str]:
         cols = [f"{n} tasks" for n in e["sizes"]]
         out += ["", f"### {f}", ""]
         for kind in ("absolute", "normalized"):
-            rows = [[m] + [fmt_stat(by_n.get(str(n))) for n in e["sizes"]] for m, by_n in e[kind].items()]
-            out += [f"{kind.capitalize()} average test score:", "", md_table(["method", *cols], rows), ""]
+            rows = [
+                [m] + [fmt_stat(by_n.get(str(n))) for n in e["sizes"]]
+                for m, by_n in e[kind].items()
+            ]
+            out += [
+                f"{kind.capitalize()} average test score:",
+                "",
+                md_table(["method", *cols], rows),
+                "",
+            ]
         if f in figures.get("score_vs_tasks", {}):
-            out += [_img(figures["score_vs_tasks"][f], f"normalized score vs number of tasks, {f}"), ""]
+            out += [
+                _img(figures["score_vs_tasks"][f], f"normalized score vs number of tasks, {f}"),
+                "",
+            ]
         if e["hparams_full"]:
             seeds = list(dict.fromkeys(x for h in e["hparams_full"].values() for x in h))
             rows = [[m] + [_hparams(h.get(x)) for x in seeds] for m, h in e["hparams_full"].items()]
@@ -120,7 +135,10 @@ def _fusion(s: Mapping, figures: Mapping) -> list[str]:
     if s["best_fusion"]:
         n = next(iter(s["best_fusion"].values()))["size"]
         out += ["", f"### Best fusion per method ({n} tasks merged)", ""]
-        out += ["Chosen by the mean normalized score (absolute when no normalized score exists).", ""]
+        out += [
+            "Chosen by the mean normalized score (absolute when no normalized score exists).",
+            "",
+        ]
         rows = [
             [m, b["fusion"], fmt_stat(b["avg_test"]), fmt_stat(b["avg_normalized"])]
             for m, b in s["best_fusion"].items()
@@ -185,8 +203,15 @@ def _disentanglement(s: Mapping, figures: Mapping) -> list[str]:
     imgs = figures.get("disentanglement", {})
     if imgs:
         methods = list(imgs)
-        out += ["", "Heatmaps of ξ averaged over seeds (rows λ1, columns λ2; one colour scale per pair):", ""]
-        rows = [[p] + [_img(imgs[m][p], f"xi {m} {p}") if p in imgs[m] else "—" for m in methods] for p in pairs]
+        out += [
+            "",
+            "Heatmaps of ξ averaged over seeds (rows λ1, columns λ2; one colour scale per pair):",
+            "",
+        ]
+        rows = [
+            [p] + [_img(imgs[m][p], f"xi {m} {p}") if p in imgs[m] else "—" for m in methods]
+            for p in pairs
+        ]
         out += [md_table(["pair", *methods], rows)]
     return out
 
@@ -196,7 +221,9 @@ def render(s: Mapping, figures: Mapping) -> str:
     out = _header(s) + _single(s) + _fusion(s, figures) + _interference(s, figures)
     out += _disentanglement(s, figures)
     if s.get("timings"):
-        rows = [[k, f"{v:.1f}" if isinstance(v, (int, float)) else v] for k, v in s["timings"].items()]
+        rows = [
+            [k, f"{v:.1f}" if isinstance(v, (int, float)) else v] for k, v in s["timings"].items()
+        ]
         out += ["", "## Timings", "", md_table(["step", "seconds"], rows)]
     if s["missing_sections"]:
         out += ["", "## Not in this results file", ""]

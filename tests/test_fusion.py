@@ -127,8 +127,10 @@ def test_jit_vmap_and_dtype():
     iso_jit = jax.jit(fusion.isolation, static_argnames="p")
     assert_tree_close(iso_jit(taus, p=0.2, lam=0.4), ref_isolation(vs, 0.2, 0.4), taus[0])
     bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16), taus)
-    for merged in (fusion.average(bf), fusion.ties(bf, 0.5, 1.0), fusion.isolation(bf, 0.1, 0.5)):
-        assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(merged))
+    merged = jax.jit(
+        lambda t: (fusion.average(t), fusion.ties(t, 0.5, 1.0), fusion.isolation(t, 0.1, 0.5))
+    )(bf)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(merged))
 
 
 # ---------------------------------------------------------------- TIES

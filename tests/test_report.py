@@ -121,7 +121,11 @@ def make_results() -> dict:
     r["disentanglement"] = {
         m: {
             p: {
-                s: {"grid": GRID, "xi": _xi(m, p, s).tolist(), "mean_xi": float(_xi(m, p, s).mean())}
+                s: {
+                    "grid": GRID,
+                    "xi": _xi(m, p, s).tolist(),
+                    "mean_xi": float(_xi(m, p, s).mean()),
+                }
                 for s in SEEDS
             }
             for p in pairs
@@ -163,6 +167,13 @@ def results() -> dict:
 @pytest.fixture(scope="module")
 def summary(results) -> dict:
     return report.summarize(results)
+
+
+@pytest.fixture(scope="module")
+def written(results, tmp_path_factory):
+    """(report.md path, out_dir) of the full synthetic study, written once for several tests."""
+    out = tmp_path_factory.mktemp("report")
+    return report.write_report(results, out), out
 
 
 def test_single_numbers_match_hand_computation(summary):
@@ -209,15 +220,19 @@ def test_cosine_disentanglement_numbers(summary):
     assert c["l_lora"]["param"]["std"] == pytest.approx(_stat_ref([0.10, 0.12])[1])
     assert summary["isolation_overlap"]["lora"]["mean_off_diagonal"]["mean"] == pytest.approx(0.2)
     d = summary["disentanglement"]["l_lora"]
-    ref = [np.mean([_xi("l_lora", p, s).mean() for p in ("alpha+beta", "alpha+gamma")]) for s in SEEDS]
+    ref = [
+        np.mean([_xi("l_lora", p, s).mean() for p in ("alpha+beta", "alpha+gamma")]) for s in SEEDS
+    ]
     assert d["mean"]["mean"] == pytest.approx(np.mean(ref))
     assert d["pairs"]["alpha+gamma"]["mean"] == pytest.approx(
         np.mean([_xi("l_lora", "alpha+gamma", s).mean() for s in SEEDS])
     )
 
 
-def test_markdown_tables(results, summary, tmp_path):
-    md = report.write_report(results, tmp_path).read_text()
+def test_markdown_tables(summary, written):
+    path, tmp_path = written
+    assert path == tmp_path / "report.md"
+    md = path.read_text()
     rows = _table(md, "## Single-task test scores")
     assert rows[0] == ["method", "alpha", "beta", "gamma", "average", "seeds"]
     lora = dict(zip(rows[0], rows[1]))
@@ -228,9 +243,20 @@ def test_markdown_tables(results, summary, tmp_path):
     # Normalized table of task_arithmetic (second table after its heading).
     rows = _table(md, "### task_arithmetic", index=1)
     assert rows[0] == ["method", "2 tasks", "3 tasks"]
-    got = summary["fusion"]["task_arithmetic"]["normalized"]["l_lora"]["3"]
-    assert rows[2] == ["l_lora", report_fmt(got["mean"], got["std"]), rows[2][2]]
-    assert rows[2][2] == report_fmt(got["mean"], got["std"])
+    cells = ["l_lora"]
+    for n in (2, 3):
+        subsets = [k for k in SUBSETS if len(k.split("+")) == n]
+        per_seed = [
+            np.mean(
+                [
+                    _fusion_value("l_lora", "task_arithmetic", k, s, "avg_normalized")
+                    for k in subsets
+                ]
+            )
+            for s in SEEDS
+        ]
+        cells.append(report_fmt(*_stat_ref(per_seed)))
+    assert rows[2] == cells
     rows = _table(md, "### Best fusion per method")
     assert [r[:2] for r in rows[1:]] == [["lora", "task_arithmetic"], ["l_lora", "task_arithmetic"]]
     rows = _table(md, "### Cosine similarity")
@@ -346,8 +372,8 @@ def test_missing_sections_render(results, tmp_path):
     assert s["methods"] == ["lora", "l_lora"] and s["tasks"] == TASKS
 
 
-def test_pngs_valid(results, tmp_path):
-    report.write_report(results, tmp_path)
+def test_pngs_valid(written):
+    _, tmp_path = written
     names = sorted(p.name for p in tmp_path.glob("*.png"))
     expected = {
         "disentangle_lora_alpha+beta.png": rf.HEATMAP_SIZE,
@@ -371,7 +397,9 @@ def test_pngs_valid(results, tmp_path):
 def test_mean_xi_averages_seeds_and_checks_shape(results):
     by_seed = results["disentanglement"]["lora"]["alpha+beta"]
     grid, xi, n = rf.mean_xi(by_seed, "x")
-    np.testing.assert_allclose(xi, (_xi("lora", "alpha+beta", "0") + _xi("lora", "alpha+beta", "1")) / 2)
+    np.testing.assert_allclose(
+        xi, (_xi("lora", "alpha+beta", "0") + _xi("lora", "alpha+beta", "1")) / 2
+    )
     assert n == 2 and grid.tolist() == GRID
     bad = {"0": {"grid": GRID, "xi": [[0.0] * 5] * 4}}
     with pytest.raises(ValueError, match=r"shape \(4, 5\).*\(5, 5\)"):

@@ -29,6 +29,8 @@ _NEG = -1e30  # finite "minus infinity": a fully masked row stays finite (unifor
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
+    """Shape of a CLIP vision tower (HF ``CLIPVisionConfig`` fields, ``num_layers`` etc. renamed)."""
+
     hidden_size: int
     intermediate_size: int
     num_layers: int
@@ -43,6 +45,8 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
+    """Shape of a CLIP text tower (HF ``CLIPTextConfig``)."""
+
     hidden_size: int
     intermediate_size: int
     num_layers: int
@@ -71,6 +75,7 @@ def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def dense(features: int, axes: tuple, dtype: Any, param_dtype: Any, bias: bool = True) -> nn.Dense:
+    """An ``nn.Dense`` whose kernel (and bias) carry the logical axis names ``axes``."""
     return nn.Dense(
         features,
         use_bias=bias,

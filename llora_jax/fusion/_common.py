@@ -84,7 +84,7 @@ def keep_count(frac: float, d: int, name: str = "k") -> int:
     ``frac`` must be a Python number (it fixes an array size, so it is static under jit).
     The product is rounded to 9 decimals first so that e.g. 0.1·30 counts 3, not 4.
     """
-    if isinstance(frac, jax.core.Tracer) or not np.isscalar(frac):
+    if isinstance(frac, bool) or not isinstance(frac, (int, float, np.integer, np.floating)):
         raise ValueError(f"{name} must be a Python float (it is static under jit), got {frac!r}")
     if not 0.0 < float(frac) <= 1.0:
         raise ValueError(f"{name} must be a fraction in (0, 1], got {frac}")
