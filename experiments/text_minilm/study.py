@@ -1,0 +1,98 @@
+"""The text study: all-MiniLM-L6-v2 (real weights), frozen label heads, local GLUE tasks.
+
+get_study("")     the full study (make reproduce-text): every text task of
+                  LLORA_DATA_DIR, 4 methods, 3 seeds, 6 fusion methods, 4 pairs.
+get_study("demo") the quick form (make demo): 3 tasks, 1 seed, LoRA vs L-LoRA,
+                  task arithmetic and TIES, one disentanglement heatmap.
+get_study("tiny") seconds-long smoke test (tests; pass a tiny backbone by override).
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_study(arg=None):
+    arg = arg or ""
+    s = ConfigDict()
+    s.name = "text_minilm"
+    s.config = "configs/minilm.py"
+    s.config_arg = ""
+    s.overrides = {
+        "steps": 1500,
+        "batch_size": 32,
+        "data.max_len": 64,
+        "data.val_max": 500,
+        "data.eval_limit": 1000,
+        "log_every": 50,
+        "ckpt_every": 500,
+    }
+    s.tasks = []  # [] = every text task in LLORA_DATA_DIR
+    s.methods = ["full", "lora", "l_lora", "l_lora_model"]
+    s.seeds = [0, 1, 2]
+    # One sweep for all methods (matched budgets); the best per run is chosen on validation.
+    s.learning_rates = [1e-4, 1e-3]
+    s.fusion = ["average", "task_arithmetic", "ties", "dare", "lorahub", "isolation"]
+    s.fusion_grids = {
+        "task_arithmetic": [{"lam": round(0.1 * i, 1)} for i in range(11)],
+        "ties": [{"k": k, "lam": round(0.1 * i, 1)} for k in (0.25, 0.5, 1.0) for i in range(11)],
+        "dare": [{"p": p, "lam": round(0.1 * i, 1), "base": "task_arithmetic", "key": 0}
+                 for p in (0.3, 0.7) for i in range(11)],
+        "isolation": [{"p": 0.1, "lam": round(0.1 * i, 1)} for i in range(11)],
+    }
+    s.max_subset = 0
+    s.lorahub_budget = 40
+    s.isolation_p = 0.1
+    s.pairs = [("cola", "mrpc"), ("cola", "rte"), ("mrpc", "rte"), ("mrpc", "sst2")]
+    s.disentangle_grid = [round(-2.0 + 0.2 * i, 1) for i in range(21)]
+    s.disentangle_examples = 640
+    s.eval_batch_size = 128
+    s.progress = True
+    if arg == "demo":
+        s.name = "demo"
+        s.tasks = ["sst2", "mrpc", "cola"]
+        s.methods = ["lora", "l_lora"]
+        s.seeds = [0]
+        s.learning_rates = [1e-3]
+        s.overrides = {
+            "steps": 100,
+            "batch_size": 16,
+            "data.max_len": 40,
+            "data.train_limit": 1600,
+            "data.val_size": 96,
+            "data.eval_limit": 256,
+            "log_every": 10,
+            "ckpt_every": 50,
+            "optim.warmup_steps": 10,
+        }
+        s.fusion = ["task_arithmetic", "ties"]
+        s.fusion_grids = {
+            "task_arithmetic": [{"lam": round(0.2 * i, 1)} for i in range(6)],
+            "ties": [{"k": 0.5, "lam": round(0.2 * i, 1)} for i in range(6)],
+        }
+        s.pairs = [("mrpc", "sst2")]
+        s.disentangle_grid = [-2.0, -1.0, 0.0, 1.0, 2.0]
+        s.disentangle_examples = 64
+        s.eval_batch_size = 64
+    elif arg == "tiny":
+        s.name = "tiny"
+        s.config_arg = "tiny"
+        s.overrides = {}
+        s.tasks = ["sst2", "mrpc", "rte"]
+        s.methods = ["lora", "l_lora", "l_lora_model", "full"]
+        s.seeds = [0]
+        s.learning_rates = [1e-2]
+        s.fusion = ["average", "task_arithmetic", "ties", "dare", "lorahub", "isolation"]
+        s.fusion_grids = {
+            "task_arithmetic": [{"lam": 0.5}, {"lam": 1.0}],
+            "ties": [{"k": 0.5, "lam": 1.0}],
+            "dare": [{"p": 0.5, "lam": 1.0, "base": "task_arithmetic", "key": 0}],
+            "isolation": [{"p": 0.1, "lam": 0.5}],
+        }
+        s.lorahub_budget = 4
+        s.pairs = [("mrpc", "sst2"), ("no_such", "sst2")]
+        s.disentangle_grid = [-1.0, 0.0, 1.0]
+        s.disentangle_examples = 8
+        s.eval_batch_size = 8
+        s.progress = False
+    elif arg:
+        raise ValueError(f"unknown study argument {arg!r}; use '', 'demo' or 'tiny'")
+    return s

@@ -1,0 +1,271 @@
+"""The generic study runner: fine-tune every (method, seed, task), fuse every subset, measure.
+
+A study file (``experiments/<study>/study.py``) defines ``get_study(arg)``
+returning a ConfigDict: the fine-tuning config file and overrides, tasks
+(empty = every text task of the data directory), methods, seeds, learning
+rates (the same sweep for every method; the best per run on validation),
+fusion methods and grids, pairs for disentanglement. The runner skips
+finished fine-tuning runs (re-running resumes), caches finished fusion
+results, and writes ``results.json`` + ``report.md`` + figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from llora_jax import experiment as X
+from llora_jax import fuse as F
+from llora_jax import fusion
+from llora_jax import task_vectors as tv
+
+
+def _load_module(path: str | Path, name: str):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"study file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def load_config(path: str, arg: str = "", overrides: dict | None = None) -> Any:
+    """get_config(arg) of a config file, with dotted-key overrides applied."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # configs import configs.common
+    c = _load_module(path, "llora_config").get_config(arg or None)
+    for key, value in (overrides or {}).items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"config override {key!r}: no such field in {path}")
+        node[leaf] = value
+    return c
+
+
+def discover_text_tasks(data_dir: str | os.PathLike | None) -> list[str]:
+    """Every task with a text/<task>/train.jsonl in the data directory."""
+    from llora_jax.data.sources import resolve_data_dir
+
+    root = resolve_data_dir(data_dir or None)
+    if root is None or not (root / "text").is_dir():
+        raise FileNotFoundError(
+            "no local text data: set LLORA_DATA_DIR to a directory holding "
+            "text/<task>/{train,test}.jsonl (tfds GLUE field names), e.g. "
+            "`export LLORA_DATA_DIR=/path/to/shared/data`, or list the tasks explicitly "
+            "(study.tasks) to read them from tensorflow-datasets on a machine with internet"
+        )
+    return sorted(p.parent.name for p in (root / "text").glob("*/train.jsonl"))
+
+
+def environment() -> dict:
+    import flax
+    import optax
+
+    dev = jax.devices()[0]
+    return {
+        "device": f"{jax.device_count()} x {getattr(dev, 'device_kind', dev.platform)}",
+        "versions": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "flax": flax.__version__,
+            "optax": optax.__version__,
+            "numpy": np.__version__,
+        },
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+
+
+def _log(msg: str) -> None:
+    print(f"[study] {msg}", flush=True)
+
+
+def run_study_file(path: str, arg: str = "", out: str | None = None) -> Path:
+    s = _load_module(path, "llora_study").get_study(arg or None)
+    return run_study(s, Path(out or s.get("out", f"runs/{s.name}")))
+
+
+def _finetune_all(s, out: Path, tasks: list[str], cache: X.BackboneCache) -> dict:
+    """Fine-tune (or find finished) runs; pick the best learning rate per run on validation."""
+    chosen: dict = {}
+    lrs = list(s.learning_rates)
+    total = len(s.methods) * len(s.seeds) * len(tasks) * len(lrs)
+    i = 0
+    for method in s.methods:
+        for seed in s.seeds:
+            for task in tasks:
+                best = None
+                for lr in lrs:
+                    i += 1
+                    wd = out / "runs" / f"seed{seed}" / task / f"{method}-lr{lr:g}"
+                    if tv.is_task_vector(wd / "task_vector"):
+                        _log(f"({i}/{total}) {method} seed {seed} {task} lr {lr:g}: done, skipping")
+                    else:
+                        _log(f"({i}/{total}) fine-tuning {method} seed {seed} {task} lr {lr:g}")
+                        c = load_config(s.config, s.get("config_arg", ""), dict(s.overrides))
+                        c.task, c.method, c.seed = task, method, int(seed)
+                        c.optim.learning_rate = float(lr)
+                        X.run_finetune(c, wd, cache, progress=s.get("progress", True))
+                    metrics = json.loads((wd / "metrics.json").read_text())
+                    score = _val_score(metrics)
+                    if best is None or score > best[0]:
+                        best = (score, wd)
+                chosen[(method, seed, task)] = best[1]
+    return chosen
+
+
+def _val_score(metrics: dict) -> float:
+    prim = metrics.get("primary_metric", "accuracy")
+    return float(metrics.get(f"val/{prim}", metrics.get("val/accuracy", float("nan"))))
+
+
+def _experiments(s, tasks: list[str], cache: X.BackboneCache) -> dict[str, X.Experiment]:
+    exps = {}
+    for task in tasks:
+        c = load_config(s.config, s.get("config_arg", ""), dict(s.overrides))
+        c.task = task
+        exps[task] = X.build(c, cache)
+    return exps
+
+
+def run_study(s: Any, out: Path) -> Path:
+    """Run a whole study; returns the path of results.json."""
+    out = Path(out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = load_config(s.config, s.get("config_arg", ""), dict(s.overrides)).data.data_dir
+    tasks = list(s.tasks) or discover_text_tasks(data_dir)
+    _log(f"{s.name}: tasks {tasks}, methods {list(s.methods)}, seeds {list(s.seeds)} -> {out}")
+    cache = X.BackboneCache()
+    exps = _experiments(s, tasks, cache)  # fails early on missing data
+    chosen = _finetune_all(s, out, tasks, cache)
+
+    results: dict = {
+        "study": s.name,
+        "backbone": load_config(s.config, s.get("config_arg", "")).backbone,
+        **environment(),
+        "tasks": tasks,
+        "methods": list(s.methods),
+        "seeds": [int(x) for x in s.seeds],
+        "primary_metric": {t: e.primary_metric for t, e in exps.items()},
+        "single": {},
+        "fusion": {},
+        "cosine": {},
+        "isolation_overlap": {},
+        "disentanglement": {},
+        "runs": {},
+    }
+    cache_path = out / "fusion_cache.json"
+    done = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    for method in s.methods:
+        for seed in s.seeds:
+            members = {}
+            for task in tasks:
+                wd = chosen[(method, seed, task)]
+                exp = dataclasses.replace(exps[task])
+                exp.spec = X.M.AdapterSpec(method, exp.spec.lora)
+                members[task] = F.Member(exp=exp, tv=tv.load(wd / "task_vector"))
+                m = members[task].tv.meta["metrics"]
+                results["single"].setdefault(method, {}).setdefault(task, {})[str(seed)] = {
+                    "val": {k[4:]: v for k, v in m.items() if k.startswith("val/")},
+                    "test": {k[5:]: v for k, v in m.items() if k.startswith("test/")},
+                }
+                results["runs"].setdefault(method, {}).setdefault(task, {})[str(seed)] = str(wd)
+            _interference(s, results, method, seed, members, tasks)
+            _fusion(s, results, method, seed, members, tasks, done, cache_path)
+            _disentangle(s, results, method, seed, members, done, cache_path)
+    path = out / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=float))
+    os.replace(tmp, path)
+    from llora_jax import report
+
+    rep = report.write_report(results, out)
+    _log(f"results: {path}")
+    _log(f"report:  {rep}")
+    return path
+
+
+def _interference(s, results, method, seed, members, tasks) -> None:
+    taus = [members[t].tv.tau for t in tasks]
+    m = fusion.cosine_matrix(taus)
+    entry = {"tasks": tasks, "matrix": m.tolist(), "mean_off_diagonal": fusion.mean_off_diagonal(m),
+             "delta_w_matrix": None, "delta_w_mean_off_diagonal": None}
+    phi0 = members[tasks[0]].tv.phi0
+    if phi0 is not None:
+        scale = members[tasks[0]].exp.spec.lora.scale
+        # L-LoRA (and the whole-model linearization, to first order) changes W by the
+        # linear part of s·A B around (A0, B0); LoRA by the full product.
+        lin = method in ("l_lora", "l_lora_model")
+        dws = [fusion.lora_delta_w(t, phi0, scale, linearized=lin) for t in taus]
+        dm = fusion.cosine_matrix(dws)
+        entry["delta_w_matrix"] = dm.tolist()
+        entry["delta_w_mean_off_diagonal"] = fusion.mean_off_diagonal(dm)
+    results["cosine"].setdefault(method, {})[str(seed)] = entry
+    p = float(s.get("isolation_p", 0.1))
+    results["isolation_overlap"].setdefault(method, {})[str(seed)] = {
+        "tasks": tasks, "p": p, "matrix": np.asarray(fusion.core_overlap(taus, p)).tolist()
+    }
+
+
+def _save_cache(done: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(done, default=float))
+    os.replace(tmp, path)
+
+
+def _fusion(s, results, method, seed, members, tasks, done, cache_path) -> None:
+    from tqdm.auto import tqdm
+
+    max_size = int(s.get("max_subset", 0)) or None
+    jobs = [(f, sub) for f in s.fusion for sub in F.subsets(tasks, 2, max_size)]
+    grids = dict(s.get("fusion_grids", {}))
+    bar = tqdm(jobs, desc=f"fusion {method} seed {seed}", disable=not s.get("progress", True))
+    for name, sub in bar:
+        key = f"fusion|{method}|{seed}|{name}|{F.subset_key(sub)}"
+        if key not in done:
+            grid = grids.get(name)
+            done[key] = F.fuse_subset(
+                [members[t] for t in sub], name,
+                grid=list(grid) if grid is not None else None,
+                batch_size=int(s.get("eval_batch_size", 64)),
+                lorahub_budget=int(s.get("lorahub_budget", 40)), seed=int(seed),
+            )
+            _save_cache(done, cache_path)
+        results["fusion"].setdefault(method, {}).setdefault(name, {}).setdefault(
+            F.subset_key(sub), {})[str(seed)] = done[key]
+
+
+def _disentangle(s, results, method, seed, members, done, cache_path) -> None:
+    from llora_jax.disentangle import disentanglement_error
+
+    grid = [float(x) for x in s.disentangle_grid]
+    for pair in s.pairs:
+        if not all(t in members for t in pair):
+            _log(f"disentanglement pair {pair}: task not in this study, skipped")
+            continue
+        pk = "+".join(pair)
+        key = f"xi|{method}|{seed}|{pk}"
+        if key not in done:
+            _log(f"disentanglement {method} seed {seed} {pk} ({len(grid)}x{len(grid)})")
+            xi = disentanglement_error(
+                members[pair[0]], members[pair[1]], grid,
+                n_examples=int(s.disentangle_examples),
+                batch_size=int(s.get("eval_batch_size", 64)),
+            )
+            done[key] = {"grid": grid, "xi": xi.tolist(), "mean_xi": float(np.mean(xi))}
+            _save_cache(done, cache_path)
+        results["disentanglement"].setdefault(method, {}).setdefault(pk, {})[str(seed)] = done[key]
