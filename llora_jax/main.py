@@ -2,10 +2,11 @@
 
 Commands:
   finetune      fine-tune one task; writes <workdir>/task_vector and metrics.json
-  finetune-all  fine-tune every task listed in --tasks (default: the config's model's tasks)
-  fuse          merge task vectors, choose hyper-parameters on validation, score on test
-  disentangle   disentanglement-error heatmap for a pair of task vectors
-  report        tables and figures from a study directory
+  finetune-all  fine-tune every task listed in --tasks into <workdir>/<task>/<method>
+  fuse          merge the task vectors of --runs (every subset), choose hyper-parameters
+                on validation, score on test; writes results.json + report.md to --out
+  disentangle   disentanglement-error heatmap for the two task vectors of --runs
+  report        tables and figures from --results=results.json
   study         run a whole study (experiments/<study>/study.py)
 
 Every library function takes explicit arguments; only this file and
@@ -26,7 +27,9 @@ COMMANDS = ("finetune", "finetune-all", "fuse", "disentangle", "report", "study"
 _CONFIG = config_flags.DEFINE_config_file("config", None, "fine-tuning config file (configs/*.py)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory of the run")
 _TASKS = flags.DEFINE_list("tasks", [], "tasks for finetune-all / fuse / study")
-_RUNS = flags.DEFINE_string("runs", None, "directory holding <task>/<method> run directories")
+_RUNS = flags.DEFINE_list("runs", [], "run directories (each with config.json and task_vector/)")
+_FUSION = flags.DEFINE_list("fusion", [], "fusion methods for `fuse` (default: task_arithmetic,ties)")
+_RESULTS = flags.DEFINE_string("results", None, "results.json for `report`")
 _OUT = flags.DEFINE_string("out", None, "output directory for fuse / disentangle / report")
 _STUDY = flags.DEFINE_string("study", None, "study file (experiments/<study>/study.py)")
 _STUDY_ARG = flags.DEFINE_string("study_arg", "", "argument passed to the study's get_study()")
@@ -81,7 +84,9 @@ def main(argv: list[str]) -> None:
     else:
         from llora_jax import cli_analysis
 
-        cli_analysis.run(cmd, runs=_RUNS.value, tasks=_TASKS.value, out=_OUT.value)
+        cli_analysis.run(
+            cmd, runs=_RUNS.value, fusion=_FUSION.value, out=_OUT.value, results=_RESULTS.value
+        )
 
 
 def entry() -> None:

@@ -105,10 +105,21 @@ def make_meta(
     }
 
 
-def _orbax_save(path: Path, tree: PyTree) -> None:
+def _local_checkpointer():
+    """A checkpointer that involves only this process.
+
+    Task vectors are small host arrays written by one process; Orbax's default
+    would wait for every process of a multi-host run at a barrier.
+    """
     import orbax.checkpoint as ocp
 
-    ckptr = ocp.StandardCheckpointer()
+    me = jax.process_index()
+    opts = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.StandardCheckpointer(multiprocessing_options=opts)
+
+
+def _orbax_save(path: Path, tree: PyTree) -> None:
+    ckptr = _local_checkpointer()
     try:
         ckptr.save(path.absolute(), jax.device_get(tree))
         ckptr.wait_until_finished()
@@ -117,9 +128,7 @@ def _orbax_save(path: Path, tree: PyTree) -> None:
 
 
 def _orbax_restore(path: Path) -> PyTree:
-    import orbax.checkpoint as ocp
-
-    ckptr = ocp.StandardCheckpointer()
+    ckptr = _local_checkpointer()
     try:
         return ckptr.restore(path.absolute())
     finally:

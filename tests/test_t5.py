@@ -67,11 +67,37 @@ def _build(kind, path):
     return ref
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # Tiny models: one torch thread avoids oversubscribing the cores that XLA's pool also
+    # uses (seen: HF generate ~100x slower with the default thread count once JAX ran).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+_CASES: dict = {}
+
+
+def _case(kind, tmp_path_factory):
+    """(kind, checkpoint dir, torch reference, Backbone), built once per test session."""
+    if kind not in _CASES:
+        path = tmp_path_factory.mktemp(kind)
+        ref = _build(kind, path)
+        _CASES[kind] = (kind, path, ref, load_backbone(str(path)))
+    return _CASES[kind]
+
+
 @pytest.fixture(scope="module", params=["v1", "v11"])
 def case(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp(request.param)
-    ref = _build(request.param, path)
-    return request.param, path, ref, load_backbone(str(path))
+    return _case(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def flan(tmp_path_factory):
+    """The v1.1 / Flan configuration only, for checks that one configuration suffices."""
+    return _case("v11", tmp_path_factory)
 
 
 def _batch(seed=0):
@@ -178,25 +204,23 @@ def test_forward_and_loss_match_torch(case):
     assert abs(float(t5.loss(logits, safe, dec_mask)) - out.loss.item()) <= TOL
 
 
-def test_bfloat16_compute_close_to_float32(case):
-    kind, path, _, bb = case
-    if kind != "v11":
-        pytest.skip("the Flan configuration is enough")
+def test_bfloat16_compute_close_to_float32(flan):
+    _, path, _, bb = flan
     ids, mask, labels = _batch(1)
     dec_in = t5.shift_right(labels, 0, 0)
     ones = np.ones(dec_in.shape, np.int64)
     ref = np.asarray(_run(bb.module, bb.params, ids, mask, dec_in, ones, method=_enc_and_logits)[1])
-    for param_dtype in (jnp.bfloat16,):
-        low = load_backbone(str(path), dtype=jnp.bfloat16, param_dtype=param_dtype)
-        assert {x.dtype for x in jax.tree.leaves(low.params)} == {jnp.dtype(param_dtype)}
-        got = np.asarray(
-            _run(low.module, low.params, ids, mask, dec_in, ones, method=_enc_and_logits)[1]
-        )
-        assert got.dtype == np.float32
-        # bf16 keeps ~3 significant digits; errors compound over a few layers.
-        err = np.abs(got - ref).max() / np.abs(ref).max()
-        same_top = (got.argmax(-1) == ref.argmax(-1)).mean()
-        print("BF16", param_dtype, err, same_top)
+    # bfloat16 storage and compute (loading casts the weights).
+    low = load_backbone(str(path), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(low.params)} == {jnp.dtype(jnp.bfloat16)}
+    enc, got = _run(low.module, low.params, ids, mask, dec_in, ones, method=_enc_and_logits)
+    assert enc.dtype == jnp.bfloat16 and got.dtype == jnp.float32
+    # Stated tolerance: bf16 keeps ~3 significant digits and errors compound over the
+    # layers; logits stay within 6% of their largest magnitude (seen: 3.7%) and the
+    # predicted token agrees at >= 90% of positions.
+    got = np.asarray(got)
+    assert np.abs(got - ref).max() <= 0.06 * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
 
 def _hf_generate(ref, ids, mask, n, eos):
@@ -234,10 +258,8 @@ def test_greedy_decode_matches_generate(case):
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
-def test_cached_steps_equal_teacher_forcing(case):
-    kind, _, _, bb = case
-    if kind != "v11":
-        pytest.skip("one configuration is enough (greedy parity covers the other)")
+def test_cached_steps_equal_teacher_forcing(flan):
+    _, _, _, bb = flan
     module, params = bb.module, bb.params
     ids, mask, labels = _batch(3)
     dec_in = jnp.asarray(t5.shift_right(np.where(labels < 0, 5, labels), 0, 0))
@@ -292,11 +314,9 @@ def test_score_label_words_matches_torch(case):
         np.testing.assert_allclose(per_ex, np.take_along_axis(np.asarray(got), perm, 1), atol=1e-6)
 
 
-def test_adapters_by_interception_reach_cached_decoding(case):
+def test_adapters_by_interception_reach_cached_decoding(flan):
     """A dense delta added by intercepting nn.Dense equals merging it into the kernels."""
-    kind, _, _, bb = case
-    if kind != "v11":
-        pytest.skip("one configuration is enough")
+    _, _, _, bb = flan
     module, params = bb.module, bb.params
     paths = [k[: -len("/kernel")] for k in T.select_paths(params, t5.DEFAULT_LORA_TARGETS)]
     flat = T.flatten(params)
@@ -337,10 +357,8 @@ def test_adapters_by_interception_reach_cached_decoding(case):
     assert np.abs(np.asarray(s_base) - np.asarray(s_want)).max() > 0.1  # the deltas matter
 
 
-def test_dropout_only_when_not_deterministic(case):
-    kind, _, _, bb = case
-    if kind != "v11":
-        pytest.skip("one configuration is enough")
+def test_dropout_only_when_not_deterministic(flan):
+    _, _, _, bb = flan
     ids, mask, _ = _batch(6)
     # The encoder only: its layers are the decoder's, and it compiles faster.
     run = functools.partial(_run, bb.module, bb.params, ids, mask, method="encode")

@@ -10,13 +10,18 @@ get_study("tiny") seconds-long smoke test (tests; pass a tiny backbone by overri
 from ml_collections import ConfigDict
 
 
+def _pairs(d: dict) -> tuple:
+    return tuple(d.items())
+
+
 def get_study(arg=None):
     arg = arg or ""
     s = ConfigDict()
     s.name = "text_minilm"
     s.config = "configs/minilm.py"
     s.config_arg = ""
-    s.overrides = {
+    # Dotted-key overrides of the config, as (key, value) pairs (ConfigDict keys cannot hold dots).
+    s.overrides = _pairs({
         "steps": 1500,
         "batch_size": 32,
         "data.max_len": 64,
@@ -24,7 +29,7 @@ def get_study(arg=None):
         "data.eval_limit": 1000,
         "log_every": 50,
         "ckpt_every": 500,
-    }
+    })
     s.tasks = []  # [] = every text task in LLORA_DATA_DIR
     s.methods = ["full", "lora", "l_lora", "l_lora_model"]
     s.seeds = [0, 1, 2]
@@ -52,7 +57,7 @@ def get_study(arg=None):
         s.methods = ["lora", "l_lora"]
         s.seeds = [0]
         s.learning_rates = [1e-3]
-        s.overrides = {
+        s.overrides = _pairs({
             "steps": 100,
             "batch_size": 16,
             "data.max_len": 40,
@@ -62,7 +67,7 @@ def get_study(arg=None):
             "log_every": 10,
             "ckpt_every": 50,
             "optim.warmup_steps": 10,
-        }
+        })
         s.fusion = ["task_arithmetic", "ties"]
         s.fusion_grids = {
             "task_arithmetic": [{"lam": round(0.2 * i, 1)} for i in range(6)],
@@ -75,7 +80,7 @@ def get_study(arg=None):
     elif arg == "tiny":
         s.name = "tiny"
         s.config_arg = "tiny"
-        s.overrides = {}
+        s.overrides = ()
         s.tasks = ["sst2", "mrpc", "rte"]
         s.methods = ["lora", "l_lora", "l_lora_model", "full"]
         s.seeds = [0]

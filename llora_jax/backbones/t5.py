@@ -117,7 +117,7 @@ class T5(nn.Module):
         step only (cross-attention keys/values are cached) and ``decoder_attention_mask``
         is ignored.
         """
-        b, lq = decoder_input_ids.shape
+        lq = decoder_input_ids.shape[1]
         if encoder_mask is None:
             if encoder_hidden is None:
                 raise ValueError("decode needs encoder_mask when encoder_hidden is not given")

@@ -177,17 +177,16 @@ def score_label_words(
             f"label_token_ids {labels.shape} and label_mask {lmask.shape} must have the same "
             "shape, (n_labels, T) or (batch, n_labels, T)"
         )
+    if labels.ndim == 2:  # broadcast outside the jit: both forms share one compilation
+        labels = jnp.broadcast_to(labels[None], (input_ids.shape[0], *labels.shape))
+        lmask = jnp.broadcast_to(lmask[None], (input_ids.shape[0], *lmask.shape))
     return _score(module, apply_fn, params, input_ids, mask, labels, lmask, start, pad)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _score(module, apply_fn, params, input_ids, mask, labels, lmask, start, pad):
     apply = _apply(module, apply_fn)
-    batch = input_ids.shape[0]
-    if labels.ndim == 2:
-        labels = jnp.broadcast_to(labels[None], (batch, *labels.shape))
-        lmask = jnp.broadcast_to(lmask[None], (batch, *lmask.shape))
-    n_labels, length = labels.shape[1:]
+    batch, n_labels, length = labels.shape
     labels = jnp.where(lmask, labels, pad).reshape(batch * n_labels, length)
     enc = apply(params, input_ids, mask, method="encode")
     enc = jnp.repeat(enc, n_labels, axis=0)

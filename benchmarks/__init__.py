@@ -1,0 +1,1 @@
+"""Benchmarks of llora-jax (see benchmarks/NOTES.md; run ``python -m benchmarks.run``)."""

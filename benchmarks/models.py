@@ -1,0 +1,239 @@
+"""The benchmarked models: CLIP ViT-B/16 and Flan-T5-base with random weights, plus tiny twins.
+
+Configurations are built by hand as Hugging Face config objects (no download) and turned
+into our Linen modules with ``<backbone>.module_from_hf_config``. The same config objects
+build the PyTorch baseline (``torch_baseline.py``), so both sides run the same shapes.
+
+CLIP: only the vision tower (+ visual projection) is instantiated. In the paper's set-up
+the text tower only builds the frozen zero-shot head; here that head is random, so the
+text tower would only be dead weight in device memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llora_jax import adapters as ad
+from llora_jax import model as M
+from llora_jax.backbones import clip, t5
+from llora_jax.data import vision
+
+MODELS = ("clip", "t5")
+PRECISIONS = ("bf16", "fp32")
+N_CLASSES = 10  # zero-shot head classes (CLIP)
+LABEL_WORDS = ("negative", "positive")  # T5 rank-classification candidates
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """Sequence sizes of one model's inputs."""
+
+    image_size: int = 224  # CLIP
+    input_len: int = 128  # T5 encoder tokens
+    target_len: int = 8  # T5 decoder tokens
+
+
+REAL_SHAPES = Shapes()
+TINY_SHAPES = Shapes(image_size=32, input_len=16, target_len=4)
+
+
+def hf_config(model: str, tiny: bool = False) -> Any:
+    """The HF config of ``model`` ("clip": ViT-B/16 vision tower, "t5": Flan-T5-base)."""
+    from transformers import CLIPConfig, T5Config
+
+    if model == "clip":
+        if tiny:
+            vision_cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              patch_size=8, image_size=32, intermediate_size=64)
+            text_cfg = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                            intermediate_size=64, vocab_size=64, max_position_embeddings=16)
+            full = CLIPConfig(vision_config=vision_cfg, text_config=text_cfg, projection_dim=16)
+        else:
+            vision_cfg = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                              patch_size=16, image_size=224, intermediate_size=3072)
+            full = CLIPConfig(vision_config=vision_cfg, projection_dim=512)
+        vc = full.vision_config
+        vc.projection_dim = full.projection_dim
+        vc.architectures = ["CLIPVisionModelWithProjection"]
+        return vc
+    if model == "t5":
+        if tiny:
+            dims = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                        num_heads=4, vocab_size=128)
+        else:
+            dims = dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12,
+                        num_heads=12, vocab_size=32128)
+        return T5Config(**dims, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    raise ValueError(f"unknown benchmark model {model!r}; valid: {', '.join(MODELS)}")
+
+
+def backbone_module(model: str) -> Any:
+    return {"clip": clip, "t5": t5}[model]
+
+
+def dtypes(precision: str, method: str) -> tuple[Any, Any]:
+    """(compute dtype, parameter storage dtype).
+
+    bf16: frozen weights stored in bf16; full fine-tuning keeps fp32 master weights and
+    computes in bf16 (the usual mixed precision; PyTorch autocast does the same).
+    """
+    if precision == "fp32":
+        return jnp.float32, jnp.float32
+    if precision == "bf16":
+        return jnp.bfloat16, (jnp.float32 if method == "full" else jnp.bfloat16)
+    raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+
+
+def init_params(model: str, config: Any, seed: int = 0) -> Any:
+    """Random fp32 parameters of the real architecture (HF init scales), on the device."""
+    bb = backbone_module(model)
+    module = bb.module_from_hf_config(config)
+    key = jax.random.key(seed)
+    if model == "t5":
+        # Jitted: op-by-op Flax init dispatches hundreds of small computations.
+        return jax.jit(lambda k: bb.init_params(module, k))(key)
+    return bb.init_params(module, key)
+
+
+def cast(tree: Any, dtype: Any) -> Any:
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                        else x, tree)
+
+
+# ----------------------------------------------------------------------------- task models
+
+
+def clip_task_model(module: Any, params: Any, image_size: int, seed: int = 1) -> M.TaskModel:
+    """CLIP image classification with a random frozen zero-shot head (heads/clip_zeroshot's readout)."""
+    dim = module.projection_dim
+    classes = jax.random.normal(jax.random.key(seed), (N_CLASSES, dim), jnp.float32)
+    classes = classes / jnp.linalg.norm(classes, axis=-1, keepdims=True)
+    head = {"classes": classes, "logit_scale": jnp.asarray(np.log(100.0), jnp.float32)}
+
+    def readout(call, batch, head, train):
+        pixels = vision.preprocess_on_device(batch["image"], image_size, normalized=True)
+        emb = call(pixels, method="encode_image", deterministic=not train)
+        return {"logits": clip.zeroshot_logits(emb.astype(jnp.float32), head["classes"],
+                                               head["logit_scale"])}
+
+    return M.TaskModel(module=module, params=params, readout=readout,
+                       loss=M.classification_loss, predict=M.argmax_predict, head=head,
+                       base_model="bench/clip-vit-b16-random",
+                       full_ft_targets=(r"^vision_model/",))
+
+
+class _WordTokenizer:
+    """Stands in for a T5 tokenizer: fixed token ids per label word, then EOS, then padding."""
+
+    def __init__(self, vocab_size: int, eos: int = 1):
+        self.vocab, self.eos = vocab_size, eos
+
+    def __call__(self, words, max_length, **_):
+        rows, masks = [], []
+        for i, w in enumerate(words):
+            ids = [2 + (sum(map(ord, w)) * 7 + 13 * i + j) % (self.vocab - 2) for j in range(2)]
+            ids = (ids + [self.eos])[:max_length]
+            pad = max_length - len(ids)
+            rows.append(ids + [0] * pad)
+            masks.append([1] * len(ids) + [0] * pad)
+        return {"input_ids": np.asarray(rows), "attention_mask": np.asarray(masks)}
+
+
+def t5_task_model(module: Any, params: Any, target_len: int) -> M.TaskModel:
+    """Flan-T5 text-to-text classification: heads/t5_text's readout (teacher-forced CE to train,
+    rank classification of two label words to predict), with a stand-in tokenizer."""
+    from llora_jax.heads import t5_text
+
+    backbone = types.SimpleNamespace(module=module, params=params, source="bench/flan-t5-base")
+    spec = types.SimpleNamespace(is_regression=False, label_names=LABEL_WORDS)
+    tok = _WordTokenizer(module.spec.vocab_size, module.spec.eos_token_id)
+    return t5_text.task_model(backbone, tok, spec, target_len=target_len)
+
+
+def task_model(model: str, module: Any, params: Any, shapes: Shapes) -> M.TaskModel:
+    if model == "clip":
+        return clip_task_model(module, params, shapes.image_size)
+    return t5_task_model(module, params, shapes.target_len)
+
+
+def lora_spec(model: str, method: str, dropout: float = 0.1, rank: int = 16,
+              alpha: float = 32.0) -> M.AdapterSpec:
+    """r 16, α 32 on q and v (the backbone's DEFAULT_LORA_TARGETS), as in the paper."""
+    targets = backbone_module(model).DEFAULT_LORA_TARGETS
+    return M.AdapterSpec(method, ad.LoraConfig(rank=rank, alpha=alpha, dropout=dropout,
+                                               targets=targets))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def synthetic_arrays(model: str, n: int, shapes: Shapes, config: Any, seed: int = 0
+                     ) -> dict[str, np.ndarray]:
+    """``n`` random examples with the fields the readout needs (never all zeros)."""
+    rng = np.random.default_rng(seed)
+    if model == "clip":
+        s = shapes.image_size
+        return {"image": rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8),
+                "label": rng.integers(0, N_CLASSES, n).astype(np.int32)}
+    vocab = config.vocab_size
+    ids = rng.integers(2, vocab, (n, shapes.input_len)).astype(np.int32)
+    # Ragged inputs: each row keeps at least half its tokens, the rest is padding.
+    lengths = rng.integers(shapes.input_len // 2, shapes.input_len + 1, n)
+    mask = (np.arange(shapes.input_len)[None] < lengths[:, None]).astype(np.int32)
+    label = rng.integers(0, len(LABEL_WORDS), n).astype(np.int32)
+    words = _WordTokenizer(vocab)(list(LABEL_WORDS), shapes.target_len)
+    labels = words["input_ids"][label].astype(np.int32)
+    dmask = words["attention_mask"][label].astype(np.int32)
+    return {"input_ids": ids * mask, "attention_mask": mask, "labels": labels,
+            "decoder_attention_mask": dmask, "label": label}
+
+
+def with_weight(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    n = len(next(iter(arrays.values())))
+    return {**arrays, "weight": np.ones(n, np.float32)}
+
+
+@dataclasses.dataclass
+class Built:
+    """One model at one precision: module, parameters and task model."""
+
+    model: str
+    precision: str
+    config: Any
+    shapes: Shapes
+    module: Any
+    params: Any
+    tm: M.TaskModel
+
+
+def build(model: str, precision: str, method: str, *, tiny: bool, params_f32: Any = None,
+          config: Any = None) -> Built:
+    """Module + params (+ task model) for one (model, precision, method)."""
+    config = config if config is not None else hf_config(model, tiny)
+    shapes = TINY_SHAPES if tiny else REAL_SHAPES
+    dt, pdt = dtypes(precision, method)
+    module = backbone_module(model).module_from_hf_config(config, dtype=dt, param_dtype=pdt)
+    p32 = params_f32 if params_f32 is not None else init_params(model, config)
+    params = p32 if pdt == jnp.float32 else cast(p32, pdt)
+    return Built(model, precision, config, shapes, module, params,
+                 task_model(model, module, params, shapes))
+
+
+def random_task_vectors(phi0: Any, n: int, seed: int = 0, scale: float = 1.0) -> list[Any]:
+    """``n`` random adapter task vectors of realistic size (B moves away from zero)."""
+    out = []
+    for i in range(n):
+        key = jax.random.key(seed * 1000 + i)
+        leaves, treedef = jax.tree.flatten(phi0)
+        keys = jax.random.split(key, len(leaves))
+        tau = [scale * 0.02 * jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype)
+               for k, x in zip(keys, leaves)]
+        out.append(jax.tree.unflatten(treedef, tau))
+    return out

@@ -1,0 +1,235 @@
+"""Train-step benchmarks (JAX): step time, throughput, FLOPs, compiled memory.
+
+Every case (model, method, precision, batch) is lowered in the main thread (tracing is
+Python), compiled in a small thread pool (XLA compiles outside the GIL; this shortens the
+wall time of a run that compiles a dozen programs), then timed one after the other:
+``warmup`` steps, then ``repeats`` steps each synchronised with ``jax.block_until_ready``
+on the whole new train state. The state is donated, as in ``llora_jax.train``; inputs
+rotate between two random batches already on the device.
+
+Memory is XLA's buffer assignment of the compiled step (``compiled.memory_analysis()``:
+arguments + outputs − donated aliases + temporaries), not a run-time reading: JAX cannot
+reset the device's peak counter between configurations in one process.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import flops as FL
+from benchmarks import models as MD
+from benchmarks.common import Recorder, measurement, time_repeated
+from llora_jax import model as M
+from llora_jax import sharding as S
+from llora_jax import train as TR
+
+AREA = "train"
+# Tiny (CPU test) mode: compile fast, run slow; the programs are small anyway.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainCase:
+    model: str
+    method: str
+    precision: str
+    batch: int
+
+    @property
+    def name(self) -> str:
+        return f"train/{self.model}/{self.method}/{self.precision}/b{self.batch}"
+
+    def config(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def optim_config() -> TR.OptimConfig:
+    # The paper's CLIP recipe (AdamW, lr 1e-5, wd 0.1, warm-up, clipping).
+    return TR.OptimConfig(optimizer="adamw", learning_rate=1e-5, weight_decay=0.1,
+                          warmup_steps=10, total_steps=10_000, clip_norm=1.0)
+
+
+class Runner:
+    """One case: built model, lowered and compiled step, and what it needs to run."""
+
+    def __init__(self, case: TrainCase, built: MD.Built, lora_dropout: float,
+                 mesh: Any = None, compiler_options: dict | None = None):
+        """``mesh``: data-parallel over its devices (batch split, everything else replicated)."""
+        self.case, self.built, self.compiler_options = case, built, compiler_options
+        tm = built.tm
+        self.spec = MD.lora_spec(case.model, case.method, dropout=lora_dropout)
+        self.optimizer = TR.make_optimizer(optim_config())
+        self.trainable0, phi0 = M.init_trainable(tm, self.spec, jax.random.key(0))
+        self.frozen = {"params": built.params, "head": tm.head, "phi0": phi0}
+        arrays = MD.synthetic_arrays(case.model, 2 * case.batch, built.shapes, built.config)
+        arrays = MD.with_weight(arrays)
+        batch_sh = S.batch_sharding(mesh) if mesh is not None else None
+        self.batches = [jax.device_put({k: v[i * case.batch:(i + 1) * case.batch]
+                                        for k, v in arrays.items()}, batch_sh) for i in range(2)]
+        self.rng = jax.random.key(1)
+        step = TR.make_train_step(tm, self.spec, self.optimizer)
+        state_shape = jax.eval_shape(lambda t: TR.init_state(t, self.optimizer), self.trainable0)
+        jit_kw: dict[str, Any] = {"donate_argnums": 0}
+        self.state_sh = None
+        if mesh is not None:
+            repl = S.replicated(mesh)
+            self.frozen = jax.device_put(self.frozen, repl)
+            self.state_sh = jax.tree.map(lambda _: repl, state_shape)
+            frozen_sh = jax.tree.map(lambda _: repl, self.frozen)
+            jit_kw.update(in_shardings=(self.state_sh, frozen_sh, batch_sh, repl),
+                          out_shardings=(self.state_sh, repl))
+        t0 = time.perf_counter()
+        self.lowered = jax.jit(step, **jit_kw).lower(
+            state_shape, self.frozen, self.batches[0], self.rng)
+        self.lower_s = time.perf_counter() - t0
+        self.compiled = None
+        self.compile_s = None
+
+    def compile(self) -> Runner:
+        t0 = time.perf_counter()
+        opts = self.compiler_options
+        self.compiled = self.lowered.compile(compiler_options=opts) if opts else (
+            self.lowered.compile())
+        self.compile_s = time.perf_counter() - t0
+        return self
+
+    def new_state(self) -> dict:
+        # Fresh buffers: the step donates its state, and for full fine-tuning the initial
+        # trainable tree is the frozen backbone itself.
+        fresh = jax.tree.map(lambda x: jnp.array(x, copy=True), self.trainable0)
+        return jax.jit(lambda t: TR.init_state(t, self.optimizer),
+                       out_shardings=self.state_sh)(fresh)
+
+    def time(self, warmup: int, repeats: int) -> tuple[list[float], dict]:
+        box = {"state": self.new_state(), "i": 0}
+
+        def once():
+            box["i"] ^= 1
+            state, metrics = self.compiled(box["state"], self.frozen, self.batches[box["i"]],
+                                           self.rng)
+            box["state"] = state
+            return state, metrics
+
+        samples = time_repeated(once, jax.block_until_ready, warmup=warmup, repeats=repeats)
+        _, metrics = once()
+        last = jax.device_get(metrics)
+        del box
+        return samples, {k: float(v) for k, v in last.items()}
+
+    def analytic(self) -> dict:
+        b = self.built
+        n_train = FL.num_params(self.trainable0)
+        n_all = FL.num_params(b.params)
+        desc = describe(b)
+        fl = FL.train_flops(desc, self.case.method, self.case.batch, self.spec.lora.rank, n_train)
+        compute_bytes = 2 if self.case.precision == "bf16" else 4
+        frozen_bytes = jnp.dtype(jax.tree.leaves(b.params)[0].dtype).itemsize
+        n_frozen = n_all - (n_train if self.case.method == "full" else 0)
+        by = FL.train_bytes(desc, self.case.batch, n_frozen, frozen_bytes, n_train,
+                            compute_bytes)
+        return {"flops": fl, "bytes_floor": by, "n_trainable": n_train, "n_params": n_all}
+
+
+def describe(b: MD.Built) -> FL.Desc:
+    if b.model == "clip":
+        return FL.vit_desc(b.module.vision, MD.N_CLASSES, b.module.projection_dim)
+    return FL.t5_desc(b.module.spec, b.shapes.input_len, b.shapes.target_len)
+
+
+def _compile_all(runners: list[Runner], workers: int) -> list[Runner]:
+    if workers <= 1 or len(runners) <= 1:
+        return [r.compile() for r in runners]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(lambda r: r.compile(), runners))
+    except Exception:  # noqa: BLE001  (fall back to one at a time)
+        return [r.compile() if r.compiled is None else r for r in runners]
+
+
+def run(
+    cases: list[TrainCase],
+    rec: Recorder,
+    *,
+    tiny: bool,
+    warmup: int = 3,
+    repeats: int = 20,
+    compile_workers: int = 4,
+    lora_dropout: float = 0.1,
+    keep: tuple[str, ...] = (),
+) -> dict[str, Runner]:
+    """Benchmark ``cases``; returns the runners named in ``keep`` (for the pipeline benchmark)."""
+    kept: dict[str, Runner] = {}
+    for model in dict.fromkeys(c.model for c in cases):
+        config = MD.hf_config(model, tiny)
+        p32 = MD.init_params(model, config)
+        built_cache: dict[tuple[str, str], MD.Built] = {}
+        runners: list[Runner] = []
+        for case in (c for c in cases if c.model == model):
+            if rec.over_budget():
+                rec.add(measurement(case.name, AREA, case.config(),
+                                    error="skipped: time budget exhausted"))
+                continue
+            dt, pdt = MD.dtypes(case.precision, case.method)
+            key = (str(jnp.dtype(dt)), str(jnp.dtype(pdt)))
+            if key not in built_cache:
+                built_cache[key] = MD.build(model, case.precision, case.method, tiny=tiny,
+                                            params_f32=p32, config=config)
+            try:
+                runners.append(Runner(case, built_cache[key], lora_dropout,
+                                      compiler_options=FAST_COMPILE if tiny else None))
+            except Exception as e:  # noqa: BLE001
+                rec.add(measurement(case.name, AREA, case.config(), error=f"lowering: {e!r}"))
+        t0 = time.perf_counter()
+        runners = _compile_all(runners, compile_workers)
+        compile_wall = time.perf_counter() - t0
+        for r in runners:
+            rec.guard(r.case.name, AREA, r.case.config(),
+                      lambda r=r: _time_one(r, rec, warmup, repeats, compile_wall, len(runners)))
+            if r.case.name in keep:
+                kept[r.case.name] = r
+            else:
+                r.compiled = r.lowered = None
+        del built_cache, p32
+    return kept
+
+
+def _time_one(r: Runner, rec: Recorder, warmup: int, repeats: int, compile_wall: float,
+              n_compiled: int) -> None:
+    samples, last = r.time(warmup, repeats)
+    a = r.analytic()
+    xla = FL.xla_cost(r.compiled)
+    mem = FL.compiled_memory(r.compiled)
+    med = sorted(samples)[len(samples) // 2]
+    derived = {
+        "examples_per_s": r.case.batch / med,
+        "flops_xla": xla["flops"],
+        "bytes_accessed_xla": xla["bytes_accessed"],
+        "flops_analytic": a["flops"]["total"],
+        "flops_analytic_parts": a["flops"],
+        "bytes_floor_analytic": a["bytes_floor"],
+        "n_trainable": a["n_trainable"],
+        "n_params": a["n_params"],
+        "memory_compiled": mem,
+        "memory_source": "compiled.memory_analysis(): argument + output - alias + temp",
+        "peak_bytes": mem.get("peak_estimate"),
+        "lower_s": r.lower_s,
+        "compile_s": r.compile_s,
+        "compile_wall_s_all": compile_wall,
+        "compiled_together": n_compiled,
+        "last_loss": last.get("loss"),
+        "nonfinite": last.get("nonfinite"),
+        "timing": "per step: wall clock around one call + jax.block_until_ready(new state)",
+    }
+    if xla["flops"] and a["flops"]["total"]:
+        derived["flops_xla_over_analytic"] = xla["flops"] / a["flops"]["total"]
+    cfg = {**r.case.config(), "lora_rank": r.spec.lora.rank, "lora_alpha": r.spec.lora.alpha,
+           "lora_dropout": r.spec.lora.dropout, "optimizer": "adamw", "warmup": warmup,
+           "shapes": dataclasses.asdict(r.built.shapes),
+           "param_dtype": str(jax.tree.leaves(r.built.params)[0].dtype)}
+    rec.add(measurement(r.case.name, AREA, cfg, samples, derived=derived))
