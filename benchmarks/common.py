@@ -114,16 +114,33 @@ class Recorder:
     """Collects measurements; rewrites ``path`` (JSON) after each one so a killed run keeps them."""
 
     def __init__(self, path: str | os.PathLike | None = None, device: dict | None = None,
-                 budget_s: float | None = None):
+                 deadline: float | None = None):
+        """``deadline``: a ``time.time()`` after which remaining measurements are skipped."""
         self.path = Path(path) if path else None
         self.device = device
         self.items: list[dict] = []
         self.versions = versions()
-        self.t0 = time.perf_counter()
-        self.budget_s = budget_s
+        self.deadline = deadline
+        self.area_wall_s: dict[str, float] = {}
+
+    def timed_area(self, area: str):
+        """Context manager adding the wall time of a block to ``area_wall_s[area]``."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.area_wall_s[area] = self.area_wall_s.get(area, 0.0) + (
+                    time.perf_counter() - t0)
+                self.flush()
+
+        return cm()
 
     def over_budget(self) -> bool:
-        return self.budget_s is not None and time.perf_counter() - self.t0 > self.budget_s
+        return self.deadline is not None and time.time() > self.deadline
 
     def add(self, m: dict) -> dict:
         m["device"] = m["device"] or self.device
@@ -151,7 +168,8 @@ class Recorder:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"measurements": self.items}, indent=1, default=_json_default))
+        body = {"measurements": self.items, "area_wall_s": self.area_wall_s}
+        tmp.write_text(json.dumps(body, indent=1, default=_json_default))
         tmp.replace(self.path)
 
 

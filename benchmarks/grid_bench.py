@@ -32,6 +32,7 @@ from llora_jax import evaluate as E
 from llora_jax import model as M
 
 AREA = "grid"
+AREA_DIS = "disentangle"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,7 @@ class GridSettings:
     dis_batch: int = 64
     dis_chunk: int = 21
     dis_methods: tuple[str, ...] = ("l_lora", "l_lora_model")
+    tau_scale: float = 1.0  # task-vector size (tiny models need large ones to change predictions)
 
 
 def lambda_grid(g: int) -> np.ndarray:
@@ -90,7 +92,7 @@ def run(models: list[str], rec: Recorder, *, tiny: bool, settings: GridSettings)
         for method in st.methods:
             spec = MD.lora_spec(model, method, dropout=0.0)
             phi0 = M.init_trainable(b.tm, spec, jax.random.key(0))[1]
-            taus = MD.random_task_vectors(phi0, 2, seed=1)
+            taus = MD.random_task_vectors(phi0, 2, seed=1, scale=st.tau_scale)
             base_cfg = {"model": model, "method": method, "precision": st.precision,
                         "n_examples": st.n_examples, "eval_batch": st.eval_batch,
                         "chunk": st.chunk, "n_task_vectors": 2}
@@ -172,6 +174,9 @@ def _time_single(b, spec, phi0, taus, arrays, st, rec, base_cfg, batched, flops_
             "timed_models": n_sub, "compile_s": compile_s,
             "achieved_flop_per_s": flops_per_model / per_model,
             "agreement_with_batched": agree, "compared_models": len(common),
+            # How much the merged models differ (a grid of identical models proves little).
+            "distinct_prediction_rows": int(len(np.unique(preds, axis=0))),
+            "distinct_predictions": int(len(np.unique(preds))),
         }))
     return {f"{b.model}/{spec.method}/one_at_a_time": preds, f"{b.model}/{spec.method}/lambdas":
             sub}
@@ -196,7 +201,7 @@ def run_disentangle(rec: Recorder, *, tiny: bool, settings: GridSettings, model:
     for method in st.dis_methods:
         spec = MD.lora_spec(model, method, dropout=0.0)
         phi0 = M.init_trainable(b.tm, spec, jax.random.key(0))[1]
-        taus = MD.random_task_vectors(phi0, 2, seed=2)
+        taus = MD.random_task_vectors(phi0, 2, seed=2, scale=st.tau_scale)
         name = f"disentangle/{model}/{method}/G{G}"
         cfg = {"model": model, "method": method, "precision": st.precision, "G": G,
                "n_examples_per_dataset": st.dis_examples, "batch": st.dis_batch,
@@ -217,12 +222,12 @@ def run_disentangle(rec: Recorder, *, tiny: bool, settings: GridSettings, model:
                 xi += np.mean(pj != ref, axis=-1)
             wall = time.perf_counter() - t0
             n_models = 2 * (G * G + G)
-            rec.add(measurement(name, AREA, cfg, [wall], derived={
+            rec.add(measurement(name, AREA_DIS, cfg, [wall], derived={
                 "wall_s": wall, "compile_s": compile_s, "models_evaluated": n_models,
                 "models_per_s": n_models / wall, "xi_mean": float(xi.mean()),
                 "xi_shape": list(xi.shape),
             }))
             out[name] = xi
 
-        rec.guard(name, AREA, cfg, go)
+        rec.guard(name, AREA_DIS, cfg, go)
     return out

@@ -43,13 +43,25 @@ def _header(members: Sequence[F.Member]) -> dict:
         "methods": [m0["mode"]],
         "seeds": [int(m0["seed"])],
         "primary_metric": {m.task: m.exp.primary_metric for m in members},
-        "single": {m0["mode"]: {
-            m.task: {str(m0["seed"]): {
-                "val": {k[4:]: v for k, v in m.tv.meta["metrics"].items() if k.startswith("val/")},
-                "test": {k[5:]: v for k, v in m.tv.meta["metrics"].items()
-                         if k.startswith("test/")},
-            }} for m in members
-        }},
+        "single": {
+            m0["mode"]: {
+                m.task: {
+                    str(m0["seed"]): {
+                        "val": {
+                            k[4:]: v
+                            for k, v in m.tv.meta["metrics"].items()
+                            if k.startswith("val/")
+                        },
+                        "test": {
+                            k[5:]: v
+                            for k, v in m.tv.meta["metrics"].items()
+                            if k.startswith("test/")
+                        },
+                    }
+                }
+                for m in members
+            }
+        },
     }
 
 
@@ -65,8 +77,10 @@ def fuse_runs(runs: Sequence[str], methods: Sequence[str], out: Path) -> Path:
         for sub in F.subsets(list(by_task)):
             r = F.fuse_subset([by_task[t] for t in sub], name)
             res["fusion"][mode].setdefault(name, {})[F.subset_key(sub)] = {seed: r}
-            print(f"{name:16s} {F.subset_key(sub):30s} avg test {r['avg_test']:.4f} "
-                  f"normalized {r['avg_normalized']:.4f}  {r['hparams']}")
+            print(
+                f"{name:16s} {F.subset_key(sub):30s} avg test {r['avg_test']:.4f} "
+                f"normalized {r['avg_normalized']:.4f}  {r['hparams']}"
+            )
     return _write(res, out)
 
 
@@ -80,8 +94,13 @@ def disentangle_runs(runs: Sequence[str], out: Path, n_examples: int = 640) -> P
     xi = disentanglement_error(m1, m2, DEFAULT_GRID, n_examples=n_examples)
     res = _header([m1, m2])
     mode, seed = m1.tv.meta["mode"], str(m1.tv.meta["seed"])
-    res["disentanglement"] = {mode: {f"{m1.task}+{m2.task}": {seed: {
-        "grid": list(DEFAULT_GRID), "xi": xi.tolist(), "mean_xi": float(xi.mean())}}}}
+    res["disentanglement"] = {
+        mode: {
+            f"{m1.task}+{m2.task}": {
+                seed: {"grid": list(DEFAULT_GRID), "xi": xi.tolist(), "mean_xi": float(xi.mean())}
+            }
+        }
+    }
     print(f"mean disentanglement error {m1.task}+{m2.task} ({mode}): {xi.mean():.4f}")
     return _write(res, out)
 
@@ -97,8 +116,9 @@ def _write(res: dict, out: Path) -> Path:
     return path
 
 
-def run(cmd: str, *, runs: Sequence[str], fusion: Sequence[str], out: str | None,
-        results: str | None) -> None:
+def run(
+    cmd: str, *, runs: Sequence[str], fusion: Sequence[str], out: str | None, results: str | None
+) -> None:
     if cmd == "report":
         from llora_jax import report
 

@@ -192,8 +192,8 @@ class GridEvaluator:
     def __init__(self, tm: M.TaskModel, spec: M.AdapterSpec, batch_size: int = 64, chunk: int = 8):
         self.tm, self.spec, self.batch_size, self.chunk = tm, spec, batch_size, chunk
         self.linear = spec.method == "l_lora_model"
-        self._fn = make_linear_grid_fn(tm, spec) if self.linear else make_grid_predict_fn(
-            tm, spec, chunk
+        self._fn = (
+            make_linear_grid_fn(tm, spec) if self.linear else make_grid_predict_fn(tm, spec, chunk)
         )
 
     def predict(

@@ -102,7 +102,13 @@ def loop_config(c: Any, progress: bool = True) -> TR.LoopConfig:
 
 
 def _limit(n: int, limit: int) -> np.ndarray:
-    return np.arange(min(n, limit) if limit else n)
+    """All positions, or a fixed (seed 0, sorted) random subset of ``limit`` of them.
+
+    A random subset rather than the first rows: source files are often ordered by label.
+    """
+    if not limit or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, limit, replace=False))
 
 
 def _load_splits(c: Any) -> dict[str, Any]:
@@ -138,8 +144,11 @@ def _build_text_encoder(c, bb, tok, splits) -> Experiment:
     from llora_jax.heads import text_encoder as TE
 
     spec = splits["train"].spec
-    limits = {"train": int(c.data.train_limit), "validation": int(c.data.eval_limit),
-              "test": int(c.data.eval_limit)}
+    limits = {
+        "train": int(c.data.train_limit),
+        "validation": int(c.data.eval_limit),
+        "test": int(c.data.eval_limit),
+    }
     arrays = {
         s: TE.encode_examples(tok, spec, d.take(_limit(len(d), limits[s])), int(c.data.max_len))
         for s, d in splits.items()
@@ -179,8 +188,13 @@ def evaluate_split(exp: Experiment, trainable: Any, phi0: Any, split: str, batch
     return exp.metric_fn(preds, arr)
 
 
-def run_finetune(c: Any, workdir: str | Path, cache: BackboneCache | None = None,
-                 progress: bool = True, mesh: Any = None) -> dict:
+def run_finetune(
+    c: Any,
+    workdir: str | Path,
+    cache: BackboneCache | None = None,
+    progress: bool = True,
+    mesh: Any = None,
+) -> dict:
     """Fine-tune one task as configured; writes checkpoints, metrics and the task vector.
 
     Returns the final metrics ({"val/...": ..., "test/...": ...}).
@@ -196,8 +210,9 @@ def run_finetune(c: Any, workdir: str | Path, cache: BackboneCache | None = None
         return out
 
     def periodic(trainable, phi0):
-        return {f"val/{k}": v for k, v in evaluate_split(exp, trainable, phi0, "validation",
-                                                          bs).items()}
+        return {
+            f"val/{k}": v for k, v in evaluate_split(exp, trainable, phi0, "validation", bs).items()
+        }
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -141,8 +141,10 @@ def fuse_subset(
 def _record(members, tasks, hparams, val_scores, test_scores) -> dict:
     norm = [t / max(m.single_score("test"), 1e-12) for t, m in zip(test_scores, members)]
     return {
-        "hparams": {k: (float(v) if isinstance(v, (int, float, np.floating)) else v)
-                    for k, v in hparams.items()},
+        "hparams": {
+            k: (float(v) if isinstance(v, (int, float, np.floating)) else v)
+            for k, v in hparams.items()
+        },
         "val": dict(zip(tasks, map(float, val_scores))),
         "test": dict(zip(tasks, map(float, test_scores))),
         "test_normalized": dict(zip(tasks, map(float, norm))),
@@ -168,9 +170,7 @@ def _lorahub(members, taus, base, phi0, bs, chunk, budget, seed) -> dict:
 def subsets(tasks: Sequence[str], min_size: int = 2, max_size: int | None = None) -> list[tuple]:
     """Every subset of ``tasks`` with min_size..max_size elements, in a stable order."""
     max_size = max_size or len(tasks)
-    return [
-        c for r in range(min_size, max_size + 1) for c in itertools.combinations(tasks, r)
-    ]
+    return [c for r in range(min_size, max_size + 1) for c in itertools.combinations(tasks, r)]
 
 
 def subset_key(tasks: Sequence[str]) -> str:

@@ -28,7 +28,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "fine-tuning config fi
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory of the run")
 _TASKS = flags.DEFINE_list("tasks", [], "tasks for finetune-all / fuse / study")
 _RUNS = flags.DEFINE_list("runs", [], "run directories (each with config.json and task_vector/)")
-_FUSION = flags.DEFINE_list("fusion", [], "fusion methods for `fuse` (default: task_arithmetic,ties)")
+_FUSION = flags.DEFINE_list(
+    "fusion", [], "fusion methods for `fuse` (default: task_arithmetic,ties)"
+)
 _RESULTS = flags.DEFINE_string("results", None, "results.json for `report`")
 _OUT = flags.DEFINE_string("out", None, "output directory for fuse / disentangle / report")
 _STUDY = flags.DEFINE_string("study", None, "study file (experiments/<study>/study.py)")

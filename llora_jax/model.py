@@ -31,7 +31,9 @@ METHODS = ("full", "lora", "l_lora", "l_lora_model")
 
 def check_method(method: str) -> str:
     if method not in METHODS:
-        raise ValueError(f"unknown fine-tuning method {method!r}; valid methods: {', '.join(METHODS)}")
+        raise ValueError(
+            f"unknown fine-tuning method {method!r}; valid methods: {', '.join(METHODS)}"
+        )
     return method
 
 
@@ -136,7 +138,9 @@ def merge_full(params: PyTree, trainable: PyTree) -> PyTree:
     return T.unflatten(flat)
 
 
-def init_trainable(tm: TaskModel, spec: AdapterSpec, key: jax.Array) -> tuple[PyTree, PyTree | None]:
+def init_trainable(
+    tm: TaskModel, spec: AdapterSpec, key: jax.Array
+) -> tuple[PyTree, PyTree | None]:
     """(initial trainable state, φ0). For ``full`` φ0 is None (the start is θ0 itself)."""
     if check_method(spec.method) == "full":
         return full_trainable(tm), None

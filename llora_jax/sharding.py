@@ -48,7 +48,9 @@ def make_mesh(
             raise ValueError(f"{n} devices cannot be split into fsdp={fsdp} x model={model}")
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) != n:
-        raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, have {n}")
+        raise ValueError(
+            f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, have {n}"
+        )
     return Mesh(np.asarray(devices).reshape(sizes), AXES)
 
 

@@ -202,8 +202,13 @@ def run_study(s: Any, out: Path) -> Path:
 def _interference(s, results, method, seed, members, tasks) -> None:
     taus = [members[t].tv.tau for t in tasks]
     m = fusion.cosine_matrix(taus)
-    entry = {"tasks": tasks, "matrix": m.tolist(), "mean_off_diagonal": fusion.mean_off_diagonal(m),
-             "delta_w_matrix": None, "delta_w_mean_off_diagonal": None}
+    entry = {
+        "tasks": tasks,
+        "matrix": m.tolist(),
+        "mean_off_diagonal": fusion.mean_off_diagonal(m),
+        "delta_w_matrix": None,
+        "delta_w_mean_off_diagonal": None,
+    }
     phi0 = members[tasks[0]].tv.phi0
     if phi0 is not None:
         scale = members[tasks[0]].exp.spec.lora.scale
@@ -217,7 +222,9 @@ def _interference(s, results, method, seed, members, tasks) -> None:
     results["cosine"].setdefault(method, {})[str(seed)] = entry
     p = float(s.get("isolation_p", 0.1))
     results["isolation_overlap"].setdefault(method, {})[str(seed)] = {
-        "tasks": tasks, "p": p, "matrix": np.asarray(fusion.core_overlap(taus, p)).tolist()
+        "tasks": tasks,
+        "p": p,
+        "matrix": np.asarray(fusion.core_overlap(taus, p)).tolist(),
     }
 
 
@@ -239,14 +246,17 @@ def _fusion(s, results, method, seed, members, tasks, done, cache_path) -> None:
         if key not in done:
             grid = grids.get(name)
             done[key] = F.fuse_subset(
-                [members[t] for t in sub], name,
+                [members[t] for t in sub],
+                name,
                 grid=list(grid) if grid is not None else None,
                 batch_size=int(s.get("eval_batch_size", 64)),
-                lorahub_budget=int(s.get("lorahub_budget", 40)), seed=int(seed),
+                lorahub_budget=int(s.get("lorahub_budget", 40)),
+                seed=int(seed),
             )
             _save_cache(done, cache_path)
         results["fusion"].setdefault(method, {}).setdefault(name, {}).setdefault(
-            F.subset_key(sub), {})[str(seed)] = done[key]
+            F.subset_key(sub), {}
+        )[str(seed)] = done[key]
 
 
 def _disentangle(s, results, method, seed, members, done, cache_path) -> None:
@@ -262,7 +272,9 @@ def _disentangle(s, results, method, seed, members, done, cache_path) -> None:
         if key not in done:
             _log(f"disentanglement {method} seed {seed} {pk} ({len(grid)}x{len(grid)})")
             xi = disentanglement_error(
-                members[pair[0]], members[pair[1]], grid,
+                members[pair[0]],
+                members[pair[1]],
+                grid,
                 n_examples=int(s.disentangle_examples),
                 batch_size=int(s.get("eval_batch_size", 64)),
             )

@@ -60,11 +60,17 @@ def make_optimizer(oc: OptimConfig) -> optax.GradientTransformation:
             0.0, oc.learning_rate, max(oc.warmup_steps, 0), max(oc.total_steps, 1), 0.0
         )
     elif oc.schedule == "constant":
-        lr = optax.join_schedules(
-            [optax.linear_schedule(0.0, oc.learning_rate, max(oc.warmup_steps, 1)),
-             optax.constant_schedule(oc.learning_rate)],
-            [max(oc.warmup_steps, 1)],
-        ) if oc.warmup_steps > 0 else optax.constant_schedule(oc.learning_rate)
+        lr = (
+            optax.join_schedules(
+                [
+                    optax.linear_schedule(0.0, oc.learning_rate, max(oc.warmup_steps, 1)),
+                    optax.constant_schedule(oc.learning_rate),
+                ],
+                [max(oc.warmup_steps, 1)],
+            )
+            if oc.warmup_steps > 0
+            else optax.constant_schedule(oc.learning_rate)
+        )
     else:
         raise ValueError(f"unknown schedule {oc.schedule!r}; valid: cosine, constant")
     if oc.optimizer == "adamw":
@@ -242,7 +248,8 @@ def finetune(
     repl = S.replicated(mesh)
     frozen = {"params": tm.params, "head": tm.head, "phi0": phi0}
     frozen_sh = {
-        "params": frozen_shardings if frozen_shardings is not None
+        "params": frozen_shardings
+        if frozen_shardings is not None
         else jax.tree.map(lambda _: repl, tm.params),
         "head": jax.tree.map(lambda _: repl, tm.head),
         "phi0": jax.tree.map(lambda _: repl, phi0),
@@ -254,8 +261,11 @@ def finetune(
         trainable_sh = T.unflatten(
             {n: T.flatten(frozen_sh["params"])[n] for n in T.flatten(trainable0)}
         )
-        state_sh = {"step": repl, "trainable": trainable_sh,
-                    "opt_state": jax.tree.map(lambda _: repl, state_shape["opt_state"])}
+        state_sh = {
+            "step": repl,
+            "trainable": trainable_sh,
+            "opt_state": jax.tree.map(lambda _: repl, state_shape["opt_state"]),
+        }
     step_fn = jax.jit(
         make_train_step(tm, spec, optimizer),
         in_shardings=(state_sh, frozen_sh, S.batch_sharding(mesh), repl),
@@ -344,6 +354,8 @@ def _export(workdir, tm, spec, tau, phi0, metrics, lc, meta) -> None:
         metrics=metrics,
     )
     full_meta = tv.make_meta(**fields, **meta)
-    phi0_host = None if phi0 is None else jax.tree.map(lambda x: np.asarray(jax.device_get(x)), phi0)
+    phi0_host = (
+        None if phi0 is None else jax.tree.map(lambda x: np.asarray(jax.device_get(x)), phi0)
+    )
     tv.save(workdir / "task_vector", tau, full_meta, phi0=phi0_host, overwrite=True)
     (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))

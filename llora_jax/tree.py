@@ -162,8 +162,10 @@ def num_params(a: PyTree) -> int:
 
 def structure_signature(a: PyTree) -> dict[str, list]:
     """{path: [shape..., dtype]}: what two trees must share to be combined."""
-    return {n: [*np.shape(v), str(np.asarray(v).dtype if not hasattr(v, "dtype") else v.dtype)]
-            for n, v in flatten(a).items()}
+    return {
+        n: [*np.shape(v), str(np.asarray(v).dtype if not hasattr(v, "dtype") else v.dtype)]
+        for n, v in flatten(a).items()
+    }
 
 
 def fingerprint(a: PyTree, hasher: Callable[[], Any] = hashlib.sha256) -> str:

@@ -155,7 +155,9 @@ def test_targets_select_only_matching_dense_layers():
 
 def test_misspelled_target_raises_and_lists_paths():
     _, params, _ = toy.make()
-    with pytest.raises(ValueError, match=r"(?s)v_porj.*matches no parameter path.*layer_0/query/kernel"):
+    with pytest.raises(
+        ValueError, match=r"(?s)v_porj.*matches no parameter path.*layer_0/query/kernel"
+    ):
         ad.init_lora(jax.random.key(0), params, _cfg(targets=("query", "v_porj")))
 
 

@@ -26,8 +26,14 @@ def _env(devices: int = 1) -> dict:
 
 def _train(workdir, devices=1, steps=12, extra=(), wait=True):
     cmd = [sys.executable, "-m", "tests.toy_train", str(workdir), "--steps", str(steps), *extra]
-    p = subprocess.Popen(cmd, env=_env(devices), cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        cmd,
+        env=_env(devices),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     if not wait:
         return p
     out, _ = p.communicate(timeout=600)
@@ -61,8 +67,11 @@ def _free_port() -> int:
 def test_two_processes_train_the_same_task_vector(tmp_path):
     coord = f"127.0.0.1:{_free_port()}"
     procs = [
-        _train(tmp_path / "mp", extra=("--coordinator", coord, "--num-processes", "2",
-                                       "--process-id", str(i)), wait=False)
+        _train(
+            tmp_path / "mp",
+            extra=("--coordinator", coord, "--num-processes", "2", "--process-id", str(i)),
+            wait=False,
+        )
         for i in range(2)
     ]
     outs = [p.communicate(timeout=600)[0] for p in procs]

@@ -19,7 +19,9 @@ def _taus(phi0, n, seed=0, std=0.6):
         leaves, treedef = jax.tree.flatten(phi0)
         keys = jax.random.split(jax.random.key(seed * 10 + i), len(leaves))
         out.append(
-            jax.tree.unflatten(treedef, [std * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+            jax.tree.unflatten(
+                treedef, [std * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+            )
         )
     return out
 

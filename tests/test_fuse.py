@@ -8,10 +8,10 @@ from llora_jax import evaluate as E
 from llora_jax import fuse as F
 from llora_jax import model as M
 from llora_jax import tree as T
+from llora_jax.adapters import LoraConfig
 from llora_jax.disentangle import disentanglement_error
 from llora_jax.experiment import Experiment
 from llora_jax.task_vectors import TaskVector, TaskVectorError
-from llora_jax.adapters import LoraConfig
 from tests import toy
 
 LORA = LoraConfig(rank=3, alpha=6.0, targets=("query", "value"))
@@ -24,18 +24,36 @@ def _members(method="lora", n=2, fingerprint="fp"):
     out = []
     for i in range(n):
         d = toy.toy_task(seed=i + 1, n=48)
-        arrays = {s: {k: v[j::3] for k, v in d.items()} for j, s in enumerate(["train", "validation", "test"])}
+        arrays = {
+            s: {k: v[j::3] for k, v in d.items()}
+            for j, s in enumerate(["train", "validation", "test"])
+        }
         exp = Experiment(
-            task=f"t{i}", tm=tm, spec=spec, arrays=arrays,
-            metric_fn=lambda p, a: {"accuracy": E.accuracy(p, a["label"])}, task_spec=None,
+            task=f"t{i}",
+            tm=tm,
+            spec=spec,
+            arrays=arrays,
+            metric_fn=lambda p, a: {"accuracy": E.accuracy(p, a["label"])},
+            task_spec=None,
         )
         leaves, treedef = jax.tree.flatten(base)
         keys = jax.random.split(jax.random.key(100 + i), len(leaves))
-        tau = jax.tree.unflatten(treedef, [0.8 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-        meta = {"task": f"t{i}", "base_model": "toy", "base_fingerprint": fingerprint if i == 0 else "fp",
-                "adapter_kind": "lora", "mode": method, "targets": ["query", "value"], "rank": 3,
-                "alpha": 6.0, "phi0_fingerprint": "x", "structure": T.structure_signature(tau),
-                "metrics": {"test/accuracy": 0.5, "val/accuracy": 0.5}}
+        tau = jax.tree.unflatten(
+            treedef, [0.8 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+        )
+        meta = {
+            "task": f"t{i}",
+            "base_model": "toy",
+            "base_fingerprint": fingerprint if i == 0 else "fp",
+            "adapter_kind": "lora",
+            "mode": method,
+            "targets": ["query", "value"],
+            "rank": 3,
+            "alpha": 6.0,
+            "phi0_fingerprint": "x",
+            "structure": T.structure_signature(tau),
+            "metrics": {"test/accuracy": 0.5, "val/accuracy": 0.5},
+        }
         out.append(F.Member(exp=exp, tv=TaskVector(tau=tau, meta=meta, phi0=phi0)))
     return out
 
@@ -50,11 +68,21 @@ def test_task_arithmetic_selection_equals_brute_force(method):
     best = None
     for hp in grid:
         merged = T.add(phi0, T.scale(T.add(members[0].tv.tau, members[1].tv.tau), hp["lam"]))
-        val = [E.accuracy(E.predict(m.exp.tm, m.exp.spec, merged, phi0, m.exp.arrays["validation"], 8, fn),
-                          m.exp.arrays["validation"]["label"]) for m in members]
+        val = [
+            E.accuracy(
+                E.predict(m.exp.tm, m.exp.spec, merged, phi0, m.exp.arrays["validation"], 8, fn),
+                m.exp.arrays["validation"]["label"],
+            )
+            for m in members
+        ]
         if best is None or np.mean(val) > best[0]:
-            test = [E.accuracy(E.predict(m.exp.tm, m.exp.spec, merged, phi0, m.exp.arrays["test"], 8, fn),
-                               m.exp.arrays["test"]["label"]) for m in members]
+            test = [
+                E.accuracy(
+                    E.predict(m.exp.tm, m.exp.spec, merged, phi0, m.exp.arrays["test"], 8, fn),
+                    m.exp.arrays["test"]["label"],
+                )
+                for m in members
+            ]
             best = (np.mean(val), hp, test)
     assert got["hparams"] == best[1]
     assert got["test"] == pytest.approx(dict(t0=best[2][0], t1=best[2][1]))
@@ -80,7 +108,7 @@ def test_isolation_decomposition_equals_direct_merge():
 
     members = _members(n=3)
     taus = [m.tv.tau for m in members]
-    (vecs, rows), = list(F.candidates("isolation", taus, [{"p": 0.2, "lam": 0.35}]))
+    ((vecs, rows),) = list(F.candidates("isolation", taus, [{"p": 0.2, "lam": 0.35}]))
     merged = T.weighted_sum(vecs, np.asarray(rows[0][1], np.float32))
     direct = fusion.isolation(taus, p=0.2, lam=0.35)
     for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(direct)):
@@ -109,7 +137,9 @@ def test_disentanglement_grid_equals_direct_loop(method):
 
     for i, l1 in enumerate(grid):
         for j, l2 in enumerate(grid):
-            ref = np.mean(pred(m1, l1, 0) != pred(m1, l1, l2)) + np.mean(pred(m2, 0, l2) != pred(m2, l1, l2))
+            ref = np.mean(pred(m1, l1, 0) != pred(m1, l1, l2)) + np.mean(
+                pred(m2, 0, l2) != pred(m2, l1, l2)
+            )
             assert xi[i, j] == pytest.approx(ref), (l1, l2)
     assert xi.max() > 0
 

@@ -21,8 +21,15 @@ def _run(tmp_path, method, steps=40, lr=3e-2, seed=0, name=None, **lc_kw):
     data = toy.toy_task()
     spec = M.AdapterSpec(method=method, lora=LORA)
     oc = TR.OptimConfig(optimizer="adam", learning_rate=lr, schedule="constant")
-    lc = TR.LoopConfig(total_steps=steps, batch_size=32, seed=seed, log_every=5, ckpt_every=20,
-                       progress=False, **lc_kw)
+    lc = TR.LoopConfig(
+        total_steps=steps,
+        batch_size=32,
+        seed=seed,
+        log_every=5,
+        ckpt_every=20,
+        progress=False,
+        **lc_kw,
+    )
     wd = tmp_path / (name or method)
     TR.finetune(tm, spec, oc, lc, data, wd, meta={"task": "toy"})
     return wd

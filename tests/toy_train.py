@@ -33,8 +33,14 @@ def main() -> None:
     tm = toy.toy_task_model()
     spec = M.AdapterSpec(a.method, LoraConfig(rank=4, alpha=8.0, targets=("query", "value")))
     oc = TR.OptimConfig(optimizer="adamw", learning_rate=1e-2, weight_decay=0.01)
-    lc = TR.LoopConfig(total_steps=a.steps, batch_size=32, seed=0, log_every=1,
-                       ckpt_every=a.ckpt_every, progress=False)
+    lc = TR.LoopConfig(
+        total_steps=a.steps,
+        batch_size=32,
+        seed=0,
+        log_every=1,
+        ckpt_every=a.ckpt_every,
+        progress=False,
+    )
     TR.finetune(tm, spec, oc, lc, toy.toy_task(), a.workdir, meta={"task": "toy"})
     print(f"devices={jax.device_count()} processes={jax.process_count()} done", flush=True)
     if a.coordinator:

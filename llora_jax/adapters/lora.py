@@ -72,7 +72,9 @@ def target_modules(params: PyTree, targets: Sequence[str]) -> list[str]:
     layers) can be adapted.
     """
     if not targets:
-        raise ValueError("LoRA needs at least one target regex (e.g. the backbone's DEFAULT_LORA_TARGETS)")
+        raise ValueError(
+            "LoRA needs at least one target regex (e.g. the backbone's DEFAULT_LORA_TARGETS)"
+        )
     flat = T.flatten(params)
     kernels = [n for n, v in flat.items() if n.endswith("/kernel") and jnp.ndim(v) == 2]
     chosen = T.select_paths(kernels, targets)

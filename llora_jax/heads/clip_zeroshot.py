@@ -56,16 +56,20 @@ def task_model(
     names = tuple(class_names or vision.class_names(task))
     temps = tuple(templates or (vision.PAPER_TEMPLATE,))
     head = {
-        "classes": clip.build_zeroshot_head(backbone.module, backbone.params, tokenizer, names,
-                                            temps),
+        "classes": clip.build_zeroshot_head(
+            backbone.module, backbone.params, tokenizer, names, temps
+        ),
         "logit_scale": jnp.asarray(backbone.params["logit_scale"], jnp.float32),
     }
 
     def readout(call, batch, head, train):
         pixels = vision.preprocess_on_device(batch["image"], image_size, normalized=normalized)
         emb = call(pixels, method="encode_image", deterministic=not train)
-        return {"logits": clip.zeroshot_logits(emb.astype(jnp.float32), head["classes"],
-                                               head["logit_scale"])}
+        return {
+            "logits": clip.zeroshot_logits(
+                emb.astype(jnp.float32), head["classes"], head["logit_scale"]
+            )
+        }
 
     return M.TaskModel(
         module=backbone.module,
@@ -84,12 +88,21 @@ def build_experiment(c: Any, bb: Any, tok: Any, splits: dict) -> Any:
     from llora_jax.experiment import Experiment, _limit, lora_config
 
     spec = splits["train"].spec
-    limits = {"train": int(c.data.train_limit), "validation": int(c.data.eval_limit),
-              "test": int(c.data.eval_limit)}
+    limits = {
+        "train": int(c.data.train_limit),
+        "validation": int(c.data.eval_limit),
+        "test": int(c.data.eval_limit),
+    }
     arrays = {s: encode_examples(d.take(_limit(len(d), limits[s]))) for s, d in splits.items()}
     templates = None if c.get("templates", "paper") == "paper" else vision.templates(spec.name)
-    tm = task_model(bb, tok, spec.name, image_size=int(c.data.image_size),
-                    normalized=c.get("image_mode", "clip") == "clip", templates=templates)
+    tm = task_model(
+        bb,
+        tok,
+        spec.name,
+        image_size=int(c.data.image_size),
+        normalized=c.get("image_mode", "clip") == "clip",
+        templates=templates,
+    )
     return Experiment(
         task=spec.name,
         tm=tm,

@@ -36,13 +36,18 @@ def class_index(spec: TaskSpec, labels: np.ndarray) -> np.ndarray:
 
 
 def encode_label_words(tokenizer: Any, words: Sequence[str], length: int) -> dict[str, np.ndarray]:
-    enc = tokenizer(list(words), max_length=length, padding="max_length", truncation=True,
-                    return_tensors="np")
-    return {"ids": enc["input_ids"].astype(np.int32), "mask": enc["attention_mask"].astype(np.int32)}
+    enc = tokenizer(
+        list(words), max_length=length, padding="max_length", truncation=True, return_tensors="np"
+    )
+    return {
+        "ids": enc["input_ids"].astype(np.int32),
+        "mask": enc["attention_mask"].astype(np.int32),
+    }
 
 
-def encode_examples(tokenizer: Any, spec: TaskSpec, examples: dict, max_len: int,
-                    target_len: int) -> dict[str, np.ndarray]:
+def encode_examples(
+    tokenizer: Any, spec: TaskSpec, examples: dict, max_len: int, target_len: int
+) -> dict[str, np.ndarray]:
     arr = t5_arrays(spec, examples, tokenizer, max_length=max_len, max_target_length=target_len)
     out = {k: np.asarray(v) for k, v in arr.items() if k != "label"}
     out["label"] = class_index(spec, arr["label"])
@@ -51,8 +56,9 @@ def encode_examples(tokenizer: Any, spec: TaskSpec, examples: dict, max_len: int
     return out
 
 
-def task_model(backbone: Any, tokenizer: Any, spec: TaskSpec, *, target_len: int = 8
-               ) -> M.TaskModel:
+def task_model(
+    backbone: Any, tokenizer: Any, spec: TaskSpec, *, target_len: int = 8
+) -> M.TaskModel:
     s = backbone.module.spec
     words = encode_label_words(tokenizer, label_words(spec), target_len)
     head = {"ids": jnp.asarray(words["ids"]), "mask": jnp.asarray(words["mask"])}
@@ -68,8 +74,12 @@ def task_model(backbone: Any, tokenizer: Any, spec: TaskSpec, *, target_len: int
         labels = jnp.broadcast_to(head["ids"][None], (b, c, t)).reshape(b * c, t)
         lmask = jnp.broadcast_to(head["mask"][None], (b, c, t)).reshape(b * c, t)
         labels = jnp.where(lmask > 0, labels, pad)
-        logits = call(D.shift_right(labels, start, pad), jnp.repeat(enc, c, axis=0),
-                      jnp.repeat(mask, c, axis=0), method="decode")
+        logits = call(
+            D.shift_right(labels, start, pad),
+            jnp.repeat(enc, c, axis=0),
+            jnp.repeat(mask, c, axis=0),
+            method="decode",
+        )
         logp = D.token_log_probs(logits, labels).reshape(b, c, t)
         return {"logits": jnp.sum(jnp.where(lmask.reshape(b, c, t) > 0, logp, 0.0), axis=-1)}
 
@@ -111,17 +121,26 @@ def metrics(spec: TaskSpec, preds: np.ndarray, arrays: dict) -> dict:
     return compute_metrics(spec, preds, arrays["label"])
 
 
-def generate_metrics(tm: M.TaskModel, spec: TaskSpec, params: Any, tokenizer: Any,
-                     arrays: dict, max_new_tokens: int = 8, batch_size: int = 64) -> dict:
+def generate_metrics(
+    tm: M.TaskModel,
+    spec: TaskSpec,
+    params: Any,
+    tokenizer: Any,
+    arrays: dict,
+    max_new_tokens: int = 8,
+    batch_size: int = 64,
+) -> dict:
     """Greedy generation + exact match of the decoded string (no adapter: pass merged params)."""
     from llora_jax.evaluate import iterate_batches
 
     texts: list[str] = []
     for batch, n in iterate_batches(arrays, batch_size):
-        out = D.greedy_decode(tm.module, params, batch["input_ids"], batch["attention_mask"],
-                              max_new_tokens)
-        texts += tokenizer.batch_decode(np.asarray(jax.device_get(out))[:n],
-                                        skip_special_tokens=True)
+        out = D.greedy_decode(
+            tm.module, params, batch["input_ids"], batch["attention_mask"], max_new_tokens
+        )
+        texts += tokenizer.batch_decode(
+            np.asarray(jax.device_get(out))[:n], skip_special_tokens=True
+        )
     from llora_jax.data import compute_metrics
 
     labels = arrays["score"] if spec.is_regression else arrays["label"]
@@ -133,11 +152,19 @@ def build_experiment(c: Any, bb: Any, tok: Any, splits: dict) -> Any:
     from llora_jax.experiment import Experiment, _limit, lora_config
 
     spec = splits["train"].spec
-    limits = {"train": int(c.data.train_limit), "validation": int(c.data.eval_limit),
-              "test": int(c.data.eval_limit)}
+    limits = {
+        "train": int(c.data.train_limit),
+        "validation": int(c.data.eval_limit),
+        "test": int(c.data.eval_limit),
+    }
     arrays = {
-        s: encode_examples(tok, spec, d.take(_limit(len(d), limits[s])), int(c.data.max_len),
-                           int(c.data.target_len))
+        s: encode_examples(
+            tok,
+            spec,
+            d.take(_limit(len(d), limits[s])),
+            int(c.data.max_len),
+            int(c.data.target_len),
+        )
         for s, d in splits.items()
     }
     return Experiment(

@@ -1,0 +1,112 @@
+"""Input pipeline: how many batches/s ``data.batches`` (+ ``prefetch_to_device``) delivers,
+against how many the train step consumes.
+
+Three rates per model, on synthetic arrays of the benchmark shapes (uint8 224² images;
+128 + 8 token ids):
+
+* ``host``:      ``data.batches`` alone (seeded shuffle, fancy-indexed host copies);
+* ``prefetch``:  the same through ``prefetch_to_device`` (background thread, device
+                 transfer), each batch waited for on the device;
+* ``e2e``:       the compiled train step fed by that prefetch iterator, no per-step
+                 synchronisation (the host pipeline overlaps the device), against the same
+                 step fed from device-resident batches (``synthetic``).
+
+``derived.headroom`` = pipeline batches/s ÷ step's steps/s (> 1: the step is not input bound).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from benchmarks import models as MD
+from benchmarks.common import Recorder, measurement
+from llora_jax import data
+
+AREA = "pipeline"
+
+
+def _rate(it, n: int, sync=lambda b: b) -> list[float]:
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        sync(next(it))
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def run(models: list[str], rec: Recorder, *, tiny: bool, batch: int, n_batches: int,
+        runners: dict[str, Any] | None = None, num_workers: int = 0) -> None:
+    runners = runners or {}
+    shapes = MD.TINY_SHAPES if tiny else MD.REAL_SHAPES
+    for model in models:
+        config = MD.hf_config(model, tiny)
+        arrays = MD.synthetic_arrays(model, 4 * batch, shapes, config, seed=7)
+        cfg = {"model": model, "batch": batch, "n_batches": n_batches,
+               "num_workers": num_workers, "rows": 4 * batch}
+        host: dict[str, float] = {}
+
+        def host_rate(model=model, arrays=arrays, cfg=cfg):
+            it = data.batches(arrays, batch, seed=0, epochs=None, num_workers=num_workers)
+            next(it)
+            s = _rate(it, n_batches)
+            host["host"] = 1.0 / float(np.median(s))
+            rec.add(measurement(f"pipeline/{model}/host", AREA, {**cfg, "stage": "host"}, s,
+                                derived={"batches_per_s": host["host"],
+                                         "examples_per_s": batch * host["host"]}))
+
+        def prefetch_rate(model=model, arrays=arrays, cfg=cfg):
+            it = data.prefetch_to_device(
+                data.batches(arrays, batch, seed=0, epochs=None, num_workers=num_workers), 2)
+            next(it)
+            s = _rate(it, n_batches, jax.block_until_ready)
+            host["prefetch"] = 1.0 / float(np.median(s))
+            rec.add(measurement(f"pipeline/{model}/prefetch", AREA, {**cfg, "stage": "prefetch"},
+                                s, derived={"batches_per_s": host["prefetch"],
+                                            "examples_per_s": batch * host["prefetch"]}))
+
+        rec.guard(f"pipeline/{model}/host", AREA, cfg, host_rate)
+        rec.guard(f"pipeline/{model}/prefetch", AREA, cfg, prefetch_rate)
+        runner = next((r for r in runners.values()
+                       if r.case.model == model and r.case.batch == batch), None)
+        if runner is not None:
+            rec.guard(f"pipeline/{model}/e2e", AREA, cfg,
+                      lambda m=model, a=arrays, c=cfg, r=runner: _e2e(m, a, c, r, rec, batch,
+                                                                       n_batches, host,
+                                                                       num_workers))
+
+
+def _e2e(model, arrays, cfg, runner, rec, batch, n_batches, host, num_workers):
+    def timed(feed) -> float:
+        state = runner.new_state()
+        state, _ = runner.compiled(state, runner.frozen, next(feed), runner.rng)  # warm
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        for _ in range(n_batches):
+            state, metrics = runner.compiled(state, runner.frozen, next(feed), runner.rng)
+        jax.block_until_ready(state)
+        return (time.perf_counter() - t0) / n_batches
+
+    def device_feed():
+        i = 0
+        while True:
+            i ^= 1
+            yield runner.batches[i]
+
+    synthetic = timed(device_feed())
+    fed = timed(data.prefetch_to_device(
+        data.batches(arrays, batch, seed=0, epochs=None, num_workers=num_workers), 2))
+    step_rate = 1.0 / synthetic
+    derived = {"step_s_synthetic": synthetic, "step_s_pipeline": fed,
+               "steps_per_s_synthetic": step_rate, "steps_per_s_pipeline": 1.0 / fed,
+               "examples_per_s": batch / fed, "train_case": runner.case.name}
+    m = measurement(f"pipeline/{model}/e2e", AREA, {**cfg, "stage": "e2e",
+                                                    "train_case": runner.case.name},
+                    [fed], derived=derived)
+    m["ratios"]["slowdown_vs_device_batches"] = fed / synthetic
+    for k, v in host.items():
+        m["ratios"][f"headroom_{k}"] = v / step_rate
+    rec.add(m)

@@ -1,0 +1,183 @@
+"""End to end on tiny random checkpoints (with tokenizers) and real local data.
+
+Covers the three readouts (sentence encoder + label heads, T5 text-to-text, CLIP
+zero-shot), the finetune -> fuse -> disentangle -> report path of the CLI, and the
+study runner on a data directory whose tasks have names the project has never seen.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llora_jax import experiment as X
+from llora_jax import study
+from llora_jax import task_vectors as tv
+from llora_jax import tree as T
+from tests import tiny_models as TM
+from tests.conftest import data_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+LABEL_WORDS = [
+    "entailment",
+    "not_entailment",
+    "negative",
+    "positive",
+    "not_equivalent",
+    "equivalent",
+    "acceptable",
+    "unacceptable",
+    "rte",
+    "sst2",
+    "mrpc",
+    "cola",
+    "sentence",
+    "sentence1",
+    "sentence2",
+    ":",
+]
+
+
+@pytest.fixture(scope="module")
+def words():
+    from llora_jax import data
+
+    d = data_dir()
+    texts = []
+    for task, fields in (
+        ("rte", ("sentence1", "sentence2")),
+        ("sst2", ("sentence",)),
+        ("mrpc", ("sentence1", "sentence2")),
+    ):
+        ex = data.load_task(task, "train", data_dir=d).take(np.arange(300))
+        for f in fields:
+            texts += list(ex[f])
+    return LABEL_WORDS + TM.words_of(texts)
+
+
+def _config(path, kind_config, arg, **fields):
+    c = study.load_config(str(ROOT / "configs" / kind_config), arg)
+    c.data.data_dir = str(data_dir())
+    for k, v in fields.items():
+        node = c
+        *parents, leaf = k.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    c.backbone = str(path)
+    return c
+
+
+def _check_run(wd, method):
+    got = tv.load(Path(wd) / "task_vector")
+    metrics = json.loads((Path(wd) / "metrics.json").read_text())
+    assert {"val/accuracy", "test/accuracy"} <= set(metrics)
+    assert got.meta["mode"] == method
+    flat = T.flatten(got.tau)
+    if method == "l_lora":
+        assert all(np.all(np.asarray(v) == 0) for n, v in flat.items() if n.endswith("/A"))
+    assert max(float(np.abs(np.asarray(v)).max()) for v in flat.values()) > 0
+    return got, metrics
+
+
+def test_t5_text_to_text_finetune(tmp_path, words):
+    path = TM.tiny_t5(tmp_path / "t5", words)
+    c = _config(path, "t5.py", "base,tiny", task="rte", method="l_lora")
+    _check_run(X.run_finetune(c, tmp_path / "run", progress=False) and tmp_path / "run", "l_lora")
+    # Label-word scoring makes a valid class prediction for every example.
+    exp = X.build(c)
+    assert exp.arrays["test"]["labels"].shape[1] == c.data.target_len
+    assert exp.tm.head["ids"].shape[0] == 2
+
+
+def test_clip_zeroshot_finetune(tmp_path):
+    from llora_jax.data import vision
+
+    path = TM.tiny_clip(tmp_path / "clip", list(vision.class_names("gtsrb")))
+    c = _config(path, "clip.py", "b16,tiny", task="gtsrb", method="lora")
+    X.run_finetune(c, tmp_path / "run", progress=False)
+    got, _ = _check_run(tmp_path / "run", "lora")
+    # Only the vision tower's q/v projections carry adapters.
+    assert all(n.startswith("vision_model/") for n in T.flatten(got.tau))
+
+
+def test_cli_finetune_fuse_disentangle_report(tmp_path, words):
+    path = TM.tiny_bert(tmp_path / "bert", words)
+    runs = []
+    for task in ("rte", "sst2"):
+        wd = tmp_path / "runs" / task / "lora"
+        cmd = [
+            sys.executable,
+            "-m",
+            "llora_jax.main",
+            "finetune",
+            "--config=configs/minilm.py:tiny",
+            f"--config.task={task}",
+            f"--config.backbone={path}",
+            f"--config.data.data_dir={data_dir()}",
+            f"--workdir={wd}",
+        ]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"task vector: {wd}/task_vector" in out.stdout
+        runs.append(str(wd))
+    from llora_jax import cli_analysis
+
+    res = json.loads(
+        cli_analysis.fuse_runs(runs, ["task_arithmetic"], tmp_path / "fuse").read_text()
+    )
+    entry = res["fusion"]["lora"]["task_arithmetic"]["rte+sst2"]["0"]
+    assert set(entry["test"]) == {"rte", "sst2"} and "lam" in entry["hparams"]
+    assert (tmp_path / "fuse" / "report.md").is_file()
+    # A misspelled config key is refused with a suggestion.
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llora_jax.main",
+            "finetune",
+            "--config=configs/minilm.py:tiny",
+            "--config.tsk=rte",
+            f"--workdir={tmp_path / 'bad'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode != 0 and "task" in bad.stderr
+
+
+def test_study_runs_on_tasks_it_has_never_seen(tmp_path, words):
+    """A data directory in the local layout with new task names runs unchanged."""
+    src = data_dir() / "text"
+    new = tmp_path / "data" / "text"
+    for old, name in (("sst2", "reviews"), ("mrpc", "paraphrase_pairs")):
+        (new / name).mkdir(parents=True)
+        for split in ("train", "test"):
+            lines = (src / old / f"{split}.jsonl").read_text().splitlines()[:120]
+            (new / name / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    path = TM.tiny_bert(tmp_path / "bert", words)
+    s = study._load_module(ROOT / "experiments/text_minilm/study.py", "s").get_study("tiny")
+    s.tasks = []  # discover
+    s.methods = ["lora", "l_lora_model"]
+    s.fusion = ["task_arithmetic", "lorahub", "isolation"]
+    s.pairs = [("reviews", "paraphrase_pairs"), ("cola", "reviews")]
+    s.overrides = (("backbone", str(path)), ("data.data_dir", str(tmp_path / "data")))
+    res = json.loads(study.run_study(s, tmp_path / "out").read_text())
+    assert res["tasks"] == ["paraphrase_pairs", "reviews"]
+    for method in s.methods:
+        assert set(res["fusion"][method]) == set(s.fusion)
+        xi = res["disentanglement"][method]["reviews+paraphrase_pairs"]["0"]["xi"]
+        assert xi[1][1] == 0.0  # λ = (0, 0)
+        assert len(res["cosine"][method]["0"]["matrix"]) == 2
+    assert "cola+reviews" not in res["disentanglement"]["lora"]
+    assert (tmp_path / "out" / "report.md").is_file()
+    # Re-running finds every fine-tuning run and every fusion result done.
+    again = json.loads(study.run_study(s, tmp_path / "out").read_text())
+    assert again["fusion"] == res["fusion"]
+    shutil.rmtree(tmp_path / "data")
