@@ -23,8 +23,21 @@ from typing import Any
 import numpy as np
 
 MEASUREMENT_FIELDS = (
-    "name", "area", "config", "device", "versions", "unit", "median", "p10", "p90", "q25",
-    "q75", "n", "derived", "ratios", "error",
+    "name",
+    "area",
+    "config",
+    "device",
+    "versions",
+    "unit",
+    "median",
+    "p10",
+    "p90",
+    "q25",
+    "q75",
+    "n",
+    "derived",
+    "ratios",
+    "error",
 )
 
 
@@ -34,8 +47,16 @@ def stats(samples: list[float] | np.ndarray) -> dict[str, float]:
     if x.size == 0:
         return {"median": None, "p10": None, "p90": None, "q25": None, "q75": None, "n": 0}
     q = np.percentile(x, [10, 25, 50, 75, 90])
-    return {"median": float(q[2]), "p10": float(q[0]), "p90": float(q[4]), "q25": float(q[1]),
-            "q75": float(q[3]), "n": int(x.size), "min": float(x.min()), "mean": float(x.mean())}
+    return {
+        "median": float(q[2]),
+        "p10": float(q[0]),
+        "p90": float(q[4]),
+        "q25": float(q[1]),
+        "q75": float(q[3]),
+        "n": int(x.size),
+        "min": float(x.min()),
+        "mean": float(x.mean()),
+    }
 
 
 def time_repeated(
@@ -74,8 +95,12 @@ def jax_device() -> dict[str, Any]:
 
     devs = jax.devices()
     d = devs[0]
-    return {"platform": d.platform, "kind": getattr(d, "device_kind", str(d)),
-            "count": len(devs), "backend": jax.default_backend()}
+    return {
+        "platform": d.platform,
+        "kind": getattr(d, "device_kind", str(d)),
+        "count": len(devs),
+        "backend": jax.default_backend(),
+    }
 
 
 def device_label(dev: dict[str, Any]) -> str:
@@ -113,8 +138,12 @@ def measurement(
 class Recorder:
     """Collects measurements; rewrites ``path`` (JSON) after each one so a killed run keeps them."""
 
-    def __init__(self, path: str | os.PathLike | None = None, device: dict | None = None,
-                 deadline: float | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        device: dict | None = None,
+        deadline: float | None = None,
+    ):
         """``deadline``: a ``time.time()`` after which remaining measurements are skipped."""
         self.path = Path(path) if path else None
         self.device = device
@@ -134,7 +163,8 @@ class Recorder:
                 yield
             finally:
                 self.area_wall_s[area] = self.area_wall_s.get(area, 0.0) + (
-                    time.perf_counter() - t0)
+                    time.perf_counter() - t0
+                )
                 self.flush()
 
         return cm()
@@ -153,13 +183,15 @@ class Recorder:
         self.flush()
         return m
 
-    def guard(self, name: str, area: str, config: dict, fn: Callable[[], None]) -> None:
-        """Run ``fn``; on an exception (or when over budget) record a failed measurement."""
+    def guard(
+        self, name: str, area: str, config: dict, fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        """``fn(*args, **kwargs)``; on an exception (or when over budget) record a failure."""
         if self.over_budget():
             self.add(measurement(name, area, config, error="skipped: time budget exhausted"))
-            return
+            return None
         try:
-            fn()
+            return fn(*args, **kwargs)
         except Exception:  # noqa: BLE001  (one failed config must not end the run)
             self.add(measurement(name, area, config, error=traceback.format_exc(limit=6)))
 

@@ -67,8 +67,11 @@ def vit_desc(vc: Any, n_classes: int, projection_dim: int) -> Desc:
     d, f, h = vc.hidden_size, vc.intermediate_size, vc.num_heads
     patches = (vc.image_size // vc.patch_size) ** 2
     n = patches + 1
-    dense = [Dense("patch", patches, vc.patch_size**2 * vc.num_channels, d, dx_adapter=False,
-                   dx_full=False)]
+    dense = [
+        Dense(
+            "patch", patches, vc.patch_size**2 * vc.num_channels, d, dx_adapter=False, dx_full=False
+        )
+    ]
     attn = []
     for i in range(vc.num_layers):
         first = i == 0
@@ -104,8 +107,9 @@ def t5_desc(spec: Any, input_len: int, target_len: int, candidates: int = 1) -> 
     for i in range(spec.num_decoder_layers):
         first = i == 0
         for nm in ("q", "k", "v"):
-            dense.append(Dense(f"dec{i}/self_{nm}", t, d, inner, lora=nm in "qv",
-                               dx_adapter=not first))
+            dense.append(
+                Dense(f"dec{i}/self_{nm}", t, d, inner, lora=nm in "qv", dx_adapter=not first)
+            )
         dense.append(Dense(f"dec{i}/self_o", t, inner, d))
         attn.append(Attn(t, target_len, inner))  # each candidate attends to itself
         dense.append(Dense(f"dec{i}/cross_q", t, d, inner, lora=True))
@@ -136,8 +140,9 @@ def forward_flops(desc: Desc, rank: int = 0, adapters: bool = True) -> float:
     return total
 
 
-def train_flops(desc: Desc, method: str, batch: int, rank: int, n_trainable: int
-                ) -> dict[str, float]:
+def train_flops(
+    desc: Desc, method: str, batch: int, rank: int, n_trainable: int
+) -> dict[str, float]:
     """Analytic FLOPs of one train step (forward, backward, optimizer, total)."""
     fwd = bwd = 0.0
     adapters = method in ADAPTER_METHODS
@@ -169,15 +174,24 @@ def train_flops(desc: Desc, method: str, batch: int, rank: int, n_trainable: int
             fwd += att
             bwd += 2 * att
     opt = 12.0 * n_trainable
-    return {"forward": fwd * batch, "backward": bwd * batch, "optimizer": opt,
-            "total": (fwd + bwd) * batch + opt, "per_example": fwd + bwd}
+    return {
+        "forward": fwd * batch,
+        "backward": bwd * batch,
+        "optimizer": opt,
+        "total": (fwd + bwd) * batch + opt,
+        "per_example": fwd + bwd,
+    }
 
 
-def train_bytes(desc: Desc, batch: int, n_frozen: int, frozen_bytes: int, n_trainable: int,
-                act_bytes: int) -> float:
+def train_bytes(
+    desc: Desc, batch: int, n_frozen: int, frozen_bytes: int, n_trainable: int, act_bytes: int
+) -> float:
     """Floor of the bytes one train step moves through device memory (see module doc)."""
-    return (2.0 * n_frozen * frozen_bytes + 40.0 * n_trainable
-            + 2.0 * desc.act_elems * batch * act_bytes)
+    return (
+        2.0 * n_frozen * frozen_bytes
+        + 40.0 * n_trainable
+        + 2.0 * desc.act_elems * batch * act_bytes
+    )
 
 
 # ----------------------------------------------------------------------------- XLA
@@ -193,8 +207,11 @@ def xla_cost(compiled: Any) -> dict[str, float | None]:
         ca = ca[0] if ca else {}
     ca = ca or {}
     get = lambda k: float(ca[k]) if k in ca else None  # noqa: E731
-    return {"flops": get("flops"), "bytes_accessed": get("bytes accessed"),
-            "transcendentals": get("transcendentals")}
+    return {
+        "flops": get("flops"),
+        "bytes_accessed": get("bytes accessed"),
+        "transcendentals": get("transcendentals"),
+    }
 
 
 def compiled_memory(compiled: Any) -> dict[str, int | None]:
@@ -223,8 +240,9 @@ def compiled_memory(compiled: Any) -> dict[str, int | None]:
     return out
 
 
-def matmul_peak(n: int = 8192, dtype: str = "bfloat16", repeats: int = 20,
-                warmup: int = 3) -> dict[str, Any]:
+def matmul_peak(
+    n: int = 8192, dtype: str = "bfloat16", repeats: int = 20, warmup: int = 3
+) -> dict[str, Any]:
     """Median FLOP/s of an n³ ``jnp.dot`` on random inputs (default device, default precision)."""
     import jax
     import jax.numpy as jnp
@@ -247,8 +265,14 @@ def matmul_peak(n: int = 8192, dtype: str = "bfloat16", repeats: int = 20,
     samples = time_repeated(once, jax.block_until_ready, warmup=warmup, repeats=repeats)
     s = stats(samples)
     flops = 2.0 * n**3
-    return {"samples": samples, "flops": flops, "flop_per_s": flops / s["median"],
-            "setup_s": time.perf_counter() - t0, "n": n, "dtype": dtype}
+    return {
+        "samples": samples,
+        "flops": flops,
+        "flop_per_s": flops / s["median"],
+        "setup_s": time.perf_counter() - t0,
+        "n": n,
+        "dtype": dtype,
+    }
 
 
 def num_params(tree: Any) -> int:

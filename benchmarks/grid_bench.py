@@ -77,8 +77,9 @@ def _eval_flops(b: MD.Built, rank: int, n_examples: int) -> float:
     if b.model == "clip":
         desc = FL.vit_desc(b.module.vision, MD.N_CLASSES, b.module.projection_dim)
     else:
-        desc = FL.t5_desc(b.module.spec, b.shapes.input_len, b.shapes.target_len,
-                          candidates=len(MD.LABEL_WORDS))
+        desc = FL.t5_desc(
+            b.module.spec, b.shapes.input_len, b.shapes.target_len, candidates=len(MD.LABEL_WORDS)
+        )
     return FL.forward_flops(desc, rank) * n_examples
 
 
@@ -93,23 +94,31 @@ def run(models: list[str], rec: Recorder, *, tiny: bool, settings: GridSettings)
             spec = MD.lora_spec(model, method, dropout=0.0)
             phi0 = M.init_trainable(b.tm, spec, jax.random.key(0))[1]
             taus = MD.random_task_vectors(phi0, 2, seed=1, scale=st.tau_scale)
-            base_cfg = {"model": model, "method": method, "precision": st.precision,
-                        "n_examples": st.n_examples, "eval_batch": st.eval_batch,
-                        "chunk": st.chunk, "n_task_vectors": 2}
+            base_cfg = {
+                "model": model,
+                "method": method,
+                "precision": st.precision,
+                "n_examples": st.n_examples,
+                "eval_batch": st.eval_batch,
+                "chunk": st.chunk,
+                "n_task_vectors": 2,
+            }
             flops_per_model = _eval_flops(b, spec.lora.rank, st.n_examples)
             batched: dict[int, np.ndarray] = {}
             ev = E.GridEvaluator(b.tm, spec, st.eval_batch, st.chunk)
             for k in st.ks:
-                lam = pick_lambdas(k, st.grid_size)
                 name = f"grid/{model}/{method}/batched/K{k}"
                 cfg = {**base_cfg, "K": k, "path": "batched"}
-                rec.guard(name, AREA, cfg, lambda k=k, lam=lam, name=name, cfg=cfg: batched.update(
-                    {k: _time_batched(ev, phi0, taus, lam, arrays, st, rec, name, cfg,
-                                      flops_per_model)}))
-            rec.guard(f"grid/{model}/{method}/one_at_a_time", AREA, base_cfg,
-                      lambda: preds_out.update(_time_single(
-                          b, spec, phi0, taus, arrays, st, rec, base_cfg, batched,
-                          flops_per_model)))
+                lam = pick_lambdas(k, st.grid_size)
+                args = (ev, phi0, taus, lam, arrays, st, rec, name, cfg, flops_per_model)
+                p = rec.guard(name, AREA, cfg, _time_batched, *args)
+                if p is not None:
+                    batched[k] = p
+            args = (b, spec, phi0, taus, arrays, st, rec, base_cfg, batched, flops_per_model)
+            single = rec.guard(
+                f"grid/{model}/{method}/one_at_a_time", AREA, base_cfg, _time_single, *args
+            )
+            preds_out.update(single or {})
             for k, p in batched.items():
                 preds_out[f"{model}/{method}/batched/K{k}"] = p
     return preds_out
@@ -127,13 +136,23 @@ def _time_batched(ev, phi0, taus, lam, arrays, st, rec, name, cfg, flops_per_mod
         samples.append(time.perf_counter() - t0)
     med = float(np.median(samples))
     k = len(lam)
-    rec.add(measurement(name, AREA, cfg, samples, derived={
-        "models_per_s": k / med, "seconds_per_model": med / k,
-        "model_examples_per_s": k * st.n_examples / med,
-        "flops_analytic": flops_per_model * k,
-        "achieved_flop_per_s": flops_per_model * k / med, "compile_s": compile_s,
-        "linear_shortcut": ev.linear,
-    }))
+    rec.add(
+        measurement(
+            name,
+            AREA,
+            cfg,
+            samples,
+            derived={
+                "models_per_s": k / med,
+                "seconds_per_model": med / k,
+                "model_examples_per_s": k * st.n_examples / med,
+                "flops_analytic": flops_per_model * k,
+                "achieved_flop_per_s": flops_per_model * k / med,
+                "compile_s": compile_s,
+                "linear_shortcut": ev.linear,
+            },
+        )
+    )
     return preds
 
 
@@ -145,8 +164,15 @@ def _time_single(b, spec, phi0, taus, arrays, st, rec, base_cfg, batched, flops_
     n_sub = min(max(st.ks), st.one_at_a_time)
     sub = pick_lambdas(n_sub, st.grid_size)  # the same rows as batched K = n_sub
     t0 = time.perf_counter()
-    E.predict(tm, spec, merge(phi0, stacked, jnp.asarray(sub[0])), phi0,
-              _take(arrays, st.eval_batch), st.eval_batch, predict_fn=fn)  # compile
+    E.predict(
+        tm,
+        spec,
+        merge(phi0, stacked, jnp.asarray(sub[0])),
+        phi0,
+        _take(arrays, st.eval_batch),
+        st.eval_batch,
+        predict_fn=fn,
+    )  # compile
     compile_s = time.perf_counter() - t0
     samples, preds = [], []
     for lam in sub:
@@ -163,71 +189,106 @@ def _time_single(b, spec, phi0, taus, arrays, st, rec, base_cfg, batched, flops_
         common = [i for i, lk in enumerate(lam_k) if any(np.array_equal(lk, s) for s in sub)]
         agree = None
         if ref is not None and common:
-            mine = np.stack([preds[next(j for j, s in enumerate(sub) if np.array_equal(s, lam_k[i]))]
-                             for i in common])
+            mine = np.stack(
+                [
+                    preds[next(j for j, s in enumerate(sub) if np.array_equal(s, lam_k[i]))]
+                    for i in common
+                ]
+            )
             agree = float(np.mean(mine == ref[common]))
         cfg = {**base_cfg, "K": k, "path": "one_at_a_time", "timed_models": n_sub}
-        rec.add(measurement(f"grid/{b.model}/{spec.method}/one_at_a_time/K{k}", AREA, cfg,
-                            samples, derived={
-            "models_per_s": 1.0 / per_model, "seconds_per_model": per_model,
-            "total_s_estimate": per_model * k, "extrapolated": k > n_sub,
-            "timed_models": n_sub, "compile_s": compile_s,
-            "achieved_flop_per_s": flops_per_model / per_model,
-            "agreement_with_batched": agree, "compared_models": len(common),
-            # How much the merged models differ (a grid of identical models proves little).
-            "distinct_prediction_rows": int(len(np.unique(preds, axis=0))),
-            "distinct_predictions": int(len(np.unique(preds))),
-        }))
-    return {f"{b.model}/{spec.method}/one_at_a_time": preds, f"{b.model}/{spec.method}/lambdas":
-            sub}
+        rec.add(
+            measurement(
+                f"grid/{b.model}/{spec.method}/one_at_a_time/K{k}",
+                AREA,
+                cfg,
+                samples,
+                derived={
+                    "models_per_s": 1.0 / per_model,
+                    "seconds_per_model": per_model,
+                    "total_s_estimate": per_model * k,
+                    "extrapolated": k > n_sub,
+                    "timed_models": n_sub,
+                    "compile_s": compile_s,
+                    "achieved_flop_per_s": flops_per_model / per_model,
+                    "agreement_with_batched": agree,
+                    "compared_models": len(common),
+                    # How much the merged models differ (a grid of identical models proves little).
+                    "distinct_prediction_rows": int(len(np.unique(preds, axis=0))),
+                    "distinct_predictions": int(len(np.unique(preds))),
+                },
+            )
+        )
+    return {
+        f"{b.model}/{spec.method}/one_at_a_time": preds,
+        f"{b.model}/{spec.method}/lambdas": sub,
+    }
 
 
 # ----------------------------------------------------------------------------- disentanglement
 
 
-def run_disentangle(rec: Recorder, *, tiny: bool, settings: GridSettings, model: str = "t5"
-                    ) -> dict:
+def run_disentangle(
+    rec: Recorder, *, tiny: bool, settings: GridSettings, model: str = "t5"
+) -> dict:
     """Wall time of the G×G disentanglement grid on two datasets of ``dis_examples`` each."""
     st = settings
     out = {}
     b = MD.build(model, st.precision, "lora", tiny=tiny)
-    data = [MD.synthetic_arrays(model, st.dis_examples, b.shapes, b.config, seed=s)
-            for s in (11, 12)]
-    g = lambda_grid(st.grid_size)
-    G = len(g)
-    joint = joint_lambdas(G)
-    zeros = np.zeros_like(g)
-    singles = (np.stack([g, zeros], 1), np.stack([zeros, g], 1))
+    data = [
+        MD.synthetic_arrays(model, st.dis_examples, b.shapes, b.config, seed=s) for s in (11, 12)
+    ]
+    G = st.grid_size
     for method in st.dis_methods:
         spec = MD.lora_spec(model, method, dropout=0.0)
         phi0 = M.init_trainable(b.tm, spec, jax.random.key(0))[1]
         taus = MD.random_task_vectors(phi0, 2, seed=2, scale=st.tau_scale)
         name = f"disentangle/{model}/{method}/G{G}"
-        cfg = {"model": model, "method": method, "precision": st.precision, "G": G,
-               "n_examples_per_dataset": st.dis_examples, "batch": st.dis_batch,
-               "chunk": st.dis_chunk}
+        cfg = {
+            "model": model,
+            "method": method,
+            "precision": st.precision,
+            "G": G,
+            "n_examples_per_dataset": st.dis_examples,
+            "batch": st.dis_batch,
+            "chunk": st.dis_chunk,
+        }
 
-        def go(spec=spec, phi0=phi0, taus=taus, name=name, cfg=cfg):
-            ev = E.GridEvaluator(b.tm, spec, st.dis_batch, st.dis_chunk)
-            t0 = time.perf_counter()
-            for lam in (joint, singles[0]):  # compile both program shapes
-                ev.predict(phi0, phi0, taus, lam, _take(data[0], st.dis_batch))
-            compile_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            xi = np.zeros((G, G))
-            for axis, arr in enumerate(data):
-                pj = ev.predict(phi0, phi0, taus, joint, arr).reshape(G, G, -1)
-                ps = ev.predict(phi0, phi0, taus, singles[axis], arr)
-                ref = ps[:, None, :] if axis == 0 else ps[None, :, :]
-                xi += np.mean(pj != ref, axis=-1)
-            wall = time.perf_counter() - t0
-            n_models = 2 * (G * G + G)
-            rec.add(measurement(name, AREA_DIS, cfg, [wall], derived={
-                "wall_s": wall, "compile_s": compile_s, "models_evaluated": n_models,
-                "models_per_s": n_models / wall, "xi_mean": float(xi.mean()),
-                "xi_shape": list(xi.shape),
-            }))
+        xi = rec.guard(
+            name, AREA_DIS, cfg, _time_disentangle, b, spec, phi0, taus, data, st, rec, name, cfg
+        )
+        if xi is not None:
             out[name] = xi
-
-        rec.guard(name, AREA_DIS, cfg, go)
     return out
+
+
+def _time_disentangle(b, spec, phi0, taus, data, st, rec, name, cfg) -> np.ndarray:
+    g = lambda_grid(st.grid_size)
+    G = len(g)
+    joint = joint_lambdas(G)
+    zeros = np.zeros_like(g)
+    singles = (np.stack([g, zeros], 1), np.stack([zeros, g], 1))
+    ev = E.GridEvaluator(b.tm, spec, st.dis_batch, st.dis_chunk)
+    t0 = time.perf_counter()
+    for lam in (joint, singles[0]):  # compile both program shapes
+        ev.predict(phi0, phi0, taus, lam, _take(data[0], st.dis_batch))
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    xi = np.zeros((G, G))
+    for axis, arr in enumerate(data):  # as disentangle.disentanglement_error does
+        pj = ev.predict(phi0, phi0, taus, joint, arr).reshape(G, G, -1)
+        ps = ev.predict(phi0, phi0, taus, singles[axis], arr)
+        ref = ps[:, None, :] if axis == 0 else ps[None, :, :]
+        xi += np.mean(pj != ref, axis=-1)
+    wall = time.perf_counter() - t0
+    n_models = 2 * (G * G + G)
+    derived = {
+        "wall_s": wall,
+        "compile_s": compile_s,
+        "models_evaluated": n_models,
+        "models_per_s": n_models / wall,
+        "xi_mean": float(xi.mean()),
+        "xi_shape": list(xi.shape),
+    }
+    rec.add(measurement(name, AREA_DIS, cfg, [wall], derived=derived))
+    return xi

@@ -49,14 +49,32 @@ def hf_config(model: str, tiny: bool = False) -> Any:
 
     if model == "clip":
         if tiny:
-            vision_cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              patch_size=8, image_size=32, intermediate_size=64)
-            text_cfg = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                            intermediate_size=64, vocab_size=64, max_position_embeddings=16)
+            vision_cfg = dict(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                patch_size=8,
+                image_size=32,
+                intermediate_size=64,
+            )
+            text_cfg = dict(
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                intermediate_size=64,
+                vocab_size=64,
+                max_position_embeddings=16,
+            )
             full = CLIPConfig(vision_config=vision_cfg, text_config=text_cfg, projection_dim=16)
         else:
-            vision_cfg = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                              patch_size=16, image_size=224, intermediate_size=3072)
+            vision_cfg = dict(
+                hidden_size=768,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                patch_size=16,
+                image_size=224,
+                intermediate_size=3072,
+            )
             full = CLIPConfig(vision_config=vision_cfg, projection_dim=512)
         vc = full.vision_config
         vc.projection_dim = full.projection_dim
@@ -64,13 +82,33 @@ def hf_config(model: str, tiny: bool = False) -> Any:
         return vc
     if model == "t5":
         if tiny:
-            dims = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
-                        num_heads=4, vocab_size=128)
+            dims = dict(
+                d_model=32,
+                d_kv=8,
+                d_ff=64,
+                num_layers=1,
+                num_decoder_layers=1,
+                num_heads=4,
+                vocab_size=128,
+            )
         else:
-            dims = dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12,
-                        num_heads=12, vocab_size=32128)
-        return T5Config(**dims, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+            dims = dict(
+                d_model=768,
+                d_kv=64,
+                d_ff=2048,
+                num_layers=12,
+                num_decoder_layers=12,
+                num_heads=12,
+                vocab_size=32128,
+            )
+        return T5Config(
+            **dims,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
     raise ValueError(f"unknown benchmark model {model!r}; valid: {', '.join(MODELS)}")
 
 
@@ -103,8 +141,16 @@ def init_params(model: str, config: Any, seed: int = 0) -> Any:
 
 
 def cast(tree: Any, dtype: Any) -> Any:
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-                        else x, tree)
+    """Floating leaves cast to ``dtype`` (abstract ``ShapeDtypeStruct`` leaves too)."""
+
+    def one(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype)
+        return x.astype(dtype)
+
+    return jax.tree.map(one, tree)
 
 
 # ----------------------------------------------------------------------------- task models
@@ -120,13 +166,22 @@ def clip_task_model(module: Any, params: Any, image_size: int, seed: int = 1) ->
     def readout(call, batch, head, train):
         pixels = vision.preprocess_on_device(batch["image"], image_size, normalized=True)
         emb = call(pixels, method="encode_image", deterministic=not train)
-        return {"logits": clip.zeroshot_logits(emb.astype(jnp.float32), head["classes"],
-                                               head["logit_scale"])}
+        return {
+            "logits": clip.zeroshot_logits(
+                emb.astype(jnp.float32), head["classes"], head["logit_scale"]
+            )
+        }
 
-    return M.TaskModel(module=module, params=params, readout=readout,
-                       loss=M.classification_loss, predict=M.argmax_predict, head=head,
-                       base_model="bench/clip-vit-b16-random",
-                       full_ft_targets=(r"^vision_model/",))
+    return M.TaskModel(
+        module=module,
+        params=params,
+        readout=readout,
+        loss=M.classification_loss,
+        predict=M.argmax_predict,
+        head=head,
+        base_model="bench/clip-vit-b16-random",
+        full_ft_targets=(r"^vision_model/",),
+    )
 
 
 class _WordTokenizer:
@@ -163,25 +218,30 @@ def task_model(model: str, module: Any, params: Any, shapes: Shapes) -> M.TaskMo
     return t5_task_model(module, params, shapes.target_len)
 
 
-def lora_spec(model: str, method: str, dropout: float = 0.1, rank: int = 16,
-              alpha: float = 32.0) -> M.AdapterSpec:
+def lora_spec(
+    model: str, method: str, dropout: float = 0.1, rank: int = 16, alpha: float = 32.0
+) -> M.AdapterSpec:
     """r 16, α 32 on q and v (the backbone's DEFAULT_LORA_TARGETS), as in the paper."""
     targets = backbone_module(model).DEFAULT_LORA_TARGETS
-    return M.AdapterSpec(method, ad.LoraConfig(rank=rank, alpha=alpha, dropout=dropout,
-                                               targets=targets))
+    return M.AdapterSpec(
+        method, ad.LoraConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets)
+    )
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def synthetic_arrays(model: str, n: int, shapes: Shapes, config: Any, seed: int = 0
-                     ) -> dict[str, np.ndarray]:
+def synthetic_arrays(
+    model: str, n: int, shapes: Shapes, config: Any, seed: int = 0
+) -> dict[str, np.ndarray]:
     """``n`` random examples with the fields the readout needs (never all zeros)."""
     rng = np.random.default_rng(seed)
     if model == "clip":
         s = shapes.image_size
-        return {"image": rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8),
-                "label": rng.integers(0, N_CLASSES, n).astype(np.int32)}
+        return {
+            "image": rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8),
+            "label": rng.integers(0, N_CLASSES, n).astype(np.int32),
+        }
     vocab = config.vocab_size
     ids = rng.integers(2, vocab, (n, shapes.input_len)).astype(np.int32)
     # Ragged inputs: each row keeps at least half its tokens, the rest is padding.
@@ -191,8 +251,13 @@ def synthetic_arrays(model: str, n: int, shapes: Shapes, config: Any, seed: int 
     words = _WordTokenizer(vocab)(list(LABEL_WORDS), shapes.target_len)
     labels = words["input_ids"][label].astype(np.int32)
     dmask = words["attention_mask"][label].astype(np.int32)
-    return {"input_ids": ids * mask, "attention_mask": mask, "labels": labels,
-            "decoder_attention_mask": dmask, "label": label}
+    return {
+        "input_ids": ids * mask,
+        "attention_mask": mask,
+        "labels": labels,
+        "decoder_attention_mask": dmask,
+        "label": label,
+    }
 
 
 def with_weight(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -213,8 +278,15 @@ class Built:
     tm: M.TaskModel
 
 
-def build(model: str, precision: str, method: str, *, tiny: bool, params_f32: Any = None,
-          config: Any = None) -> Built:
+def build(
+    model: str,
+    precision: str,
+    method: str,
+    *,
+    tiny: bool,
+    params_f32: Any = None,
+    config: Any = None,
+) -> Built:
     """Module + params (+ task model) for one (model, precision, method)."""
     config = config if config is not None else hf_config(model, tiny)
     shapes = TINY_SHAPES if tiny else REAL_SHAPES
@@ -222,8 +294,9 @@ def build(model: str, precision: str, method: str, *, tiny: bool, params_f32: An
     module = backbone_module(model).module_from_hf_config(config, dtype=dt, param_dtype=pdt)
     p32 = params_f32 if params_f32 is not None else init_params(model, config)
     params = p32 if pdt == jnp.float32 else cast(p32, pdt)
-    return Built(model, precision, config, shapes, module, params,
-                 task_model(model, module, params, shapes))
+    return Built(
+        model, precision, config, shapes, module, params, task_model(model, module, params, shapes)
+    )
 
 
 def random_task_vectors(phi0: Any, n: int, seed: int = 0, scale: float = 1.0) -> list[Any]:
@@ -233,7 +306,9 @@ def random_task_vectors(phi0: Any, n: int, seed: int = 0, scale: float = 1.0) ->
         key = jax.random.key(seed * 1000 + i)
         leaves, treedef = jax.tree.flatten(phi0)
         keys = jax.random.split(key, len(leaves))
-        tau = [scale * 0.02 * jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype)
-               for k, x in zip(keys, leaves)]
+        tau = [
+            scale * 0.02 * jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype)
+            for k, x in zip(keys, leaves)
+        ]
         out.append(jax.tree.unflatten(treedef, tau))
     return out

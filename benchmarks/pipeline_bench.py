@@ -38,45 +38,80 @@ def _rate(it, n: int, sync=lambda b: b) -> list[float]:
     return samples
 
 
-def run(models: list[str], rec: Recorder, *, tiny: bool, batch: int, n_batches: int,
-        runners: dict[str, Any] | None = None, num_workers: int = 0) -> None:
+def run(
+    models: list[str],
+    rec: Recorder,
+    *,
+    tiny: bool,
+    batch: int,
+    n_batches: int,
+    runners: dict[str, Any] | None = None,
+    num_workers: int = 0,
+) -> None:
     runners = runners or {}
     shapes = MD.TINY_SHAPES if tiny else MD.REAL_SHAPES
     for model in models:
         config = MD.hf_config(model, tiny)
         arrays = MD.synthetic_arrays(model, 4 * batch, shapes, config, seed=7)
-        cfg = {"model": model, "batch": batch, "n_batches": n_batches,
-               "num_workers": num_workers, "rows": 4 * batch}
+        cfg = {
+            "model": model,
+            "batch": batch,
+            "n_batches": n_batches,
+            "num_workers": num_workers,
+            "rows": 4 * batch,
+        }
         host: dict[str, float] = {}
-
-        def host_rate(model=model, arrays=arrays, cfg=cfg):
-            it = data.batches(arrays, batch, seed=0, epochs=None, num_workers=num_workers)
-            next(it)
-            s = _rate(it, n_batches)
-            host["host"] = 1.0 / float(np.median(s))
-            rec.add(measurement(f"pipeline/{model}/host", AREA, {**cfg, "stage": "host"}, s,
-                                derived={"batches_per_s": host["host"],
-                                         "examples_per_s": batch * host["host"]}))
-
-        def prefetch_rate(model=model, arrays=arrays, cfg=cfg):
-            it = data.prefetch_to_device(
-                data.batches(arrays, batch, seed=0, epochs=None, num_workers=num_workers), 2)
-            next(it)
-            s = _rate(it, n_batches, jax.block_until_ready)
-            host["prefetch"] = 1.0 / float(np.median(s))
-            rec.add(measurement(f"pipeline/{model}/prefetch", AREA, {**cfg, "stage": "prefetch"},
-                                s, derived={"batches_per_s": host["prefetch"],
-                                            "examples_per_s": batch * host["prefetch"]}))
-
-        rec.guard(f"pipeline/{model}/host", AREA, cfg, host_rate)
-        rec.guard(f"pipeline/{model}/prefetch", AREA, cfg, prefetch_rate)
-        runner = next((r for r in runners.values()
-                       if r.case.model == model and r.case.batch == batch), None)
+        for stage in ("host", "prefetch"):
+            rate = rec.guard(
+                f"pipeline/{model}/{stage}",
+                AREA,
+                cfg,
+                _stage_rate,
+                stage,
+                model,
+                arrays,
+                cfg,
+                rec,
+                batch,
+                n_batches,
+                num_workers,
+            )
+            if rate is not None:
+                host[stage] = rate
+        runner = next(
+            (r for r in runners.values() if r.case.model == model and r.case.batch == batch), None
+        )
         if runner is not None:
-            rec.guard(f"pipeline/{model}/e2e", AREA, cfg,
-                      lambda m=model, a=arrays, c=cfg, r=runner: _e2e(m, a, c, r, rec, batch,
-                                                                       n_batches, host,
-                                                                       num_workers))
+            rec.guard(
+                f"pipeline/{model}/e2e",
+                AREA,
+                cfg,
+                _e2e,
+                model,
+                arrays,
+                cfg,
+                runner,
+                rec,
+                batch,
+                n_batches,
+                host,
+                num_workers,
+            )
+
+
+def _stage_rate(stage, model, arrays, cfg, rec, batch, n_batches, num_workers) -> float:
+    it = data.batches(arrays, batch, seed=0, epochs=None, num_workers=num_workers)
+    sync = lambda b: b  # noqa: E731
+    if stage == "prefetch":
+        it, sync = data.prefetch_to_device(it, 2), jax.block_until_ready
+    next(it)
+    s = _rate(it, n_batches, sync)
+    rate = 1.0 / float(np.median(s))
+    derived = {"batches_per_s": rate, "examples_per_s": batch * rate}
+    rec.add(
+        measurement(f"pipeline/{model}/{stage}", AREA, {**cfg, "stage": stage}, s, derived=derived)
+    )
+    return rate
 
 
 def _e2e(model, arrays, cfg, runner, rec, batch, n_batches, host, num_workers):
@@ -97,15 +132,27 @@ def _e2e(model, arrays, cfg, runner, rec, batch, n_batches, host, num_workers):
             yield runner.batches[i]
 
     synthetic = timed(device_feed())
-    fed = timed(data.prefetch_to_device(
-        data.batches(arrays, batch, seed=0, epochs=None, num_workers=num_workers), 2))
+    fed = timed(
+        data.prefetch_to_device(
+            data.batches(arrays, batch, seed=0, epochs=None, num_workers=num_workers), 2
+        )
+    )
     step_rate = 1.0 / synthetic
-    derived = {"step_s_synthetic": synthetic, "step_s_pipeline": fed,
-               "steps_per_s_synthetic": step_rate, "steps_per_s_pipeline": 1.0 / fed,
-               "examples_per_s": batch / fed, "train_case": runner.case.name}
-    m = measurement(f"pipeline/{model}/e2e", AREA, {**cfg, "stage": "e2e",
-                                                    "train_case": runner.case.name},
-                    [fed], derived=derived)
+    derived = {
+        "step_s_synthetic": synthetic,
+        "step_s_pipeline": fed,
+        "steps_per_s_synthetic": step_rate,
+        "steps_per_s_pipeline": 1.0 / fed,
+        "examples_per_s": batch / fed,
+        "train_case": runner.case.name,
+    }
+    m = measurement(
+        f"pipeline/{model}/e2e",
+        AREA,
+        {**cfg, "stage": "e2e", "train_case": runner.case.name},
+        [fed],
+        derived=derived,
+    )
     m["ratios"]["slowdown_vs_device_batches"] = fed / synthetic
     for k, v in host.items():
         m["ratios"][f"headroom_{k}"] = v / step_rate

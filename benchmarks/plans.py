@@ -14,8 +14,7 @@ import itertools
 from benchmarks.grid_bench import GridSettings
 from benchmarks.train_bench import TrainCase
 
-AREAS = ("peak", "train", "pipeline", "scaling", "grid", "disentangle", "torch_train",
-         "torch_grid")
+AREAS = ("peak", "train", "pipeline", "scaling", "grid", "disentangle", "torch_train", "torch_grid")
 JAX_AREAS = ("peak", "train", "pipeline", "scaling", "grid", "disentangle")
 TORCH_AREAS = ("torch_train", "torch_grid")
 ALIASES = {"torch": TORCH_AREAS, "all": AREAS, "jax": JAX_AREAS}
@@ -42,6 +41,7 @@ class Plan:
     compile_workers: int = 4
     lora_dropout: float = 0.1
     models: tuple[str, ...] = ("clip", "t5")
+    grid_models: tuple[str, ...] = ("clip", "t5")  # the disentanglement grid is always T5
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -51,13 +51,15 @@ class Plan:
 
 
 def _cross(model, methods, precisions, batches) -> list[TrainCase]:
-    return [TrainCase(model, m, p, b) for b, m, p in itertools.product(batches, methods,
-                                                                       precisions)]
+    return [
+        TrainCase(model, m, p, b) for b, m, p in itertools.product(batches, methods, precisions)
+    ]
 
 
 def _main_matrix(clip_b: int, t5_b: int, extra: dict) -> list[TrainCase]:
-    cases = _cross("clip", METHODS, PRECISIONS, [clip_b]) + _cross("t5", METHODS, PRECISIONS,
-                                                                     [t5_b])
+    cases = _cross("clip", METHODS, PRECISIONS, [clip_b]) + _cross(
+        "t5", METHODS, PRECISIONS, [t5_b]
+    )
     for model, batches in extra.items():
         cases += _cross(model, ("lora", "l_lora"), ("bf16",), batches)
     return cases
@@ -65,41 +67,87 @@ def _main_matrix(clip_b: int, t5_b: int, extra: dict) -> list[TrainCase]:
 
 def make_plan(preset: str) -> Plan:
     if preset == "tiny":
-        train = (_cross("clip", METHODS, ("fp32",), [2]) + _cross("t5", ("lora",), ("bf16",), [2]))
-        torch_train = (_cross("clip", ("lora", "l_lora"), ("fp32",), [2])
-                       + _cross("t5", ("lora",), ("bf16",), [2]))
-        grid = GridSettings(ks=(1, 9), n_examples=6, eval_batch=4, chunk=2, one_at_a_time=3,
-                            methods=("lora", "l_lora_model"), precision="fp32", grid_size=3,
-                            dis_examples=5, dis_batch=4, dis_chunk=3, dis_methods=("l_lora",),
-                            tau_scale=20.0)
-        return Plan("tiny", True, train, torch_train, grid, warmup=1, repeats=3,
-                    torch_repeats=2, peak_n=256, peak_repeats=3,
-                    pipeline_batch={"clip": 2, "t5": 2}, pipeline_batches=3, scaling_batch=2,
-                    compile_workers=1)
+        train = _cross("clip", METHODS, ("fp32",), [2]) + _cross("t5", ("lora",), ("bf16",), [2])
+        torch_train = _cross("clip", ("lora", "l_lora"), ("fp32",), [2]) + _cross(
+            "t5", ("lora",), ("bf16",), [2]
+        )
+        grid = GridSettings(
+            ks=(1, 9),
+            n_examples=6,
+            eval_batch=4,
+            chunk=2,
+            one_at_a_time=3,
+            methods=("lora", "l_lora_model"),
+            precision="fp32",
+            grid_size=3,
+            dis_examples=5,
+            dis_batch=4,
+            dis_chunk=3,
+            dis_methods=("l_lora",),
+            tau_scale=20.0,
+        )
+        return Plan(
+            "tiny",
+            True,
+            train,
+            torch_train,
+            grid,
+            warmup=1,
+            repeats=3,
+            torch_repeats=2,
+            peak_n=256,
+            peak_repeats=3,
+            pipeline_batch={"clip": 2, "t5": 2},
+            pipeline_batches=3,
+            scaling_batch=2,
+            compile_workers=1,
+            grid_models=("clip",),
+        )
     if preset == "quick":
-        train = (_cross("clip", METHODS, ("bf16",), [128]) + _cross("clip", ("lora",), ("bf16",),
-                                                                     [256])
-                 + _cross("t5", ("lora", "l_lora"), ("bf16",), [64]))
-        torch_train = (_cross("clip", ("lora", "l_lora"), ("bf16",), [128])
-                       + _cross("t5", ("lora",), ("bf16",), [64]))
-        grid = GridSettings(ks=(1, 21), n_examples=256, methods=("lora",),
-                            dis_examples=128, dis_methods=("l_lora_model",))
-        return Plan("quick", False, train, torch_train, grid, repeats=10, torch_repeats=5,
-                    pipeline_batches=10)
+        train = (
+            _cross("clip", METHODS, ("bf16",), [128])
+            + _cross("clip", ("lora",), ("bf16",), [256])
+            + _cross("t5", ("lora", "l_lora"), ("bf16",), [64])
+        )
+        torch_train = _cross("clip", ("lora", "l_lora"), ("bf16",), [128]) + _cross(
+            "t5", ("lora",), ("bf16",), [64]
+        )
+        grid = GridSettings(
+            ks=(1, 21),
+            n_examples=256,
+            methods=("lora",),
+            dis_examples=128,
+            dis_methods=("l_lora_model",),
+        )
+        return Plan(
+            "quick",
+            False,
+            train,
+            torch_train,
+            grid,
+            repeats=10,
+            torch_repeats=5,
+            pipeline_batches=10,
+        )
     if preset == "default":
         train = _main_matrix(128, 64, {"clip": [64, 256], "t5": [16, 256]})
-        torch_train = (_cross("clip", ("lora", "l_lora"), PRECISIONS, [128])
-                       + _cross("clip", ("full", "l_lora_model"), ("bf16",), [128])
-                       + _cross("clip", ("lora",), ("bf16",), [256])
-                       + _cross("t5", ("lora", "l_lora"), PRECISIONS, [64])
-                       + _cross("t5", ("full", "l_lora_model"), ("bf16",), [64]))
+        torch_train = (
+            _cross("clip", ("lora", "l_lora"), PRECISIONS, [128])
+            + _cross("clip", ("full", "l_lora_model"), ("bf16",), [128])
+            + _cross("clip", ("lora",), ("bf16",), [256])
+            + _cross("t5", ("lora", "l_lora"), PRECISIONS, [64])
+            + _cross("t5", ("full", "l_lora_model"), ("bf16",), [64])
+        )
         grid = GridSettings()
         return Plan("default", False, train, torch_train, grid)
     if preset == "full":
-        train = (_cross("clip", METHODS, PRECISIONS, [64, 128, 256])
-                 + _cross("t5", METHODS, PRECISIONS, [16, 64, 256]))
-        grid = GridSettings(methods=("lora", "l_lora", "l_lora_model"),
-                            dis_methods=("lora", "l_lora", "l_lora_model"))
+        train = _cross("clip", METHODS, PRECISIONS, [64, 128, 256]) + _cross(
+            "t5", METHODS, PRECISIONS, [16, 64, 256]
+        )
+        grid = GridSettings(
+            methods=("lora", "l_lora", "l_lora_model"),
+            dis_methods=("lora", "l_lora", "l_lora_model"),
+        )
         return Plan("full", False, train, list(train), grid)
     raise ValueError(f"unknown preset {preset!r}; valid: tiny, quick, default, full")
 
@@ -113,8 +161,9 @@ def resolve_areas(only: str | None) -> list[str]:
         names = ALIASES.get(part, (part,))
         for n in names:
             if n not in AREAS:
-                raise ValueError(f"unknown benchmark area {n!r}; valid: "
-                                 f"{', '.join(AREAS + tuple(ALIASES))}")
+                raise ValueError(
+                    f"unknown benchmark area {n!r}; valid: {', '.join(AREAS + tuple(ALIASES))}"
+                )
             if n not in out:
                 out.append(n)
     return out
@@ -124,5 +173,10 @@ def filter_models(plan: Plan, models: list[str] | None) -> Plan:
     if not models:
         return plan
     keep = lambda cases: [c for c in cases if c.model in models]  # noqa: E731
-    return dataclasses.replace(plan, train=keep(plan.train), torch_train=keep(plan.torch_train),
-                               models=tuple(m for m in plan.models if m in models))
+    return dataclasses.replace(
+        plan,
+        train=keep(plan.train),
+        torch_train=keep(plan.torch_train),
+        models=tuple(m for m in plan.models if m in models),
+        grid_models=tuple(m for m in plan.grid_models if m in models),
+    )

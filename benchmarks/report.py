@@ -33,8 +33,16 @@ def finalize(ms: list[dict]) -> list[dict]:
 
     def target(kind: str, name: str, value: float | None, threshold: float, higher: bool):
         ok = None if value is None else (value >= threshold if higher else value <= threshold)
-        targets.append({"target": kind, "text": TARGETS[kind], "name": name, "value": value,
-                        "threshold": threshold, "pass": ok})
+        targets.append(
+            {
+                "target": kind,
+                "text": TARGETS[kind],
+                "name": name,
+                "value": value,
+                "threshold": threshold,
+                "pass": ok,
+            }
+        )
 
     train = [m for m in ms if m["area"] in ("train", "torch_train") and _ok(m)]
     for m in train:
@@ -64,8 +72,7 @@ def finalize(ms: list[dict]) -> list[dict]:
                 m["ratios"]["memory_over_lora"] = pb / rb
             if area == "train" and m["config"]["method"] == "l_lora":
                 target("l_lora_step", m["name"], m["ratios"]["time_over_lora"], 1.15, False)
-                target("l_lora_memory", m["name"], m["ratios"].get("memory_over_lora"), 1.1,
-                       False)
+                target("l_lora_memory", m["name"], m["ratios"].get("memory_over_lora"), 1.1, False)
 
     for m in (m for m in train if m["area"] == "train"):
         t = by_name.get("torch_" + m["name"])
@@ -87,18 +94,26 @@ def finalize(ms: list[dict]) -> list[dict]:
         if _ok(single):
             m["ratios"]["speedup_vs_one_at_a_time"] = single["derived"]["seconds_per_model"] / spm
             if c["K"] > 1:
-                target("batched_grid", m["name"], m["ratios"]["speedup_vs_one_at_a_time"], 10.0,
-                       True)
+                target(
+                    "batched_grid", m["name"], m["ratios"]["speedup_vs_one_at_a_time"], 10.0, True
+                )
         if _ok(torch):
             m["ratios"]["speedup_vs_torch_one_at_a_time"] = (
-                torch["derived"]["seconds_per_model"] / spm)
-    for m in (m for m in grids if m["area"] == "grid" and m["config"].get("path") ==
-              "one_at_a_time" and m["config"]["method"] == "lora"):
+                torch["derived"]["seconds_per_model"] / spm
+            )
+    for m in (
+        m
+        for m in grids
+        if m["area"] == "grid"
+        and m["config"].get("path") == "one_at_a_time"
+        and m["config"]["method"] == "lora"
+    ):
         c = m["config"]
         torch = by_name.get(f"torch_grid/{c['model']}/lora/one_at_a_time/K{c['K']}")
         if _ok(torch):
             m["ratios"]["speedup_vs_torch_one_at_a_time"] = (
-                torch["derived"]["seconds_per_model"] / m["derived"]["seconds_per_model"])
+                torch["derived"]["seconds_per_model"] / m["derived"]["seconds_per_model"]
+            )
 
     for m in ms:
         if m["area"] == "disentangle" and _ok(m):
@@ -106,9 +121,17 @@ def finalize(ms: list[dict]) -> list[dict]:
         if m["area"] == "scaling" and _ok(m) and m["config"].get("n_devices") == 2:
             target("scaling", m["name"], m["ratios"].get("scaling"), 1.8, True)
     if not any(t["target"] == "scaling" for t in targets):
-        targets.append({"target": "scaling", "text": TARGETS["scaling"], "name": None,
-                        "value": None, "threshold": 1.8, "pass": None,
-                        "note": "not measured: fewer than 2 devices (or scaling not run)"})
+        targets.append(
+            {
+                "target": "scaling",
+                "text": TARGETS["scaling"],
+                "name": None,
+                "value": None,
+                "threshold": 1.8,
+                "pass": None,
+                "note": "not measured: fewer than 2 devices (or scaling not run)",
+            }
+        )
     return targets
 
 
@@ -124,10 +147,15 @@ def _fmt_time(s: float | None) -> str:
 def _headline(m: dict) -> str:
     d, r = m["derived"], m["ratios"]
     parts = []
-    for key, fmt in (("examples_per_s", "{:.0f} ex/s"), ("models_per_s", "{:.2f} models/s"),
-                     ("batches_per_s", "{:.1f} batch/s"), ("flop_per_s", "{:.0f} TFLOP/s"),
-                     ("mfu_analytic", "MFU {:.1%}"), ("mfu_xla", "(xla {:.1%})"),
-                     ("peak_bytes", "{:.2f} GiB")):
+    for key, fmt in (
+        ("examples_per_s", "{:.0f} ex/s"),
+        ("models_per_s", "{:.2f} models/s"),
+        ("batches_per_s", "{:.1f} batch/s"),
+        ("flop_per_s", "{:.0f} TFLOP/s"),
+        ("mfu_analytic", "MFU {:.1%}"),
+        ("mfu_xla", "(xla {:.1%})"),
+        ("peak_bytes", "{:.2f} GiB"),
+    ):
         v = d.get(key)
         if v is None:
             continue
@@ -148,18 +176,23 @@ def table(ms: list[dict], targets: list[dict]) -> str:
     lines = [f"{'measurement':<50s} {'median':>10s} {'p10..p90':>21s}  details", "-" * 110]
     for m in ms:
         if m.get("error"):
-            lines.append(f"{m['name']:<50s} {'FAILED':>10s} {'':>21s}  "
-                         f"{m['error'].strip().splitlines()[-1][:60]}")
+            lines.append(
+                f"{m['name']:<50s} {'FAILED':>10s} {'':>21s}  "
+                f"{m['error'].strip().splitlines()[-1][:60]}"
+            )
             continue
         spread = f"{_fmt_time(m['p10'])}..{_fmt_time(m['p90'])}"
-        lines.append(f"{m['name']:<50s} {_fmt_time(m['median']):>10s} {spread:>21s}  "
-                     f"{_headline(m)}")
+        lines.append(
+            f"{m['name']:<50s} {_fmt_time(m['median']):>10s} {spread:>21s}  {_headline(m)}"
+        )
     lines += ["", "targets:"]
     for t in targets:
         mark = {True: "PASS", False: "MISS", None: "n/a "}[t["pass"]]
         val = "-" if t["value"] is None else f"{t['value']:.3g}"
-        lines.append(f"  [{mark}] {t['text']}: {t['name'] or t.get('note', '')} = {val}"
-                     f" (threshold {t['threshold']})")
+        lines.append(
+            f"  [{mark}] {t['text']}: {t['name'] or t.get('note', '')} = {val}"
+            f" (threshold {t['threshold']})"
+        )
     return "\n".join(lines)
 
 

@@ -32,17 +32,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--tiny", action="store_true", help="tiny random models (CPU tests)")
     size.add_argument("--quick", action="store_true", help="a few configs, ~3 minutes on a GPU")
-    size.add_argument("--full", action="store_true",
-                      help="the whole matrix (run it in parts with --only/--models)")
+    size.add_argument(
+        "--full",
+        action="store_true",
+        help="the whole matrix (run it in parts with --only/--models)",
+    )
     p.add_argument("--only", default=None, help=f"comma list of areas: {', '.join(P.AREAS)}")
     p.add_argument("--models", default=None, help="comma list: clip,t5")
     p.add_argument("--out", default="benchmarks/results", help="output folder")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per config")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per config")
-    p.add_argument("--compile-workers", type=int, default=None,
-                   help="threads compiling train steps concurrently")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="skip what is left after this many seconds (the run still writes)")
+    p.add_argument(
+        "--compile-workers",
+        type=int,
+        default=None,
+        help="threads compiling train steps concurrently",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="skip what is left after this many seconds (the run still writes)",
+    )
     p.add_argument("--inprocess", action="store_true", help="no subprocesses (tests, debugging)")
     p.add_argument("--worker", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)
@@ -86,38 +97,71 @@ def run_jax(plan: P.Plan, areas: list[str], rec: Recorder) -> None:
 
             def go(dtype=dtype, name=name, cfg=cfg):
                 r = FL.matmul_peak(plan.peak_n, dtype, plan.peak_repeats)
-                rec.add(measurement(name, "peak", cfg, r["samples"], derived={
-                    "flop_per_s": r["flop_per_s"], "flops": r["flops"]}))
+                rec.add(
+                    measurement(
+                        name,
+                        "peak",
+                        cfg,
+                        r["samples"],
+                        derived={"flop_per_s": r["flop_per_s"], "flops": r["flops"]},
+                    )
+                )
 
             with area("peak"):
                 rec.guard(name, "peak", cfg, go)
     keep: tuple[str, ...] = ()
     if "pipeline" in areas:  # the lora step at the pipeline's batch size feeds the e2e rate
         for m in plan.models:
-            cands = sorted((c for c in plan.train if c.model == m and c.method == "lora"
-                            and c.batch == plan.pipeline_batch[m]), key=lambda c: c.precision)
+            cands = sorted(
+                (
+                    c
+                    for c in plan.train
+                    if c.model == m and c.method == "lora" and c.batch == plan.pipeline_batch[m]
+                ),
+                key=lambda c: c.precision,
+            )
             keep += tuple(c.name for c in cands[:1])
     kept = {}
     if "train" in areas and plan.train:
         with area("train"):
-            kept = TB.run(plan.train, rec, tiny=plan.tiny, warmup=plan.warmup, repeats=plan.repeats,
-                          compile_workers=plan.compile_workers,
-                          lora_dropout=plan.lora_dropout, keep=keep)
+            kept = TB.run(
+                plan.train,
+                rec,
+                tiny=plan.tiny,
+                warmup=plan.warmup,
+                repeats=plan.repeats,
+                compile_workers=plan.compile_workers,
+                lora_dropout=plan.lora_dropout,
+                keep=keep,
+            )
     if "pipeline" in areas:
         for m in plan.models:
             with area("pipeline"):
-                PB.run([m], rec, tiny=plan.tiny, batch=plan.pipeline_batch[m],
-                       n_batches=plan.pipeline_batches, runners=kept)
+                PB.run(
+                    [m],
+                    rec,
+                    tiny=plan.tiny,
+                    batch=plan.pipeline_batch[m],
+                    n_batches=plan.pipeline_batches,
+                    runners=kept,
+                )
     kept.clear()
     if "scaling" in areas and plan.scaling_model in plan.models:
         with area("scaling"):
-            SB.run(rec, tiny=plan.tiny, model=plan.scaling_model, method="lora",
-                   precision="fp32" if plan.tiny else "bf16",
-                   per_device_batch=plan.scaling_batch, warmup=plan.warmup,
-                   repeats=plan.repeats, lora_dropout=plan.lora_dropout)
+            SB.run(
+                rec,
+                tiny=plan.tiny,
+                model=plan.scaling_model,
+                method="lora",
+                precision="fp32" if plan.tiny else "bf16",
+                per_device_batch=plan.scaling_batch,
+                warmup=plan.warmup,
+                repeats=plan.repeats,
+                lora_dropout=plan.lora_dropout,
+            )
     if "grid" in areas:
         with area("grid"):
-            GB.run(list(plan.models), rec, tiny=plan.tiny, settings=plan.grid)
+            GB.run(list(plan.grid_models), rec, tiny=plan.tiny, settings=plan.grid)
     if "disentangle" in areas and "t5" in plan.models:
         with area("disentangle"):
             GB.run_disentangle(rec, tiny=plan.tiny, settings=plan.grid)
@@ -131,18 +175,27 @@ def run_torch(plan: P.Plan, areas: list[str], rec: Recorder) -> None:
 
         if plan.tiny:  # tiny CPU runs: one thread avoids fighting JAX's threads for cores
             torch.set_num_threads(1)
-        rec.device = {"platform": "cuda" if torch.cuda.is_available() else "cpu",
-                      "kind": torch.cuda.get_device_name() if torch.cuda.is_available()
-                      else "cpu", "count": torch.cuda.device_count(), "backend": "torch"}
+        rec.device = {
+            "platform": "cuda" if torch.cuda.is_available() else "cpu",
+            "kind": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "count": torch.cuda.device_count(),
+            "backend": "torch",
+        }
     except ImportError:
         pass
     if "torch_train" in areas and plan.torch_train:
         with rec.timed_area("torch_train"):
-            TBL.run_train(plan.torch_train, rec, tiny=plan.tiny, warmup=plan.warmup,
-                          repeats=plan.torch_repeats, lora_dropout=plan.lora_dropout)
+            TBL.run_train(
+                plan.torch_train,
+                rec,
+                tiny=plan.tiny,
+                warmup=plan.warmup,
+                repeats=plan.torch_repeats,
+                lora_dropout=plan.lora_dropout,
+            )
     if "torch_grid" in areas:
         with rec.timed_area("torch_grid"):
-            TBL.run_grid(list(plan.models), rec, tiny=plan.tiny, settings=plan.grid)
+            TBL.run_grid(list(plan.grid_models), rec, tiny=plan.tiny, settings=plan.grid)
 
 
 def worker_main(args: argparse.Namespace) -> int:
@@ -182,8 +235,11 @@ def main(argv: list[str] | None = None) -> dict:
     stamp = time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime())
     parts_dir = out / f"parts-{stamp}"
     deadline = time.time() + args.budget_s if args.budget_s else None
-    kinds = [k for k, names in (("torch", P.TORCH_AREAS), ("jax", P.JAX_AREAS))
-             if any(a in names for a in areas)]
+    kinds = [
+        k
+        for k, names in (("torch", P.TORCH_AREAS), ("jax", P.JAX_AREAS))
+        if any(a in names for a in areas)
+    ]
     workers = []
     for kind in kinds:
         part = parts_dir / f"{kind}.json"
@@ -203,12 +259,18 @@ def main(argv: list[str] | None = None) -> dict:
             measurements += body["measurements"]
             area_wall.update(body.get("area_wall_s", {}))
     targets = R.finalize(measurements)
-    device = next((m["device"] for m in measurements if m.get("device") and
-                   m["device"].get("backend") != "torch"), None) or next(
-        (m["device"] for m in measurements if m.get("device")), {"kind": "unknown"})
+    device = next(
+        (
+            m["device"]
+            for m in measurements
+            if m.get("device") and m["device"].get("backend") != "torch"
+        ),
+        None,
+    ) or next((m["device"] for m in measurements if m.get("device")), {"kind": "unknown"})
     result = {
-        "command": command_line() if argv == sys.argv[1:] else
-        " ".join(["python", "-m", "benchmarks.run", *argv]),
+        "command": command_line()
+        if argv == sys.argv[1:]
+        else " ".join(["python", "-m", "benchmarks.run", *argv]),
         "date": now_iso(),
         "device": device,
         "versions": versions(),
@@ -222,20 +284,23 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": R.summary(measurements),
         "notes": {
             "timing": "median of per-call wall times after warm-up, each call synchronised "
-                      "with the device (jax.block_until_ready / torch.cuda.synchronize)",
+            "with the device (jax.block_until_ready / torch.cuda.synchronize)",
             "memory": "JAX: compiled.memory_analysis() (argument + output - alias + temp); "
-                      "torch: torch.cuda.max_memory_allocated, reset per config",
+            "torch: torch.cuda.max_memory_allocated, reset per config",
             "mfu": "achieved FLOP/s / bf16 matmul peak measured in this run (peak/matmul/bf16)",
             "extrapolated": "one-at-a-time grids time a subset of models; total_s_estimate = "
-                            "per-model median x K",
+            "per-model median x K",
         },
     }
     path = out / f"{stamp}-{device_label(device)}.json"
     dump(result, path)
     print(R.table(measurements, targets))
-    print("\nwall time per area (s): " + ", ".join(f"{k} {v:.0f}" for k, v in area_wall.items())
-          + " | workers: " + ", ".join(f"{w['kind']} {w['wall_s']:.0f} s (rc {w['rc']})"
-                                      for w in workers))
+    print(
+        "\nwall time per area (s): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in area_wall.items())
+        + " | workers: "
+        + ", ".join(f"{w['kind']} {w['wall_s']:.0f} s (rc {w['rc']})" for w in workers)
+    )
     print(f"\nwrote {path}")
     return result
 

@@ -25,8 +25,18 @@ def device_counts(n: int) -> list[int]:
     return [*out, n]
 
 
-def run(rec: Recorder, *, tiny: bool, model: str, method: str, precision: str,
-        per_device_batch: int, warmup: int, repeats: int, lora_dropout: float = 0.1) -> None:
+def run(
+    rec: Recorder,
+    *,
+    tiny: bool,
+    model: str,
+    method: str,
+    precision: str,
+    per_device_batch: int,
+    warmup: int,
+    repeats: int,
+    lora_dropout: float = 0.1,
+) -> None:
     import jax
 
     config = MD.hf_config(model, tiny)
@@ -35,23 +45,31 @@ def run(rec: Recorder, *, tiny: bool, model: str, method: str, precision: str,
     for n in device_counts(jax.device_count()):
         case = TB.TrainCase(model, method, precision, per_device_batch * n)
         name = f"scaling/{model}/{method}/{precision}/n{n}"
-        cfg = {**case.config(), "n_devices": n, "per_device_batch": per_device_batch,
-               "global_batch": case.batch}
+        cfg = {
+            **case.config(),
+            "n_devices": n,
+            "per_device_batch": per_device_batch,
+            "global_batch": case.batch,
+        }
 
-        def go(n=n, case=case, name=name, cfg=cfg):
-            mesh = S.make_mesh(devices=jax.devices()[:n])
-            r = TB.Runner(case, built, lora_dropout, mesh=mesh,
-                          compiler_options=TB.FAST_COMPILE if tiny else None).compile()
-            samples, _ = r.time(warmup, repeats)
-            med = sorted(samples)[len(samples) // 2]
-            m = measurement(name, AREA, cfg, samples, derived={
-                "examples_per_s": case.batch / med, "compile_s": r.compile_s,
-                "n_devices": n, "device_kinds": sorted({d.device_kind for d in mesh.devices.flat}),
-            })
+        m = rec.guard(
+            name,
+            AREA,
+            cfg,
+            _time_n,
+            n,
+            case,
+            built,
+            name,
+            cfg,
+            rec,
+            tiny,
+            warmup,
+            repeats,
+            lora_dropout,
+        )
+        if m is not None:
             results[n] = m
-            rec.add(m)
-
-        rec.guard(name, AREA, cfg, go)
     base = results.get(1)
     if base is None:
         return
@@ -59,3 +77,21 @@ def run(rec: Recorder, *, tiny: bool, model: str, method: str, precision: str,
         x = m["derived"]["examples_per_s"] / base["derived"]["examples_per_s"]
         m["ratios"].update({"scaling": x, "efficiency": x / n})
     rec.flush()
+
+
+def _time_n(n, case, built, name, cfg, rec, tiny, warmup, repeats, lora_dropout) -> dict:
+    import jax
+
+    mesh = S.make_mesh(devices=jax.devices()[:n])
+    r = TB.Runner(
+        case, built, lora_dropout, mesh=mesh, compiler_options=TB.FAST_COMPILE if tiny else None
+    ).compile()
+    samples, _ = r.time(warmup, repeats)
+    med = sorted(samples)[len(samples) // 2]
+    derived = {
+        "examples_per_s": case.batch / med,
+        "compile_s": r.compile_s,
+        "n_devices": n,
+        "device_kinds": sorted({d.device_kind for d in mesh.devices.flat}),
+    }
+    return rec.add(measurement(name, AREA, cfg, samples, derived=derived))

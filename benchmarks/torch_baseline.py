@@ -55,12 +55,18 @@ def hf_model(model: str, config: Any, attn: str | None = None) -> Any:
     return T5ForConditionalGeneration(config)
 
 
-def add_lora(net: Any, model: str, rank: int = 16, alpha: float = 32.0, dropout: float = 0.1
-             ) -> Any:
+def add_lora(
+    net: Any, model: str, rank: int = 16, alpha: float = 32.0, dropout: float = 0.1
+) -> Any:
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                     target_modules=PEFT_TARGETS[model], bias="none")
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=PEFT_TARGETS[model],
+        bias="none",
+    )
     return get_peft_model(net, cfg)
 
 
@@ -86,8 +92,7 @@ def linearized_module(module: Any) -> Any:
             self.inner = inner
             self.names = [n for n, p in inner.named_parameters() if p.requires_grad]
             if not self.names:
-                raise ValueError(f"{type(inner).__name__} has no trainable parameters to "
-                                 "linearize")
+                raise ValueError(f"{type(inner).__name__} has no trainable parameters to linearize")
             for i, n in enumerate(self.names):
                 self.register_buffer(f"phi0_{i}", inner.get_parameter(n).detach().clone())
 
@@ -97,8 +102,9 @@ def linearized_module(module: Any) -> Any:
             tangent = tuple(c - z for c, z in zip(cur, phi0))
 
             def f(*ps):
-                return torch.func.functional_call(self.inner, dict(zip(self.names, ps)),
-                                                  args, kwargs)
+                return torch.func.functional_call(
+                    self.inner, dict(zip(self.names, ps)), args, kwargs
+                )
 
             out, dout = torch.func.jvp(f, phi0, tangent)
             return out + dout
@@ -111,8 +117,11 @@ def linearize_lora_layers(peft_model: Any) -> int:
     from peft.tuners.lora import LoraLayer
     from torch import nn
 
-    targets = [(n, m) for n, m in peft_model.named_modules()
-               if isinstance(m, LoraLayer) and isinstance(m, nn.Module)]
+    targets = [
+        (n, m)
+        for n, m in peft_model.named_modules()
+        if isinstance(m, LoraLayer) and isinstance(m, nn.Module)
+    ]
     if not targets:
         raise ValueError("no peft LoraLayer found: nothing would be linearized")
     for name, mod in targets:
@@ -152,8 +161,7 @@ def clip_head(config: Any, device: Any) -> dict:
 
     g = torch.Generator().manual_seed(1)
     classes = torch.randn(MD.N_CLASSES, config.projection_dim, generator=g)
-    return {"classes": (classes / classes.norm(dim=-1, keepdim=True)).to(device),
-            "scale": 100.0}
+    return {"classes": (classes / classes.norm(dim=-1, keepdim=True)).to(device), "scale": 100.0}
 
 
 def clip_readout(head: dict):
@@ -167,8 +175,11 @@ def clip_readout(head: dict):
 
 
 def t5_train_readout(call, batch):
-    return call(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                decoder_input_ids=batch["decoder_input_ids"]).logits.float()
+    return call(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=batch["decoder_input_ids"],
+    ).logits.float()
 
 
 def loss_fn(model: str, logits: Any, batch: dict) -> Any:
@@ -176,8 +187,9 @@ def loss_fn(model: str, logits: Any, batch: dict) -> Any:
 
     if model == "clip":
         return F.cross_entropy(logits, batch["label"])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels_ce"].reshape(-1),
-                           ignore_index=-100)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), batch["labels_ce"].reshape(-1), ignore_index=-100
+    )
 
 
 def torch_batch(model: str, arrays: dict, config: Any, device: Any) -> dict:
@@ -188,8 +200,12 @@ def torch_batch(model: str, arrays: dict, config: Any, device: Any) -> dict:
         from llora_jax.data import vision
 
         x = vision.normalize(arrays["image"].astype(np.float32))
-        return {"pixel_values": torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-                .float().to(device), "label": torch.from_numpy(arrays["label"]).long().to(device)}
+        return {
+            "pixel_values": torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+            .float()
+            .to(device),
+            "label": torch.from_numpy(arrays["label"]).long().to(device),
+        }
     t = {k: torch.from_numpy(np.asarray(v)).long().to(device) for k, v in arrays.items()}
     labels = t["labels"]
     dec_in = torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], dim=1)
@@ -206,7 +222,10 @@ def prepare(model: str, method: str, config: Any, device: Any, dropout: float = 
 
     ``l_lora_model`` uses eager attention: the fused SDPA kernels have no forward-mode AD.
     """
-    net = hf_model(model, config, attn="eager" if method == "l_lora_model" else None)
+    import torch
+
+    with torch.device(device):  # initialise on the device: far faster than on the host
+        net = hf_model(model, config, attn="eager" if method == "l_lora_model" else None)
     if method == "full":
         for n, p in net.named_parameters():
             p.requires_grad_(model == "t5" or n.startswith("vision_model."))
@@ -262,57 +281,84 @@ def _sync(device: Any):
     return sync
 
 
-def run_train(cases: list, rec: Recorder, *, tiny: bool, warmup: int, repeats: int,
-              lora_dropout: float = 0.1) -> None:
-    """Time the HF/peft train step of each case (TrainCase from train_bench)."""
+def run_train(
+    cases: list, rec: Recorder, *, tiny: bool, warmup: int, repeats: int, lora_dropout: float = 0.1
+) -> None:
+    """Time the HF/peft train step of each case (a ``train_bench.TrainCase``)."""
     import torch
 
     device = torch_device()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    shapes = MD.TINY_SHAPES if tiny else MD.REAL_SHAPES
     for case in cases:
-        name = "torch_" + case.name
+        rec.guard(
+            "torch_" + case.name,
+            AREA_TRAIN,
+            case.config(),
+            _train_one,
+            case,
+            rec,
+            tiny,
+            warmup,
+            repeats,
+            lora_dropout,
+            device,
+        )
 
-        def go(case=case, name=name):
-            config = MD.hf_config(case.model, tiny)
-            torch.manual_seed(0)
-            net = prepare(case.model, case.method, config, device, lora_dropout)
-            step, n_train = make_step(case.model, case.method, case.precision, net, config, device)
-            arrays = MD.synthetic_arrays(case.model, 2 * case.batch, shapes, config)
-            batches = [torch_batch(case.model, {k: v[i * case.batch:(i + 1) * case.batch]
-                                                for k, v in arrays.items()}, config, device)
-                       for i in range(2)]
-            box = {"i": 0}
 
-            def once():
-                box["i"] ^= 1
-                return step(batches[box["i"]])
+def _train_one(case, rec, tiny, warmup, repeats, lora_dropout, device) -> None:
+    import torch
 
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            samples = time_repeated(once, _sync(device), warmup=warmup, repeats=repeats)
-            peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-            med = stats(samples)["median"]
-            attn = getattr(getattr(net, "config", None), "_attn_implementation", None)
-            rec.add(measurement(name, AREA_TRAIN, {**case.config(), "framework": "torch",
-                                                   "attn_implementation": attn,
-                                                   "tf32": device.type == "cuda"},
-                                samples, derived={
-                "examples_per_s": case.batch / med, "peak_bytes": peak,
-                "memory_source": "torch.cuda.max_memory_allocated (reset per config)",
-                "n_trainable": n_train, "linearized_layers": getattr(net, "_n_linearized", None),
-                "wall_s": time.perf_counter() - t0,
-                "last_loss": float(once().detach().float().cpu()),
-            }))
-            del net, step, batches
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    shapes = MD.TINY_SHAPES if tiny else MD.REAL_SHAPES
+    config = MD.hf_config(case.model, tiny)
+    torch.manual_seed(0)
+    net = prepare(case.model, case.method, config, device, lora_dropout)
+    step, n_train = make_step(case.model, case.method, case.precision, net, config, device)
+    arrays = MD.synthetic_arrays(case.model, 2 * case.batch, shapes, config)
+    batches = [
+        torch_batch(
+            case.model,
+            {k: v[i * case.batch : (i + 1) * case.batch] for k, v in arrays.items()},
+            config,
+            device,
+        )
+        for i in range(2)
+    ]
+    box = {"i": 0}
 
-        rec.guard(name, AREA_TRAIN, case.config(), go)
+    def once():
+        box["i"] ^= 1
+        return step(batches[box["i"]])
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    samples = time_repeated(once, _sync(device), warmup=warmup, repeats=repeats)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    med = stats(samples)["median"]
+    attn = getattr(getattr(net, "config", None), "_attn_implementation", None)
+    cfg = {
+        **case.config(),
+        "framework": "torch",
+        "attn_implementation": attn,
+        "tf32": device.type == "cuda",
+        "optimizer": "torch.optim.AdamW (default foreach)",
+    }
+    derived = {
+        "examples_per_s": case.batch / med,
+        "peak_bytes": peak,
+        "memory_source": "torch.cuda.max_memory_allocated (reset per config)",
+        "n_trainable": n_train,
+        "linearized_layers": getattr(net, "_n_linearized", None),
+        "wall_s": time.perf_counter() - t0,
+        "last_loss": float(once().detach().float().cpu()),
+    }
+    rec.add(measurement("torch_" + case.name, AREA_TRAIN, cfg, samples, derived=derived))
+    if device.type == "cuda":
+        net.cpu()
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- merge grid
@@ -330,8 +376,11 @@ def t5_rank_predict(net: Any, batch: dict, words: dict) -> Any:
     lmask = words["mask"][None].expand(b, c, t).reshape(b * c, t)
     labels = labels.masked_fill(lmask == 0, 0)
     dec_in = torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], dim=1)
-    logits = base(encoder_outputs=(enc.repeat_interleave(c, 0),),
-                  attention_mask=mask.repeat_interleave(c, 0), decoder_input_ids=dec_in).logits
+    logits = base(
+        encoder_outputs=(enc.repeat_interleave(c, 0),),
+        attention_mask=mask.repeat_interleave(c, 0),
+        decoder_input_ids=dec_in,
+    ).logits
     logp = torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None])[..., 0]
     return (logp * lmask).reshape(b, c, t).sum(-1).argmax(-1)
 
@@ -342,70 +391,91 @@ def lora_params(net: Any) -> list[Any]:
 
 def run_grid(models: list[str], rec: Recorder, *, tiny: bool, settings: Any) -> dict:
     """One merged model at a time: load φ0 + λ1τ1 + λ2τ2 into the peft LoRA weights, predict."""
+    st = settings
+    device = torch_device()
+    out = {}
+    for model in models:
+        name = f"torch_grid/{model}/lora/one_at_a_time"
+        cfg = {
+            "model": model,
+            "method": "lora",
+            "precision": st.precision,
+            "framework": "torch",
+            "n_examples": st.n_examples,
+            "eval_batch": st.eval_batch,
+            "timed_models": min(max(st.ks), st.one_at_a_time),
+        }
+        preds = rec.guard(name, AREA_GRID, cfg, _grid_one, model, name, cfg, st, rec, tiny, device)
+        if preds is not None:
+            out[model] = preds
+    return out
+
+
+def _grid_one(model, name, cfg, st, rec, tiny, device) -> np.ndarray:
     import torch
 
     from benchmarks.grid_bench import pick_lambdas
 
-    st = settings
-    device = torch_device()
     shapes = MD.TINY_SHAPES if tiny else MD.REAL_SHAPES
-    out = {}
-    for model in models:
-        n_sub = min(max(st.ks), st.one_at_a_time)
-        name = f"torch_grid/{model}/lora/one_at_a_time"
-        cfg = {"model": model, "method": "lora", "precision": st.precision, "framework": "torch",
-               "n_examples": st.n_examples, "eval_batch": st.eval_batch, "timed_models": n_sub}
+    n_sub = cfg["timed_models"]
+    config = MD.hf_config(model, tiny)
+    torch.manual_seed(0)
+    net = prepare(model, "lora", config, device, dropout=0.0).eval()
+    params = lora_params(net)
+    phi0 = [p.detach().clone() for p in params]
+    g = torch.Generator().manual_seed(5)
+    taus = [
+        [0.02 * st.tau_scale * torch.randn(p.shape, generator=g).to(device) for p in params]
+        for _ in range(2)
+    ]
+    arrays = MD.synthetic_arrays(model, st.n_examples, shapes, config, seed=3)
+    head = clip_head(config, device) if model == "clip" else None
+    words = None
+    if model == "t5":
+        w = MD._WordTokenizer(config.vocab_size)(list(MD.LABEL_WORDS), shapes.target_len)
+        words = {
+            "ids": torch.from_numpy(w["input_ids"]).long().to(device),
+            "mask": torch.from_numpy(w["attention_mask"]).long().to(device),
+        }
+    chunks = [
+        torch_batch(model, {k: v[i : i + st.eval_batch] for k, v in arrays.items()}, config, device)
+        for i in range(0, st.n_examples, st.eval_batch)
+    ]
 
-        def go(model=model, name=name, cfg=cfg):
-            config = MD.hf_config(model, tiny)
-            torch.manual_seed(0)
-            net = prepare(model, "lora", config, device, dropout=0.0).eval()
-            params = lora_params(net)
-            phi0 = [p.detach().clone() for p in params]
-            g = torch.Generator().manual_seed(5)
-            taus = [[0.02 * st.tau_scale * torch.randn(p.shape, generator=g).to(device) for p in params]
-                    for _ in range(2)]
-            arrays = MD.synthetic_arrays(model, st.n_examples, shapes, config, seed=3)
-            head = clip_head(config, device) if model == "clip" else None
-            words = None
-            if model == "t5":
-                w = MD._WordTokenizer(config.vocab_size)(list(MD.LABEL_WORDS), shapes.target_len)
-                words = {"ids": torch.from_numpy(w["input_ids"]).long().to(device),
-                         "mask": torch.from_numpy(w["attention_mask"]).long().to(device)}
-            chunks = [torch_batch(model, {k: v[i:i + st.eval_batch] for k, v in arrays.items()},
-                                  config, device) for i in range(0, st.n_examples, st.eval_batch)]
+    @torch.no_grad()
+    def predict_all(lam):
+        for p, p0, t1, t2 in zip(params, phi0, *taus):
+            p.copy_(p0 + float(lam[0]) * t1 + float(lam[1]) * t2)
+        preds = []
+        with autocast(st.precision, device):
+            for bt in chunks:
+                if model == "clip":
+                    preds.append(clip_readout(head)(net, bt).argmax(-1))
+                else:
+                    preds.append(t5_rank_predict(net, bt, words))
+        return torch.cat(preds).cpu().numpy()  # .cpu() synchronises
 
-            @torch.no_grad()
-            def predict_all(lam):
-                for p, p0, t1, t2 in zip(params, phi0, *taus):
-                    p.copy_(p0 + float(lam[0]) * t1 + float(lam[1]) * t2)
-                preds = []
-                with autocast(st.precision, device):
-                    for bt in chunks:
-                        if model == "clip":
-                            preds.append(clip_readout(head)(net, bt).argmax(-1))
-                        else:
-                            preds.append(t5_rank_predict(net, bt, words))
-                return torch.cat(preds).cpu().numpy()  # .cpu() synchronises
-
-            lams = pick_lambdas(n_sub, st.grid_size)
-            predict_all(lams[0])  # warm-up (cuDNN / cuBLAS handles)
-            samples, preds = [], []
-            for lam in lams:
-                t0 = time.perf_counter()
-                preds.append(predict_all(lam))
-                samples.append(time.perf_counter() - t0)
-            per_model = float(np.median(samples))
-            for k in st.ks:
-                rec.add(measurement(f"{name}/K{k}", AREA_GRID, {**cfg, "K": k}, samples, derived={
-                    "models_per_s": 1.0 / per_model, "seconds_per_model": per_model,
-                    "total_s_estimate": per_model * k, "extrapolated": k > n_sub,
-                    "timed_models": n_sub,
-                }))
-            out[model] = np.stack(preds)
-
-        rec.guard(name, AREA_GRID, cfg, go)
-    return out
+    lams = pick_lambdas(n_sub, st.grid_size)
+    predict_all(lams[0])  # warm-up (cuDNN / cuBLAS handles)
+    samples, preds = [], []
+    for lam in lams:
+        t0 = time.perf_counter()
+        preds.append(predict_all(lam))
+        samples.append(time.perf_counter() - t0)
+    per_model = float(np.median(samples))
+    for k in st.ks:
+        derived = {
+            "models_per_s": 1.0 / per_model,
+            "seconds_per_model": per_model,
+            "total_s_estimate": per_model * k,
+            "extrapolated": k > n_sub,
+            "timed_models": n_sub,
+        }
+        rec.add(measurement(f"{name}/K{k}", AREA_GRID, {**cfg, "K": k}, samples, derived=derived))
+    if device.type == "cuda":
+        net.cpu()
+        torch.cuda.empty_cache()
+    return np.stack(preds)
 
 
 def hf_path(path: str) -> str:

@@ -51,15 +51,27 @@ class TrainCase:
 
 def optim_config() -> TR.OptimConfig:
     # The paper's CLIP recipe (AdamW, lr 1e-5, wd 0.1, warm-up, clipping).
-    return TR.OptimConfig(optimizer="adamw", learning_rate=1e-5, weight_decay=0.1,
-                          warmup_steps=10, total_steps=10_000, clip_norm=1.0)
+    return TR.OptimConfig(
+        optimizer="adamw",
+        learning_rate=1e-5,
+        weight_decay=0.1,
+        warmup_steps=10,
+        total_steps=10_000,
+        clip_norm=1.0,
+    )
 
 
 class Runner:
     """One case: built model, lowered and compiled step, and what it needs to run."""
 
-    def __init__(self, case: TrainCase, built: MD.Built, lora_dropout: float,
-                 mesh: Any = None, compiler_options: dict | None = None):
+    def __init__(
+        self,
+        case: TrainCase,
+        built: MD.Built,
+        lora_dropout: float,
+        mesh: Any = None,
+        compiler_options: dict | None = None,
+    ):
         """``mesh``: data-parallel over its devices (batch split, everything else replicated)."""
         self.case, self.built, self.compiler_options = case, built, compiler_options
         tm = built.tm
@@ -70,8 +82,12 @@ class Runner:
         arrays = MD.synthetic_arrays(case.model, 2 * case.batch, built.shapes, built.config)
         arrays = MD.with_weight(arrays)
         batch_sh = S.batch_sharding(mesh) if mesh is not None else None
-        self.batches = [jax.device_put({k: v[i * case.batch:(i + 1) * case.batch]
-                                        for k, v in arrays.items()}, batch_sh) for i in range(2)]
+        self.batches = [
+            jax.device_put(
+                {k: v[i * case.batch : (i + 1) * case.batch] for k, v in arrays.items()}, batch_sh
+            )
+            for i in range(2)
+        ]
         self.rng = jax.random.key(1)
         step = TR.make_train_step(tm, self.spec, self.optimizer)
         state_shape = jax.eval_shape(lambda t: TR.init_state(t, self.optimizer), self.trainable0)
@@ -82,11 +98,14 @@ class Runner:
             self.frozen = jax.device_put(self.frozen, repl)
             self.state_sh = jax.tree.map(lambda _: repl, state_shape)
             frozen_sh = jax.tree.map(lambda _: repl, self.frozen)
-            jit_kw.update(in_shardings=(self.state_sh, frozen_sh, batch_sh, repl),
-                          out_shardings=(self.state_sh, repl))
+            jit_kw.update(
+                in_shardings=(self.state_sh, frozen_sh, batch_sh, repl),
+                out_shardings=(self.state_sh, repl),
+            )
         t0 = time.perf_counter()
         self.lowered = jax.jit(step, **jit_kw).lower(
-            state_shape, self.frozen, self.batches[0], self.rng)
+            state_shape, self.frozen, self.batches[0], self.rng
+        )
         self.lower_s = time.perf_counter() - t0
         self.compiled = None
         self.compile_s = None
@@ -94,8 +113,9 @@ class Runner:
     def compile(self) -> Runner:
         t0 = time.perf_counter()
         opts = self.compiler_options
-        self.compiled = self.lowered.compile(compiler_options=opts) if opts else (
-            self.lowered.compile())
+        self.compiled = (
+            self.lowered.compile(compiler_options=opts) if opts else (self.lowered.compile())
+        )
         self.compile_s = time.perf_counter() - t0
         return self
 
@@ -103,23 +123,24 @@ class Runner:
         # Fresh buffers: the step donates its state, and for full fine-tuning the initial
         # trainable tree is the frozen backbone itself.
         fresh = jax.tree.map(lambda x: jnp.array(x, copy=True), self.trainable0)
-        return jax.jit(lambda t: TR.init_state(t, self.optimizer),
-                       out_shardings=self.state_sh)(fresh)
+        return jax.jit(lambda t: TR.init_state(t, self.optimizer), out_shardings=self.state_sh)(
+            fresh
+        )
 
     def time(self, warmup: int, repeats: int) -> tuple[list[float], dict]:
         box = {"state": self.new_state(), "i": 0}
 
         def once():
             box["i"] ^= 1
-            state, metrics = self.compiled(box["state"], self.frozen, self.batches[box["i"]],
-                                           self.rng)
+            state, metrics = self.compiled(
+                box["state"], self.frozen, self.batches[box["i"]], self.rng
+            )
             box["state"] = state
             return state, metrics
 
         samples = time_repeated(once, jax.block_until_ready, warmup=warmup, repeats=repeats)
         _, metrics = once()
         last = jax.device_get(metrics)
-        del box
         return samples, {k: float(v) for k, v in last.items()}
 
     def analytic(self) -> dict:
@@ -131,8 +152,7 @@ class Runner:
         compute_bytes = 2 if self.case.precision == "bf16" else 4
         frozen_bytes = jnp.dtype(jax.tree.leaves(b.params)[0].dtype).itemsize
         n_frozen = n_all - (n_train if self.case.method == "full" else 0)
-        by = FL.train_bytes(desc, self.case.batch, n_frozen, frozen_bytes, n_train,
-                            compute_bytes)
+        by = FL.train_bytes(desc, self.case.batch, n_frozen, frozen_bytes, n_train, compute_bytes)
         return {"flops": fl, "bytes_floor": by, "n_trainable": n_train, "n_params": n_all}
 
 
@@ -172,35 +192,56 @@ def run(
         runners: list[Runner] = []
         for case in (c for c in cases if c.model == model):
             if rec.over_budget():
-                rec.add(measurement(case.name, AREA, case.config(),
-                                    error="skipped: time budget exhausted"))
+                rec.add(
+                    measurement(
+                        case.name, AREA, case.config(), error="skipped: time budget exhausted"
+                    )
+                )
                 continue
             dt, pdt = MD.dtypes(case.precision, case.method)
             key = (str(jnp.dtype(dt)), str(jnp.dtype(pdt)))
             if key not in built_cache:
-                built_cache[key] = MD.build(model, case.precision, case.method, tiny=tiny,
-                                            params_f32=p32, config=config)
+                built_cache[key] = MD.build(
+                    model, case.precision, case.method, tiny=tiny, params_f32=p32, config=config
+                )
             try:
-                runners.append(Runner(case, built_cache[key], lora_dropout,
-                                      compiler_options=FAST_COMPILE if tiny else None))
+                runners.append(
+                    Runner(
+                        case,
+                        built_cache[key],
+                        lora_dropout,
+                        compiler_options=FAST_COMPILE if tiny else None,
+                    )
+                )
             except Exception as e:  # noqa: BLE001
                 rec.add(measurement(case.name, AREA, case.config(), error=f"lowering: {e!r}"))
         t0 = time.perf_counter()
         runners = _compile_all(runners, compile_workers)
         compile_wall = time.perf_counter() - t0
         for r in runners:
-            rec.guard(r.case.name, AREA, r.case.config(),
-                      lambda r=r: _time_one(r, rec, warmup, repeats, compile_wall, len(runners)))
+            n = len(runners)
+            rec.guard(
+                r.case.name,
+                AREA,
+                r.case.config(),
+                _time_one,
+                r,
+                rec,
+                warmup,
+                repeats,
+                compile_wall,
+                n,
+            )
             if r.case.name in keep:
                 kept[r.case.name] = r
             else:
                 r.compiled = r.lowered = None
-        del built_cache, p32
     return kept
 
 
-def _time_one(r: Runner, rec: Recorder, warmup: int, repeats: int, compile_wall: float,
-              n_compiled: int) -> None:
+def _time_one(
+    r: Runner, rec: Recorder, warmup: int, repeats: int, compile_wall: float, n_compiled: int
+) -> None:
     samples, last = r.time(warmup, repeats)
     a = r.analytic()
     xla = FL.xla_cost(r.compiled)
@@ -228,8 +269,14 @@ def _time_one(r: Runner, rec: Recorder, warmup: int, repeats: int, compile_wall:
     }
     if xla["flops"] and a["flops"]["total"]:
         derived["flops_xla_over_analytic"] = xla["flops"] / a["flops"]["total"]
-    cfg = {**r.case.config(), "lora_rank": r.spec.lora.rank, "lora_alpha": r.spec.lora.alpha,
-           "lora_dropout": r.spec.lora.dropout, "optimizer": "adamw", "warmup": warmup,
-           "shapes": dataclasses.asdict(r.built.shapes),
-           "param_dtype": str(jax.tree.leaves(r.built.params)[0].dtype)}
+    cfg = {
+        **r.case.config(),
+        "lora_rank": r.spec.lora.rank,
+        "lora_alpha": r.spec.lora.alpha,
+        "lora_dropout": r.spec.lora.dropout,
+        "optimizer": "adamw",
+        "warmup": warmup,
+        "shapes": dataclasses.asdict(r.built.shapes),
+        "param_dtype": str(jax.tree.leaves(r.built.params)[0].dtype),
+    }
     rec.add(measurement(r.case.name, AREA, cfg, samples, derived=derived))

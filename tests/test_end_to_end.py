@@ -181,3 +181,32 @@ def test_study_runs_on_tasks_it_has_never_seen(tmp_path, words):
     again = json.loads(study.run_study(s, tmp_path / "out").read_text())
     assert again["fusion"] == res["fusion"]
     shutil.rmtree(tmp_path / "data")
+
+
+def _tiny_study(name, overrides, tmp_path):
+    s = study._load_module(ROOT / f"experiments/{name}/study.py", name).get_study("tiny")
+    s.overrides = tuple(overrides)
+    res = json.loads(study.run_study(s, tmp_path / "out").read_text())
+    assert set(res["single"][s.methods[0]]) == set(s.tasks)
+    assert res["fusion"][s.methods[0]]
+    assert res["disentanglement"][s.methods[0]]
+    assert (tmp_path / "out" / "report.md").is_file()
+
+
+def test_reproduce_t5_tiny_mode(tmp_path, words):
+    path = TM.tiny_t5(tmp_path / "t5", words)
+    _tiny_study("flan_t5_base", [("backbone", str(path)), ("data.data_dir", str(data_dir()))],
+                tmp_path)
+
+
+def test_reproduce_clip_tiny_mode_on_mock_and_local_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from llora_jax.data import vision
+
+    names = list(vision.class_names("gtsrb")) + list(vision.class_names("svhn"))
+    path = TM.tiny_clip(tmp_path / "clip", names)
+    # gtsrb comes from the local npz, svhn from tfds (mocked: no network here).
+    with tfds.testing.mock_data(num_examples=40):
+        _tiny_study("clip_vit_b16", [("backbone", str(path)), ("data.data_dir", str(data_dir()))],
+                    tmp_path)
