@@ -6,13 +6,30 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Where outputs go; override on the command line.
 OUT ?= runs
+# Fine-tuning: MODEL is a config in configs/ (optionally with its argument, e.g. t5.py:large).
 MODEL ?= minilm
+CONFIG ?= configs/$(MODEL).py
 TASK ?=
+TASKS ?=
 METHOD ?= lora
-WORKDIR ?= $(OUT)/$(MODEL)/$(TASK)/$(METHOD)
+MODEL_NAME = $(firstword $(subst :, ,$(MODEL)))
+WORKDIR ?= $(OUT)/$(MODEL_NAME)/$(TASK)/$(METHOD)
 ARGS ?=
+# Analysis: run directories written by `make finetune` (space separated).
+RUNS ?= $(foreach t,$(subst $(comma), ,$(TASKS)),$(OUT)/$(MODEL_NAME)/$(t)/$(METHOD))
+FUSION ?= task_arithmetic,ties
+RESULTS ?=
+comma := ,
+space := $(empty) $(empty)
+# The shared offline data of this workplace, when it is there and nothing else was chosen.
+ifeq ($(origin LLORA_DATA_DIR),undefined)
+  ifneq ($(wildcard ../shared/data/text),)
+    export LLORA_DATA_DIR := $(abspath ../shared/data)
+  endif
+endif
 
-.PHONY: help install install-test test demo lint format clean
+.PHONY: help install install-test test demo lint format clean finetune finetune-all fuse \
+	disentangle report reproduce-text reproduce-clip reproduce-t5 bench
 
 help:
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -40,8 +57,44 @@ install-test: $(VENV)/.installed-test ## install with test extras (pytest, torch
 test: install-test ## install, then run the whole test suite
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
-demo: install ## install, then run the main job end to end on the built-in default
-	$(PY) -m llora_jax.demo --out $(OUT)/demo
+demo: install ## install, then run the quick study (3 tasks, LoRA vs L-LoRA) and print its report path
+	$(PY) -m llora_jax.main study --study=experiments/text_minilm/study.py --study_arg=demo \
+		--out=$(OUT)/demo
+
+finetune: install ## fine-tune one task: MODEL=minilm|t5|clip[.py:arg] TASK=... METHOD=full|lora|l_lora|l_lora_model
+	@test -n "$(TASK)" || (echo "set TASK=<task>, e.g. make finetune MODEL=minilm TASK=sst2 METHOD=l_lora"; exit 2)
+	$(PY) -m llora_jax.main finetune --config=configs/$(MODEL_NAME).py$(if $(findstring :,$(MODEL)),:$(lastword $(subst :, ,$(MODEL))),) \
+		--config.task=$(TASK) --config.method=$(METHOD) --workdir=$(WORKDIR) $(ARGS)
+
+finetune-all: install ## fine-tune every task of TASKS=a,b,c with METHOD into $(OUT)/<model>/<task>/<method>
+	@test -n "$(TASKS)" || (echo "set TASKS=a,b,c"; exit 2)
+	$(PY) -m llora_jax.main finetune-all --config=configs/$(MODEL_NAME).py$(if $(findstring :,$(MODEL)),:$(lastword $(subst :, ,$(MODEL))),) \
+		--config.method=$(METHOD) --tasks=$(TASKS) --workdir=$(OUT)/$(MODEL_NAME) $(ARGS)
+
+fuse: install ## merge the task vectors of TASKS (or RUNS=dirs) with FUSION methods; report in $(OUT)/fuse
+	$(PY) -m llora_jax.main fuse --runs=$(subst $(space),$(comma),$(strip $(RUNS))) --fusion=$(FUSION) \
+		--out=$(OUT)/fuse/$(MODEL_NAME)-$(METHOD)
+
+disentangle: install ## disentanglement-error heatmap of two task vectors (TASKS=a,b or RUNS=dir1 dir2)
+	$(PY) -m llora_jax.main disentangle --runs=$(subst $(space),$(comma),$(strip $(RUNS))) \
+		--out=$(OUT)/disentangle/$(MODEL_NAME)-$(METHOD)
+
+report: install ## tables and figures from RESULTS=path/to/results.json (into its folder)
+	@test -n "$(RESULTS)" || (echo "set RESULTS=path/to/results.json"; exit 2)
+	$(PY) -m llora_jax.main report --results=$(RESULTS)
+
+reproduce-text: install ## the MiniLM study on LLORA_DATA_DIR's text tasks (results in experiments/text_minilm/)
+	$(PY) -m llora_jax.main study --study=experiments/text_minilm/study.py --out=$(OUT)/text_minilm
+	cp $(OUT)/text_minilm/results.json $(OUT)/text_minilm/report.md $(OUT)/text_minilm/*.png experiments/text_minilm/
+
+reproduce-clip: install ## the paper's CLIP ViT-B/16 study (needs hub weights, tfds data, accelerators)
+	$(PY) -m llora_jax.main study --study=experiments/clip_vit_b16/study.py --out=$(OUT)/clip_vit_b16
+
+reproduce-t5: install ## the paper's Flan-T5-base study (needs hub weights, tfds GLUE, accelerators)
+	$(PY) -m llora_jax.main study --study=experiments/flan_t5_base/study.py --out=$(OUT)/flan_t5_base
+
+bench: install-test ## speed: train steps, merge grids, vs PyTorch; JSON in benchmarks/results/
+	$(PY) -m benchmarks.run $(ARGS)
 
 lint: install-test ## ruff check + ruff format --check
 	$(VENV)/bin/ruff check llora_jax tests configs benchmarks

@@ -133,8 +133,8 @@ def build(c: Any, cache: BackboneCache | None = None) -> Experiment:
         raise ValueError(f"unknown config.kind {c.kind!r}; valid kinds: {', '.join(KINDS)}")
     cache = cache or BackboneCache()
     dtype = compute_dtype(c.dtype)
+    splits = _load_splits(c)  # first: a missing dataset is reported before any model loads
     bb, tok = cache.get(c.backbone, dtype, compute_dtype(c.param_dtype))
-    splits = _load_splits(c)
     builder = {"text_encoder": _build_text_encoder, "t5": _build_t5, "clip": _build_clip}[c.kind]
     return builder(c, bb, tok, splits)
 

@@ -91,10 +91,23 @@ def main(argv: list[str]) -> None:
         )
 
 
+def _main_with_clear_errors(argv: list[str]) -> None:
+    from llora_jax.data import DataError, DataNotFoundError
+    from llora_jax.task_vectors import TaskVectorError
+    from llora_jax.train import TrainingDiverged
+
+    try:
+        main(argv)
+    except (DataError, DataNotFoundError, TaskVectorError, TrainingDiverged) as e:
+        # Errors a user can cause and fix: the message says how; no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def entry() -> None:
     # Configs import `configs.common`: make the repository root importable.
     sys.path.insert(0, os.getcwd())
-    app.run(main)
+    app.run(_main_with_clear_errors)
 
 
 if __name__ == "__main__":
