@@ -35,6 +35,9 @@ _RESULTS = flags.DEFINE_string("results", None, "results.json for `report`")
 _OUT = flags.DEFINE_string("out", None, "output directory for fuse / disentangle / report")
 _STUDY = flags.DEFINE_string("study", None, "study file (experiments/<study>/study.py)")
 _STUDY_ARG = flags.DEFINE_string("study_arg", "", "argument passed to the study's get_study()")
+_OVERRIDE = flags.DEFINE_multi_string(
+    "override", [], "study: override a config field, key=value (dotted key), repeatable"
+)
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "call jax.distributed.initialize() first (multi-host GPU / TPU pods)"
 )
@@ -82,7 +85,9 @@ def main(argv: list[str]) -> None:
     elif cmd == "study":
         from llora_jax import study
 
-        study.run_study_file(_need(_STUDY, "study"), _STUDY_ARG.value, out=_OUT.value)
+        study.run_study_file(
+            _need(_STUDY, "study"), _STUDY_ARG.value, out=_OUT.value, overrides=_OVERRIDE.value
+        )
     else:
         from llora_jax import cli_analysis
 

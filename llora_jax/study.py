@@ -94,8 +94,40 @@ def _log(msg: str) -> None:
     print(f"[study] {msg}", flush=True)
 
 
-def run_study_file(path: str, arg: str = "", out: str | None = None) -> Path:
+def parse_overrides(items: list[str]) -> tuple:
+    """["steps=10", "backbone=/x"] -> (("steps", 10), ("backbone", "/x"))."""
+    import ast
+
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        out.append((key.strip(), value))
+    return tuple(out)
+
+
+def _compile_cache(path: Path) -> None:
+    """Persist compiled programs: a study compiles the same step for many (task, seed) runs."""
+    if jax.config.jax_compilation_cache_dir:
+        return
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    except Exception as e:  # an old jax without the cache: only slower
+        _log(f"compilation cache unavailable ({e})")
+
+
+def run_study_file(
+    path: str, arg: str = "", out: str | None = None, overrides: list[str] | None = None
+) -> Path:
     s = _load_module(path, "llora_study").get_study(arg or None)
+    if overrides:
+        s.overrides = tuple(s.overrides) + parse_overrides(overrides)
     return run_study(s, Path(out or s.get("out", f"runs/{s.name}")))
 
 
@@ -146,6 +178,7 @@ def run_study(s: Any, out: Path) -> Path:
     """Run a whole study; returns the path of results.json."""
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
+    _compile_cache(out / ".jax_cache")
     data_dir = load_config(s.config, s.get("config_arg", ""), dict(s.overrides)).data.data_dir
     tasks = list(s.tasks) or discover_text_tasks(data_dir)
     _log(f"{s.name}: tasks {tasks}, methods {list(s.methods)}, seeds {list(s.seeds)} -> {out}")
