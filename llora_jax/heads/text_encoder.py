@@ -22,7 +22,7 @@ import numpy as np
 
 from llora_jax import model as M
 from llora_jax.backbones import bert
-from llora_jax.data import encoder_format
+from llora_jax.data import encoder_arrays
 from llora_jax.data.tasks import TaskSpec
 
 N_BINS = 5
@@ -83,20 +83,12 @@ def bin_centres(spec: TaskSpec) -> np.ndarray:
 def tokenize(
     tokenizer: Any, text_a: Sequence[str], text_b: Sequence[str] | None, max_len: int
 ) -> dict[str, np.ndarray]:
-    enc = tokenizer(
-        list(text_a),
-        list(text_b) if text_b is not None else None,
-        max_length=max_len,
-        padding="max_length",
-        truncation=True,
-        return_tensors="np",
-        return_token_type_ids=True,
-    )
-    return {
-        "input_ids": enc["input_ids"].astype(np.int32),
-        "attention_mask": enc["attention_mask"].astype(np.int32),
-        "token_type_ids": enc["token_type_ids"].astype(np.int32),
-    }
+    """Fixed-length ids, mask and token types (all int32) of single texts or pairs."""
+    from llora_jax.data import tokenize as tok
+
+    out = tok(tokenizer, text_a, max_length=max_len, text_pair=text_b)
+    out.setdefault("token_type_ids", np.zeros_like(out["input_ids"]))
+    return out
 
 
 def encode_examples(
@@ -106,13 +98,14 @@ def encode_examples(
 
     Regression tasks also keep the float "score" (for correlation metrics).
     """
-    fmt = encoder_format(spec, examples)
-    arrays = tokenize(tokenizer, fmt["text_a"], fmt["text_b"], max_len)
+    arrays = encoder_arrays(spec, examples, tokenizer, max_length=max_len)
+    arrays.setdefault("token_type_ids", np.zeros_like(arrays["input_ids"]))
+    label = np.asarray(arrays.pop("label"))
     if spec.is_regression:
-        arrays["score"] = fmt["label"].astype(np.float32)
-        arrays["label"] = score_bins(spec, fmt["label"]).astype(np.int32)
+        arrays["score"] = label.astype(np.float32)
+        arrays["label"] = score_bins(spec, label).astype(np.int32)
     else:
-        arrays["label"] = fmt["label"].astype(np.int32)
+        arrays["label"] = label.astype(np.int32)
     return arrays
 
 
