@@ -120,23 +120,15 @@ def predict_grid(
     arrays: dict[str, np.ndarray],
     batch_size: int = 64,
     chunk: int = 8,
-    grid_fn: Callable | None = None,
 ) -> np.ndarray:
     """Predictions (K, N) of the K merged models base + Σ λ_ki τ_i, in one program per batch.
 
-    To evaluate K arbitrary merged task vectors m_k (TIES, DARE, ...), pass them
-    as ``taus`` with ``lambdas`` = the identity matrix.
+    Evaluates every model directly (no linear shortcut). To evaluate K arbitrary
+    merged task vectors m_k (TIES, DARE, ...), pass them as ``taus`` with
+    ``lambdas`` = the identity matrix.
     """
-    lambdas = jnp.asarray(lambdas, jnp.float32)
-    if lambdas.ndim != 2 or lambdas.shape[1] != len(taus):
-        raise ValueError(f"lambdas must have shape (K, {len(taus)}), got {lambdas.shape}")
-    fn = grid_fn or make_grid_predict_fn(tm, spec, chunk)
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *taus)
-    frozen = _frozen(tm, phi0)
-    outs = []
-    for batch, n in iterate_batches(arrays, batch_size):
-        outs.append(np.asarray(fn(base, stacked, lambdas, frozen, batch))[:, :n])
-    return np.concatenate(outs, axis=1)
+    ev = GridEvaluator(tm, spec, batch_size, chunk, linear=False)
+    return ev.predict(base, phi0, taus, lambdas, arrays)
 
 
 def make_linear_grid_fn(tm: M.TaskModel, spec: M.AdapterSpec) -> Callable:
@@ -171,14 +163,9 @@ def predict_grid_linear(
     arrays: dict[str, np.ndarray],
     batch_size: int = 64,
 ) -> np.ndarray:
-    fn = make_linear_grid_fn(tm, spec)
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *taus)
-    lambdas = jnp.asarray(lambdas, jnp.float32)
-    frozen = _frozen(tm, phi0)
-    outs = []
-    for batch, n in iterate_batches(arrays, batch_size):
-        outs.append(np.asarray(fn(phi0, stacked, lambdas, frozen, batch))[:, :n])
-    return np.concatenate(outs, axis=1)
+    """Predictions (K, N) of an ``l_lora_model`` merge grid by the exact linear shortcut."""
+    ev = GridEvaluator(tm, spec, batch_size, linear=True)
+    return ev.predict(phi0, phi0, taus, lambdas, arrays)
 
 
 class GridEvaluator:
@@ -189,9 +176,16 @@ class GridEvaluator:
     shortcut. jit caches one executable per distinct (K, n) shape.
     """
 
-    def __init__(self, tm: M.TaskModel, spec: M.AdapterSpec, batch_size: int = 64, chunk: int = 8):
+    def __init__(
+        self,
+        tm: M.TaskModel,
+        spec: M.AdapterSpec,
+        batch_size: int = 64,
+        chunk: int = 8,
+        linear: bool | None = None,
+    ):
         self.tm, self.spec, self.batch_size, self.chunk = tm, spec, batch_size, chunk
-        self.linear = spec.method == "l_lora_model"
+        self.linear = spec.method == "l_lora_model" if linear is None else linear
         self._fn = (
             make_linear_grid_fn(tm, spec) if self.linear else make_grid_predict_fn(tm, spec, chunk)
         )

@@ -30,6 +30,62 @@ from llora_jax import fusion
 from llora_jax import task_vectors as tv
 
 
+DEFAULT_FUSION = ("average", "task_arithmetic", "ties", "dare", "lorahub", "isolation")
+DEFAULT_GRID = tuple(round(-2.0 + 0.2 * i, 1) for i in range(21))
+
+
+def base_study(name: str, config: str, config_arg: str = "") -> Any:
+    """A study with the paper's defaults; a study file changes what differs.
+
+    Fields: name, config (+ config_arg, overrides as (dotted key, value) pairs), tasks
+    ([] = every text task of the data directory), methods, seeds, learning_rates,
+    fusion (+ fusion_grids: name -> list of hparam dicts; absent = the method's default
+    grid), max_subset (0 = all sizes), lorahub_budget, isolation_p, pairs,
+    disentangle_grid, disentangle_examples, eval_batch_size, progress.
+    """
+    from ml_collections import ConfigDict
+
+    s = ConfigDict()
+    s.name = name
+    s.config = config
+    s.config_arg = config_arg
+    s.overrides = ()
+    s.tasks = []
+    s.methods = ["full", "lora", "l_lora", "l_lora_model"]
+    s.seeds = [0, 1, 2]
+    s.learning_rates = [1e-4]
+    s.fusion = list(DEFAULT_FUSION)
+    s.fusion_grids = {}
+    s.max_subset = 0
+    s.lorahub_budget = 40
+    s.isolation_p = 0.1
+    s.pairs = []
+    s.disentangle_grid = list(DEFAULT_GRID)
+    s.disentangle_examples = 640
+    s.eval_batch_size = 128
+    s.progress = True
+    return s
+
+
+def tiny_study(s: Any, tasks: list[str], method: str, fusion: str, grid: list[dict]) -> Any:
+    """Shrink a study to a seconds-long smoke test (used by the tests)."""
+    s.name = f"{s.name}_tiny"
+    s.config_arg = ",".join(a for a in (s.config_arg, "tiny") if a)
+    s.overrides = ()
+    s.tasks = tasks
+    s.methods = [method]
+    s.seeds = [0]
+    s.learning_rates = [1e-3]
+    s.fusion = [fusion]
+    s.fusion_grids = {fusion: grid}
+    s.pairs = [tuple(tasks[:2])]
+    s.disentangle_grid = [0.0, 1.0]
+    s.disentangle_examples = 8
+    s.eval_batch_size = 8
+    s.progress = False
+    return s
+
+
 def _load_module(path: str | Path, name: str):
     path = Path(path)
     if not path.is_file():
