@@ -29,7 +29,6 @@ from llora_jax import fuse as F
 from llora_jax import fusion
 from llora_jax import task_vectors as tv
 
-
 DEFAULT_FUSION = ("average", "task_arithmetic", "ties", "dare", "lorahub", "isolation")
 DEFAULT_GRID = tuple(round(-2.0 + 0.2 * i, 1) for i in range(21))
 
