@@ -6,19 +6,24 @@
 * one at a time:  ``evaluate.predict`` per merged model with one jitted predict function,
                   the merge itself jitted once. For K larger than ``one_at_a_time`` models
                   the per-model median is measured on that many and multiplied by K
-                  (``derived.extrapolated`` says so).
+                  (``derived.extrapolated`` says so);
 * disentanglement: the 21×21 grid of ``disentangle.disentanglement_error`` (G² joint
                   models + G single-task models on each of two datasets), through
                   GridEvaluator directly with the same λ grids (no task-vector files).
 
-Compilation is kept out of the timings: each program is first run on one batch.
-Predictions of the two paths are compared on the models that both evaluate.
+Compilation stays out of the timings: every program is first run on one batch, all of a
+model's programs concurrently in ``compile_workers`` threads (XLA compiles outside the
+GIL). Predictions of the two paths are compared on the models that both evaluate.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import time
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -50,6 +55,7 @@ class GridSettings:
     dis_chunk: int = 21
     dis_methods: tuple[str, ...] = ("l_lora", "l_lora_model")
     tau_scale: float = 1.0  # task-vector size (tiny models need large ones to change predictions)
+    compile_workers: int = 4
 
 
 def lambda_grid(g: int) -> np.ndarray:
@@ -83,17 +89,83 @@ def _eval_flops(b: MD.Built, rank: int, n_examples: int) -> float:
     return FL.forward_flops(desc, rank) * n_examples
 
 
+def warm_all(jobs: list[Callable[[], Any]], workers: int) -> tuple[float, list[str]]:
+    """Run every job once (compiling its program), concurrently; (wall s, error texts)."""
+
+    def safe(job):
+        try:
+            job()
+            return None
+        except Exception:  # noqa: BLE001  (the timed call will fail and be recorded)
+            return traceback.format_exc(limit=4)
+
+    t0 = time.perf_counter()
+    if workers <= 1:
+        errors = [safe(j) for j in jobs]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            errors = list(pool.map(safe, jobs))
+    return time.perf_counter() - t0, [e for e in errors if e]
+
+
+@dataclasses.dataclass
+class MethodCtx:
+    """One (model, method): task vectors, evaluators and the jitted one-at-a-time path."""
+
+    b: MD.Built
+    spec: M.AdapterSpec
+    phi0: Any
+    taus: list
+    ev: E.GridEvaluator
+    predict_fn: Callable
+    merge: Callable
+    stacked: Any
+
+    @classmethod
+    def make(cls, b: MD.Built, method: str, st: GridSettings, batch: int, chunk: int, seed: int):
+        spec = MD.lora_spec(b.model, method, dropout=0.0)
+        phi0 = M.init_trainable(b.tm, spec, jax.random.key(0))[1]
+        taus = MD.random_task_vectors(phi0, 2, seed=seed, scale=st.tau_scale)
+        return cls(
+            b,
+            spec,
+            phi0,
+            taus,
+            E.GridEvaluator(b.tm, spec, batch, chunk),
+            E.make_predict_fn(b.tm, spec),
+            jax.jit(E.merged_trainable),
+            jax.tree.map(lambda *xs: jnp.stack(xs), *taus),
+        )
+
+    def batched(self, lam: np.ndarray, arrays: dict) -> np.ndarray:
+        return self.ev.predict(self.phi0, self.phi0, self.taus, lam, arrays)
+
+    def single(self, lam: np.ndarray, arrays: dict, batch: int) -> np.ndarray:
+        trainable = self.merge(self.phi0, self.stacked, jnp.asarray(lam))
+        return E.predict(
+            self.b.tm, self.spec, trainable, self.phi0, arrays, batch, predict_fn=self.predict_fn
+        )
+
+
 def run(models: list[str], rec: Recorder, *, tiny: bool, settings: GridSettings) -> dict:
-    """Batched vs one-at-a-time merge grids; returns {name: predictions} for the tests."""
+    """Batched vs one-at-a-time merge grids; returns {name: predictions}."""
     st = settings
     preds_out: dict[str, Any] = {}
     for model in models:
         b = MD.build(model, st.precision, "lora", tiny=tiny)
         arrays = MD.synthetic_arrays(model, st.n_examples, b.shapes, b.config, seed=3)
-        for method in st.methods:
-            spec = MD.lora_spec(model, method, dropout=0.0)
-            phi0 = M.init_trainable(b.tm, spec, jax.random.key(0))[1]
-            taus = MD.random_task_vectors(phi0, 2, seed=1, scale=st.tau_scale)
+        one = _take(arrays, st.eval_batch)
+        n_sub = min(max(st.ks), st.one_at_a_time)
+        sub = pick_lambdas(n_sub, st.grid_size)  # the same rows as batched K = n_sub
+        ctxs = {m: MethodCtx.make(b, m, st, st.eval_batch, st.chunk, seed=1) for m in st.methods}
+        jobs = [
+            functools.partial(c.batched, pick_lambdas(k, st.grid_size), one)
+            for c in ctxs.values()
+            for k in st.ks
+        ]
+        jobs += [functools.partial(c.single, sub[0], one, st.eval_batch) for c in ctxs.values()]
+        compile_wall, errors = warm_all(jobs, st.compile_workers)
+        for method, ctx in ctxs.items():
             base_cfg = {
                 "model": model,
                 "method": method,
@@ -103,126 +175,114 @@ def run(models: list[str], rec: Recorder, *, tiny: bool, settings: GridSettings)
                 "chunk": st.chunk,
                 "n_task_vectors": 2,
             }
-            flops_per_model = _eval_flops(b, spec.lora.rank, st.n_examples)
+            extra = {
+                "flops_per_model": _eval_flops(b, ctx.spec.lora.rank, st.n_examples),
+                "compile_wall_s_all": compile_wall,
+                "warmup_errors": errors[:2],
+            }
             batched: dict[int, np.ndarray] = {}
-            ev = E.GridEvaluator(b.tm, spec, st.eval_batch, st.chunk)
             for k in st.ks:
                 name = f"grid/{model}/{method}/batched/K{k}"
                 cfg = {**base_cfg, "K": k, "path": "batched"}
-                lam = pick_lambdas(k, st.grid_size)
-                args = (ev, phi0, taus, lam, arrays, st, rec, name, cfg, flops_per_model)
-                p = rec.guard(name, AREA, cfg, _time_batched, *args)
+                p = rec.guard(
+                    name,
+                    AREA,
+                    cfg,
+                    _time_batched,
+                    ctx,
+                    pick_lambdas(k, st.grid_size),
+                    arrays,
+                    st,
+                    rec,
+                    name,
+                    cfg,
+                    extra,
+                )
                 if p is not None:
                     batched[k] = p
-            args = (b, spec, phi0, taus, arrays, st, rec, base_cfg, batched, flops_per_model)
+                    preds_out[f"{model}/{method}/batched/K{k}"] = p
             single = rec.guard(
-                f"grid/{model}/{method}/one_at_a_time", AREA, base_cfg, _time_single, *args
+                f"grid/{model}/{method}/one_at_a_time",
+                AREA,
+                base_cfg,
+                _time_single,
+                ctx,
+                sub,
+                arrays,
+                st,
+                rec,
+                base_cfg,
+                batched,
+                extra,
             )
             preds_out.update(single or {})
-            for k, p in batched.items():
-                preds_out[f"{model}/{method}/batched/K{k}"] = p
     return preds_out
 
 
-def _time_batched(ev, phi0, taus, lam, arrays, st, rec, name, cfg, flops_per_model):
-    t0 = time.perf_counter()
-    ev.predict(phi0, phi0, taus, lam, _take(arrays, st.eval_batch))  # compile
-    compile_s = time.perf_counter() - t0
+def _time_batched(ctx, lam, arrays, st, rec, name, cfg, extra) -> np.ndarray:
     repeats = 3 if len(lam) <= 21 else 1
     samples, preds = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        preds = ev.predict(phi0, phi0, taus, lam, arrays)  # numpy result: synchronised
+        preds = ctx.batched(lam, arrays)  # a numpy result: synchronised
         samples.append(time.perf_counter() - t0)
     med = float(np.median(samples))
     k = len(lam)
-    rec.add(
-        measurement(
-            name,
-            AREA,
-            cfg,
-            samples,
-            derived={
-                "models_per_s": k / med,
-                "seconds_per_model": med / k,
-                "model_examples_per_s": k * st.n_examples / med,
-                "flops_analytic": flops_per_model * k,
-                "achieved_flop_per_s": flops_per_model * k / med,
-                "compile_s": compile_s,
-                "linear_shortcut": ev.linear,
-            },
-        )
-    )
+    derived = {
+        "models_per_s": k / med,
+        "seconds_per_model": med / k,
+        "model_examples_per_s": k * st.n_examples / med,
+        "flops_analytic": extra["flops_per_model"] * k,
+        "achieved_flop_per_s": extra["flops_per_model"] * k / med,
+        "compile_wall_s_all": extra["compile_wall_s_all"],
+        "linear_shortcut": ctx.ev.linear,
+    }
+    rec.add(measurement(name, AREA, cfg, samples, derived=derived))
     return preds
 
 
-def _time_single(b, spec, phi0, taus, arrays, st, rec, base_cfg, batched, flops_per_model):
-    tm = b.tm
-    fn = E.make_predict_fn(tm, spec)
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *taus)
-    merge = jax.jit(E.merged_trainable)
-    n_sub = min(max(st.ks), st.one_at_a_time)
-    sub = pick_lambdas(n_sub, st.grid_size)  # the same rows as batched K = n_sub
-    t0 = time.perf_counter()
-    E.predict(
-        tm,
-        spec,
-        merge(phi0, stacked, jnp.asarray(sub[0])),
-        phi0,
-        _take(arrays, st.eval_batch),
-        st.eval_batch,
-        predict_fn=fn,
-    )  # compile
-    compile_s = time.perf_counter() - t0
+def _time_single(ctx, sub, arrays, st, rec, base_cfg, batched, extra) -> dict:
     samples, preds = [], []
     for lam in sub:
         t0 = time.perf_counter()
-        trainable = merge(phi0, stacked, jnp.asarray(lam))
-        preds.append(E.predict(tm, spec, trainable, phi0, arrays, st.eval_batch, predict_fn=fn))
+        preds.append(ctx.single(lam, arrays, st.eval_batch))  # numpy: synchronised
         samples.append(time.perf_counter() - t0)
     per_model = float(np.median(samples))
     preds = np.stack(preds)
+    rows = {tuple(s): j for j, s in enumerate(sub.tolist())}
     for k in st.ks:
-        ref = batched.get(k)
-        lam_k = pick_lambdas(k, st.grid_size)
+        ref, lam_k = batched.get(k), pick_lambdas(k, st.grid_size).tolist()
         # Models of this K that were also evaluated one at a time (same λ rows).
-        common = [i for i, lk in enumerate(lam_k) if any(np.array_equal(lk, s) for s in sub)]
+        common = [i for i, lk in enumerate(lam_k) if tuple(lk) in rows]
         agree = None
         if ref is not None and common:
-            mine = np.stack(
-                [
-                    preds[next(j for j, s in enumerate(sub) if np.array_equal(s, lam_k[i]))]
-                    for i in common
-                ]
-            )
+            mine = preds[[rows[tuple(lam_k[i])] for i in common]]
             agree = float(np.mean(mine == ref[common]))
-        cfg = {**base_cfg, "K": k, "path": "one_at_a_time", "timed_models": n_sub}
+        derived = {
+            "models_per_s": 1.0 / per_model,
+            "seconds_per_model": per_model,
+            "total_s_estimate": per_model * k,
+            "extrapolated": k > len(sub),
+            "timed_models": len(sub),
+            "compile_wall_s_all": extra["compile_wall_s_all"],
+            "achieved_flop_per_s": extra["flops_per_model"] / per_model,
+            "agreement_with_batched": agree,
+            "compared_models": len(common),
+            # How much the merged models differ (a grid of identical models proves little).
+            "distinct_prediction_rows": int(len(np.unique(preds, axis=0))),
+            "distinct_predictions": int(len(np.unique(preds))),
+        }
+        cfg = {**base_cfg, "K": k, "path": "one_at_a_time", "timed_models": len(sub)}
         rec.add(
             measurement(
-                f"grid/{b.model}/{spec.method}/one_at_a_time/K{k}",
+                f"grid/{ctx.b.model}/{ctx.spec.method}/one_at_a_time/K{k}",
                 AREA,
                 cfg,
                 samples,
-                derived={
-                    "models_per_s": 1.0 / per_model,
-                    "seconds_per_model": per_model,
-                    "total_s_estimate": per_model * k,
-                    "extrapolated": k > n_sub,
-                    "timed_models": n_sub,
-                    "compile_s": compile_s,
-                    "achieved_flop_per_s": flops_per_model / per_model,
-                    "agreement_with_batched": agree,
-                    "compared_models": len(common),
-                    # How much the merged models differ (a grid of identical models proves little).
-                    "distinct_prediction_rows": int(len(np.unique(preds, axis=0))),
-                    "distinct_predictions": int(len(np.unique(preds))),
-                },
+                derived=derived,
             )
         )
-    return {
-        f"{b.model}/{spec.method}/one_at_a_time": preds,
-        f"{b.model}/{spec.method}/lambdas": sub,
-    }
+    return {f"{ctx.b.model}/{ctx.spec.method}/one_at_a_time": preds}
 
 
 # ----------------------------------------------------------------------------- disentanglement
@@ -233,16 +293,28 @@ def run_disentangle(
 ) -> dict:
     """Wall time of the G×G disentanglement grid on two datasets of ``dis_examples`` each."""
     st = settings
-    out = {}
     b = MD.build(model, st.precision, "lora", tiny=tiny)
     data = [
         MD.synthetic_arrays(model, st.dis_examples, b.shapes, b.config, seed=s) for s in (11, 12)
     ]
-    G = st.grid_size
-    for method in st.dis_methods:
-        spec = MD.lora_spec(model, method, dropout=0.0)
-        phi0 = M.init_trainable(b.tm, spec, jax.random.key(0))[1]
-        taus = MD.random_task_vectors(phi0, 2, seed=2, scale=st.tau_scale)
+    g = lambda_grid(st.grid_size)
+    G = len(g)
+    zeros = np.zeros_like(g)
+    lams = {
+        "joint": joint_lambdas(G),
+        "single1": np.stack([g, zeros], 1),
+        "single2": np.stack([zeros, g], 1),
+    }
+    ctxs = {m: MethodCtx.make(b, m, st, st.dis_batch, st.dis_chunk, seed=2) for m in st.dis_methods}
+    one = _take(data[0], st.dis_batch)
+    jobs = [
+        functools.partial(c.batched, lams[k], one)
+        for c in ctxs.values()
+        for k in ("joint", "single1")
+    ]
+    compile_wall, errors = warm_all(jobs, st.compile_workers)
+    out = {}
+    for method, ctx in ctxs.items():
         name = f"disentangle/{model}/{method}/G{G}"
         cfg = {
             "model": model,
@@ -253,38 +325,28 @@ def run_disentangle(
             "batch": st.dis_batch,
             "chunk": st.dis_chunk,
         }
-
         xi = rec.guard(
-            name, AREA_DIS, cfg, _time_disentangle, b, spec, phi0, taus, data, st, rec, name, cfg
+            name, AREA_DIS, cfg, _time_disentangle, ctx, lams, data, rec, name, cfg, compile_wall
         )
         if xi is not None:
             out[name] = xi
     return out
 
 
-def _time_disentangle(b, spec, phi0, taus, data, st, rec, name, cfg) -> np.ndarray:
-    g = lambda_grid(st.grid_size)
-    G = len(g)
-    joint = joint_lambdas(G)
-    zeros = np.zeros_like(g)
-    singles = (np.stack([g, zeros], 1), np.stack([zeros, g], 1))
-    ev = E.GridEvaluator(b.tm, spec, st.dis_batch, st.dis_chunk)
-    t0 = time.perf_counter()
-    for lam in (joint, singles[0]):  # compile both program shapes
-        ev.predict(phi0, phi0, taus, lam, _take(data[0], st.dis_batch))
-    compile_s = time.perf_counter() - t0
+def _time_disentangle(ctx, lams, data, rec, name, cfg, compile_wall) -> np.ndarray:
+    G = cfg["G"]
     t0 = time.perf_counter()
     xi = np.zeros((G, G))
     for axis, arr in enumerate(data):  # as disentangle.disentanglement_error does
-        pj = ev.predict(phi0, phi0, taus, joint, arr).reshape(G, G, -1)
-        ps = ev.predict(phi0, phi0, taus, singles[axis], arr)
+        pj = ctx.batched(lams["joint"], arr).reshape(G, G, -1)
+        ps = ctx.batched(lams["single1" if axis == 0 else "single2"], arr)
         ref = ps[:, None, :] if axis == 0 else ps[None, :, :]
         xi += np.mean(pj != ref, axis=-1)
     wall = time.perf_counter() - t0
     n_models = 2 * (G * G + G)
     derived = {
         "wall_s": wall,
-        "compile_s": compile_s,
+        "compile_wall_s_all": compile_wall,
         "models_evaluated": n_models,
         "models_per_s": n_models / wall,
         "xi_mean": float(xi.mean()),

@@ -38,7 +38,7 @@ class Plan:
     pipeline_batches: int = 20
     scaling_model: str = "clip"
     scaling_batch: int = 128  # per device
-    compile_workers: int = 4
+    compile_workers: int = 6
     lora_dropout: float = 0.1
     models: tuple[str, ...] = ("clip", "t5")
     grid_models: tuple[str, ...] = ("clip", "t5")  # the disentanglement grid is always T5
@@ -85,6 +85,7 @@ def make_plan(preset: str) -> Plan:
             dis_chunk=3,
             dis_methods=("l_lora",),
             tau_scale=20.0,
+            compile_workers=1,
         )
         return Plan(
             "tiny",
@@ -105,17 +106,14 @@ def make_plan(preset: str) -> Plan:
         )
     if preset == "quick":
         train = (
-            _cross("clip", METHODS, ("bf16",), [128])
+            _cross("clip", ("lora", "l_lora"), ("bf16",), [128])
             + _cross("clip", ("lora",), ("bf16",), [256])
             + _cross("t5", ("lora", "l_lora"), ("bf16",), [64])
-        )
-        torch_train = _cross("clip", ("lora", "l_lora"), ("bf16",), [128]) + _cross(
-            "t5", ("lora",), ("bf16",), [64]
         )
         grid = GridSettings(
             ks=(1, 21),
             n_examples=256,
-            methods=("lora",),
+            methods=("lora", "l_lora_model"),
             dis_examples=128,
             dis_methods=("l_lora_model",),
         )
@@ -123,23 +121,23 @@ def make_plan(preset: str) -> Plan:
             "quick",
             False,
             train,
-            torch_train,
+            list(train),
             grid,
             repeats=10,
             torch_repeats=5,
             pipeline_batches=10,
+            grid_models=("clip",),
         )
     if preset == "default":
-        train = _main_matrix(128, 64, {"clip": [64, 256], "t5": [16, 256]})
-        torch_train = (
-            _cross("clip", ("lora", "l_lora"), PRECISIONS, [128])
-            + _cross("clip", ("full", "l_lora_model"), ("bf16",), [128])
-            + _cross("clip", ("lora",), ("bf16",), [256])
-            + _cross("t5", ("lora", "l_lora"), PRECISIONS, [64])
-            + _cross("t5", ("full", "l_lora_model"), ("bf16",), [64])
+        train = (
+            _cross("clip", METHODS, ("bf16",), [128])
+            + _cross("clip", ("lora", "l_lora"), ("fp32",), [128])
+            + _cross("clip", ("lora", "l_lora"), ("bf16",), [256])
+            + _cross("clip", ("lora",), ("bf16",), [64])
+            + _cross("t5", METHODS, ("bf16",), [64])
         )
         grid = GridSettings()
-        return Plan("default", False, train, torch_train, grid)
+        return Plan("default", False, train, list(train), grid, repeats=15, torch_repeats=8)
     if preset == "full":
         train = _cross("clip", METHODS, PRECISIONS, [64, 128, 256]) + _cross(
             "t5", METHODS, PRECISIONS, [16, 64, 256]
@@ -148,7 +146,7 @@ def make_plan(preset: str) -> Plan:
             methods=("lora", "l_lora", "l_lora_model"),
             dis_methods=("lora", "l_lora", "l_lora_model"),
         )
-        return Plan("full", False, train, list(train), grid)
+        return Plan("full", False, train, list(train), grid, compile_workers=6)
     raise ValueError(f"unknown preset {preset!r}; valid: tiny, quick, default, full")
 
 

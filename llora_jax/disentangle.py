@@ -51,8 +51,8 @@ def disentanglement_error(
     ):
         arr = _take(m.exp.arrays[split], n_examples)
         ev = m.grid(batch_size, chunk)
-        pj = ev.predict(base, phi0, taus, joint, arr).reshape(G, G, -1)
-        ps = ev.predict(base, phi0, taus, single, arr)  # (G, N)
+        pj = ev.predict(base, phi0, taus, joint, arr, m.exp.tm).reshape(G, G, -1)
+        ps = ev.predict(base, phi0, taus, single, arr, m.exp.tm)  # (G, N)
         ref = ps[:, None, :] if axis == 0 else ps[None, :, :]
         xi += np.mean(pj != ref, axis=-1)
     return xi

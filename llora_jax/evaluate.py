@@ -197,12 +197,15 @@ class GridEvaluator:
         taus: list[PyTree],
         lambdas: np.ndarray,
         arrays: dict[str, np.ndarray],
+        tm: M.TaskModel | None = None,
     ) -> np.ndarray:
+        """``tm``: the task model whose frozen weights and head to use (default: the
+        evaluator's own); any task model with the same functions and shapes fits."""
         lambdas = jnp.asarray(lambdas, jnp.float32)
         if lambdas.ndim != 2 or lambdas.shape[1] != len(taus):
             raise ValueError(f"lambdas must have shape (K, {len(taus)}), got {lambdas.shape}")
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *taus)
-        frozen = _frozen(self.tm, base if self.linear else phi0)
+        frozen = _frozen(tm or self.tm, base if self.linear else phi0)
         outs = []
         for batch, n in iterate_batches(arrays, self.batch_size):
             outs.append(np.asarray(self._fn(base, stacked, lambdas, frozen, batch))[:, :n])

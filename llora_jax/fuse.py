@@ -49,8 +49,24 @@ class Member:
 
     def grid(self, batch_size: int, chunk: int) -> E.GridEvaluator:
         if self.evaluator is None:
-            self.evaluator = E.GridEvaluator(self.exp.tm, self.exp.spec, batch_size, chunk)
+            self.evaluator = shared_evaluator(self.exp.tm, self.exp.spec, batch_size, chunk)
         return self.evaluator
+
+
+_EVALUATORS: dict = {}
+
+
+def shared_evaluator(tm: Any, spec: Any, batch_size: int, chunk: int) -> E.GridEvaluator:
+    """One evaluator (and so one set of compiled programs) per distinct model function.
+
+    Members of different seeds — and of different tasks whose readout is the same
+    function — evaluate the same program with different arguments; sharing the
+    jitted function avoids recompiling it for each of them.
+    """
+    key = (tm.module, tm.readout, tm.loss, tm.predict, spec, batch_size, chunk)
+    if key not in _EVALUATORS:
+        _EVALUATORS[key] = E.GridEvaluator(tm, spec, batch_size, chunk)
+    return _EVALUATORS[key]
 
 
 def _groups(name: str, grid: Sequence[dict]) -> list[tuple[dict, list[dict]]]:
@@ -91,7 +107,7 @@ def _scores(members, base, phi0, vectors, rows, split, bs, chunk) -> np.ndarray:
     lam = np.asarray([r for _, r in rows], np.float32)
     out = np.zeros((len(rows), len(members)))
     for j, m in enumerate(members):
-        preds = m.grid(bs, chunk).predict(base, phi0, vectors, lam, m.exp.arrays[split])
+        preds = m.grid(bs, chunk).predict(base, phi0, vectors, lam, m.exp.arrays[split], m.exp.tm)
         out[:, j] = [_primary(m, p, split) for p in preds]
     return out
 

@@ -203,6 +203,9 @@ class LoopConfig:
     progress: bool = True
 
 
+_STEPS: dict = {}
+
+
 def _ckpt_manager(workdir: Path, lc: LoopConfig):
     import orbax.checkpoint as ocp
 
@@ -266,12 +269,27 @@ def finetune(
             "trainable": trainable_sh,
             "opt_state": jax.tree.map(lambda _: repl, state_shape["opt_state"]),
         }
-    step_fn = jax.jit(
-        make_train_step(tm, spec, optimizer),
-        in_shardings=(state_sh, frozen_sh, S.batch_sharding(mesh), repl),
-        out_shardings=(state_sh, repl),
-        donate_argnums=0,
+    # Runs of one study that differ only in data, seed or task (same model functions,
+    # optimizer and mesh) share one jitted step, so it compiles once for all of them.
+    key = (
+        tm.module,
+        tm.readout,
+        tm.loss,
+        tm.predict,
+        spec,
+        oc,
+        lc.total_steps,
+        mesh,
+        frozen_shardings is None,
     )
+    step_fn = _STEPS.get(key)
+    if step_fn is None:
+        step_fn = _STEPS[key] = jax.jit(
+            make_train_step(tm, spec, optimizer),
+            in_shardings=(state_sh, frozen_sh, S.batch_sharding(mesh), repl),
+            out_shardings=(state_sh, repl),
+            donate_argnums=0,
+        )
 
     mngr = _ckpt_manager(workdir, lc)
     start = mngr.latest_step()

@@ -148,3 +148,30 @@ def test_subsets_cover_all_combinations():
     s = F.subsets(["a", "b", "c"])
     assert s == [("a", "b"), ("a", "c"), ("b", "c"), ("a", "b", "c")]
     assert F.subset_key(("b", "a")) == "a+b"
+
+
+def _scaled_readout(call, batch, head, train):
+    return {"logits": call(batch["x"]) * head["w"]}
+
+
+def test_shared_evaluator_uses_each_members_own_head():
+    import dataclasses
+
+    members = _members()
+    for i, m in enumerate(members):
+        tm = dataclasses.replace(
+            m.exp.tm,
+            readout=_scaled_readout,
+            head={"w": np.asarray([1.0, -1.0, 0.5]) * (i * 2 - 1)},
+        )
+        m.exp = dataclasses.replace(m.exp, tm=tm)
+    ev0, ev1 = (m.grid(8, 4) for m in members)
+    assert ev0 is ev1  # one compiled program for both tasks
+    phi0 = members[0].tv.phi0
+    lam = np.array([[1.0, 0.5]], np.float32)
+    taus = [m.tv.tau for m in members]
+    merged = T.add(phi0, T.weighted_sum(taus, lam[0]))
+    for m in members:
+        got = m.grid(8, 4).predict(phi0, phi0, taus, lam, m.exp.arrays["test"], m.exp.tm)[0]
+        ref = E.predict(m.exp.tm, m.exp.spec, merged, phi0, m.exp.arrays["test"], 8)
+        np.testing.assert_array_equal(got, ref)

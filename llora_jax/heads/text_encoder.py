@@ -119,6 +119,23 @@ def build_head(
     )
 
 
+def readout(call: Any, batch: dict, head: dict, train: bool) -> dict:
+    """scale · cos(mean-pooled sentence embedding, frozen class embeddings).
+
+    A module-level function (no closure): task models of different tasks share it,
+    so their compiled programs are shared too.
+    """
+    hidden = call(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["token_type_ids"],
+        deterministic=not train,
+    )
+    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    emb = bert.l2_normalize(bert.mean_pool(hidden, batch["attention_mask"]))
+    return {"logits": head["scale"] * emb @ head["classes"].T.astype(emb.dtype)}
+
+
 def task_model(
     backbone: Any,
     tokenizer: Any,
@@ -133,17 +150,6 @@ def task_model(
         "classes": build_head(backbone.module, backbone.params, tokenizer, descriptions),
         "scale": jnp.asarray(scale, jnp.float32),
     }
-
-    def readout(call, batch, head, train):
-        hidden = call(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["token_type_ids"],
-            deterministic=not train,
-        )
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        emb = bert.l2_normalize(bert.mean_pool(hidden, batch["attention_mask"]))
-        return {"logits": head["scale"] * emb @ head["classes"].T.astype(emb.dtype)}
 
     return M.TaskModel(
         module=backbone.module,

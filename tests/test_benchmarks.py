@@ -1,0 +1,387 @@
+"""The benchmark suite (benchmarks/): structure on CPU with tiny models, no timing asserts.
+
+* the whole suite runs in ``--tiny`` mode (a subprocess with 2 fake CPU devices, started
+  when this module starts so that it overlaps the in-process tests) and writes the JSON
+  with the documented fields;
+* the analytic FLOP count agrees with XLA's count of the real ViT-B/16 and Flan-T5-base
+  train steps (lowering only, nothing compiled or run) and of the tiny compiled steps;
+* the PyTorch L-LoRA baseline (peft LoraLayer + torch.func.jvp) computes our l_lora
+  outputs and gradients on identical weights, and its whole-model linearization our
+  l_lora_model outputs;
+* batched merge grids give exactly the predictions of one model at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import flops as FL
+from benchmarks import models as MD
+from benchmarks import plans as P
+from benchmarks import report as R
+from benchmarks import train_bench as TB
+from benchmarks.common import MEASUREMENT_FIELDS
+from llora_jax import adapters as ad
+from llora_jax import model as M
+from llora_jax.backbones import clip
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_run(tmp_path_factory):
+    """Start ``python -m benchmarks.run --tiny`` now; tests that need its JSON wait for it."""
+    out = tmp_path_factory.mktemp("bench")
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_XLA}",
+    }
+    cmd = [sys.executable, "-m", "benchmarks.run", "--tiny", "--inprocess", "--out", str(out)]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    box = {}
+
+    def result() -> dict:
+        if "json" not in box:
+            log, _ = proc.communicate(timeout=600)
+            assert proc.returncode == 0, log[-4000:]
+            files = sorted(out.glob("*.json"))
+            assert len(files) == 1, (files, log[-2000:])
+            box["json"] = json.loads(files[0].read_text())
+            box["log"] = log
+        return box["json"]
+
+    yield result
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+@pytest.mark.parametrize(
+    "model,method", [("clip", "lora"), ("clip", "l_lora_model"), ("clip", "full"), ("t5", "lora")]
+)
+def test_analytic_flops_match_xla_on_the_real_configs(model, method):
+    # Lowering needs shapes only: the real ViT-B/16 / Flan-T5-base step, nothing allocated.
+    cfg = MD.hf_config(model, tiny=False)
+    shapes = MD.param_shapes(model, cfg)
+    b = MD.build(model, "fp32", method, tiny=False, params_f32=shapes, config=cfg)
+    r = TB.Runner(TB.TrainCase(model, method, "fp32", 2), b, lora_dropout=0.1)
+    xla = r.cost_lowered["flops"]
+    analytic = r.analytic()["flops"]["total"]
+    # Stated factor: within 5% (XLA also counts norms, softmax, activations and the loss).
+    assert 0.97 < xla / analytic < 1.05, (xla, analytic)
+
+
+def test_analytic_method_multipliers():
+    cfg = MD.hf_config("clip", tiny=False)
+    desc = FL.vit_desc(clip.module_from_hf_config(cfg).vision, 10, 512)
+    f = {m: FL.train_flops(desc, m, 1, 16, 0)["total"] for m in M.METHODS}
+    fwd = FL.forward_flops(desc, 16)
+    assert 1.9 < f["lora"] / fwd < 2.2  # frozen base: forward + activation gradients
+    assert 2.8 < f["full"] / fwd < 3.1  # + weight gradients
+    assert 1.4 < f["l_lora_model"] / f["lora"] < 1.6  # + tangent pass and its transpose
+    assert 1.0 < f["l_lora"] / f["lora"] < 1.03  # the branch is a few percent at r = 16
+
+
+# ----------------------------------------------------------------------------- torch parity
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _tiny_clip_pair(rank=4, alpha=8.0, attn=None):
+    """A tiny HF CLIP vision tower + peft LoRA, and our module/params with the same weights."""
+    pytest.importorskip("peft", reason="the PyTorch baseline needs peft (test extra)")
+    import torch
+
+    from benchmarks import torch_baseline as TBL
+
+    cfg = MD.hf_config("clip", tiny=True)
+    torch.manual_seed(0)
+    hf = TBL.hf_model("clip", cfg, attn=attn).eval()
+    state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    params = clip.params_from_hf(state, cfg)
+    module = clip.module_from_hf_config(cfg)
+    lcfg = ad.LoraConfig(
+        rank=rank, alpha=alpha, targets=clip.DEFAULT_LORA_TARGETS, init_b="normal", b0_std=0.3
+    )
+    phi0 = ad.init_lora(jax.random.key(1), params, lcfg)
+    leaves, tdef = jax.tree.flatten(phi0)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    phi = jax.tree.unflatten(
+        tdef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    )
+    net = TBL.add_lora(hf, "clip", rank=rank, alpha=alpha, dropout=0.0).eval()
+    return cfg, module, params, lcfg, phi0, phi, net
+
+
+def _load(net, phi, wrapped: bool):
+    """Copy our adapter (A: (in, r), B: (r, out)) into the peft layers (transposed)."""
+    import torch
+
+    from benchmarks import torch_baseline as TBL
+
+    with torch.no_grad():
+        for path, layer in ad.adapter_layers(phi).items():
+            mod = net.get_submodule("base_model.model." + TBL.hf_path(path))
+            mod = mod.inner if wrapped else mod
+            mod.lora_A["default"].weight.copy_(torch.from_numpy(np.asarray(layer["A"]).T))
+            mod.lora_B["default"].weight.copy_(torch.from_numpy(np.asarray(layer["B"]).T))
+
+
+def test_torch_l_lora_equals_ours_outputs_and_gradients():
+    import torch
+
+    from benchmarks import torch_baseline as TBL
+
+    cfg, module, params, lcfg, phi0, phi, net = _tiny_clip_pair()
+    _load(net, phi0, wrapped=False)
+    n = TBL.linearize_lora_layers(net)  # φ0 is captured here
+    assert n == 2 * cfg.num_hidden_layers
+    _load(net, phi, wrapped=True)
+    x = np.random.default_rng(0).standard_normal((3, 32, 32, 3)).astype(np.float32)
+    w = np.random.default_rng(1).standard_normal((3, cfg.projection_dim)).astype(np.float32)
+
+    out_t = net(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2))).image_embeds
+    (out_t * torch.from_numpy(w)).sum().backward()
+
+    def ours(p, mode="l_lora"):
+        return ad.apply(
+            module,
+            params,
+            p,
+            jnp.asarray(x),
+            mode=mode,
+            phi0=phi0,
+            scale=lcfg.scale,
+            method="encode_image",
+        )
+
+    out_j = ours(phi)
+    closed = module.apply(
+        {"params": ad.merge_into_params(params, phi, lcfg.scale, phi0, "l_lora")},
+        x,
+        method="encode_image",
+    )
+    assert _rel(out_t.detach().numpy(), out_j) < 1e-5
+    assert _rel(out_j, closed) < 1e-5  # and both equal the closed form W0 + ΔW(φ)
+    assert _rel(ours(phi, "lora"), out_j) > 1e-3  # not trivially plain LoRA
+
+    grads = jax.grad(lambda p: jnp.sum(ours(p) * w))(phi)
+    for path, g in ad.adapter_layers(grads).items():
+        mod = net.get_submodule("base_model.model." + TBL.hf_path(path)).inner
+        np.testing.assert_allclose(
+            mod.lora_A["default"].weight.grad.numpy().T, g["A"], rtol=2e-4, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            mod.lora_B["default"].weight.grad.numpy().T, g["B"], rtol=2e-4, atol=1e-6
+        )
+
+
+def test_torch_whole_model_linearization_equals_ours():
+    import torch
+
+    from benchmarks import torch_baseline as TBL
+
+    cfg, module, params, lcfg, phi0, phi, net = _tiny_clip_pair(attn="eager")
+    _load(net, phi0, wrapped=False)
+    net._phi0 = {k: p.detach().clone() for k, p in net.named_parameters() if p.requires_grad}
+    _load(net, phi, wrapped=False)
+    arrays = MD.synthetic_arrays("clip", 3, MD.TINY_SHAPES, cfg)
+    head = TBL.clip_head(cfg, torch.device("cpu"))
+    batch = TBL.torch_batch("clip", arrays, cfg, torch.device("cpu"))
+    with torch.no_grad():
+        out_t = TBL.linearized_readout(net, TBL.clip_readout(head), batch).numpy()
+
+    tm = MD.clip_task_model(module, params, 32)
+    tm = dataclasses.replace(
+        tm, head={"classes": jnp.asarray(head["classes"].numpy()), "logit_scale": jnp.log(100.0)}
+    )
+    spec = M.AdapterSpec("l_lora_model", lcfg)
+    out_j = M.forward(tm, spec, phi, phi0, MD.with_weight(arrays))["logits"]
+    assert _rel(out_t, out_j) < 1e-4
+
+
+def test_peft_layers_are_selected_by_lora_layer_type():
+    pytest.importorskip("peft")
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    from benchmarks import torch_baseline as TBL
+
+    cfg = MD.hf_config("t5", tiny=True)
+    net = TBL.add_lora(TBL.hf_model("t5", cfg), "t5")
+    n_lora = sum(isinstance(m, LoraLayer) for m in net.modules())
+    # q and v of every encoder self-attention and decoder self- and cross-attention.
+    assert n_lora == 2 * (cfg.num_layers + 2 * cfg.num_decoder_layers)
+    assert TBL.linearize_lora_layers(net) == n_lora
+    wrapped = [m for m in net.modules() if isinstance(m, TBL.Linearized)]
+    assert len(wrapped) == n_lora and all(isinstance(w.inner, LoraLayer) for w in wrapped)
+    # The trap the type test avoids: peft's lora.Linear is no nn.Linear.
+    assert not any(isinstance(w.inner, torch.nn.Linear) for w in wrapped)
+
+
+# ----------------------------------------------------------------------------- plans, report
+
+
+def test_areas_and_presets():
+    assert P.resolve_areas("torch,grid") == ["torch_train", "torch_grid", "grid"]
+    with pytest.raises(ValueError, match="unknown benchmark area 'trian'"):
+        P.resolve_areas("trian")
+    default = P.make_plan("default")
+    names = {c.name for c in default.train}
+    assert "train/clip/lora/bf16/b256" in names  # the MFU target's configuration
+    assert {c.name for c in default.torch_train} <= names  # every torch case has our twin
+    assert P.filter_models(default, ["t5"]).grid_models == ("t5",)
+
+
+def _m(name, area, config, median, **derived):
+    return {
+        "name": name,
+        "area": area,
+        "config": config,
+        "median": median,
+        "derived": derived,
+        "ratios": {},
+        "error": None,
+    }
+
+
+def test_finalize_computes_ratios_and_targets():
+    case = {"model": "clip", "precision": "bf16", "batch": 256}
+    ms = [
+        _m("peak/matmul/bf16", "peak", {}, 1.0, flop_per_s=100.0),
+        _m(
+            "train/clip/lora/bf16/b256",
+            "train",
+            {**case, "method": "lora"},
+            1.0,
+            flops_analytic=50.0,
+            peak_bytes=100,
+        ),
+        _m(
+            "train/clip/l_lora/bf16/b256",
+            "train",
+            {**case, "method": "l_lora"},
+            1.2,
+            flops_analytic=51.0,
+            peak_bytes=105,
+        ),
+        _m("torch_train/clip/lora/bf16/b256", "torch_train", {**case, "method": "lora"}, 3.0),
+        _m(
+            "grid/clip/lora/batched/K21",
+            "grid",
+            {"model": "clip", "method": "lora", "K": 21, "path": "batched"},
+            2.1,
+            seconds_per_model=0.1,
+        ),
+        _m(
+            "grid/clip/lora/one_at_a_time/K21",
+            "grid",
+            {"model": "clip", "method": "lora", "K": 21, "path": "one_at_a_time"},
+            1.5,
+            seconds_per_model=1.5,
+        ),
+        _m("disentangle/t5/l_lora/G21", "disentangle", {"G": 21}, 42.0),
+    ]
+    targets = {t["target"]: t for t in R.finalize(ms)}
+    lora, l_lora = ms[1], ms[2]
+    assert lora["derived"]["mfu_analytic"] == pytest.approx(0.5)
+    assert l_lora["ratios"]["time_over_lora"] == pytest.approx(1.2)
+    assert lora["ratios"]["speedup_vs_torch"] == pytest.approx(3.0)
+    assert ms[4]["ratios"]["speedup_vs_one_at_a_time"] == pytest.approx(15.0)
+    assert targets["l_lora_step"]["pass"] is False  # 1.2 > 1.15
+    assert targets["l_lora_memory"]["pass"] is True  # 1.05 <= 1.1
+    assert targets["vs_peft"]["pass"] is True
+    assert targets["mfu"]["pass"] is True
+    assert targets["batched_grid"]["pass"] is True
+    assert targets["disentangle"]["pass"] is True
+    assert targets["scaling"]["pass"] is None  # not measured
+    assert "PASS" in R.table(ms, list(targets.values()))
+
+
+# ----------------------------------------------------------------------------- the tiny run
+
+
+def test_tiny_run_writes_every_area_with_the_documented_fields(tiny_run):
+    res = tiny_run()
+    for key in ("command", "date", "device", "versions", "measurements", "targets", "plan"):
+        assert key in res
+    assert res["versions"]["jax"] and res["versions"]["torch"]
+    ms = res["measurements"]
+    have_peft = res["versions"]["peft"] is not None
+    for m in ms:
+        assert set(MEASUREMENT_FIELDS) <= set(m), m["name"]
+        assert m["device"] and m["versions"]["jax"]
+        if m["error"]:
+            assert m["area"].startswith("torch") and not have_peft, m["error"]
+            continue
+        assert 0 < m["p10"] <= m["median"] <= m["p90"], m["name"]
+    areas = {m["area"] for m in ms}
+    assert {
+        "peak",
+        "train",
+        "pipeline",
+        "scaling",
+        "grid",
+        "disentangle",
+        "torch_train",
+        "torch_grid",
+    } <= areas
+    by = {m["name"]: m for m in ms}
+    lora = by["train/clip/lora/fp32/b2"]
+    assert lora["derived"]["examples_per_s"] > 0 and lora["derived"]["peak_bytes"] > 0
+    assert lora["derived"]["mfu_analytic"] > 0
+    assert "time_over_lora" in by["train/clip/l_lora/fp32/b2"]["ratios"]
+    if have_peft:
+        assert lora["ratios"]["speedup_vs_torch"] > 0
+        assert by["torch_train/clip/l_lora/fp32/b2"]["derived"]["linearized_layers"] == 4
+    assert by["scaling/clip/lora/fp32/n2"]["ratios"]["scaling"] > 0
+    assert by["pipeline/clip/e2e"]["ratios"]["headroom_prefetch"] > 0
+    assert by["disentangle/t5/l_lora/G3"]["derived"]["xi_shape"] == [3, 3]
+    kinds = {t["target"] for t in res["targets"]}
+    assert {"l_lora_step", "l_lora_memory", "batched_grid", "disentangle", "scaling"} <= kinds
+    assert have_peft <= ("vs_peft" in kinds)
+
+
+def test_tiny_flops_agree_with_xla(tiny_run):
+    trains = [m for m in tiny_run()["measurements"] if m["area"] == "train"]
+    assert len(trains) == 5
+    for m in trains:
+        # Tiny widths (32) make norms/softmax/loss a larger share than at real size.
+        assert 0.95 < m["derived"]["flops_xla_over_analytic"] < 1.8, m["name"]
+
+
+def test_batched_grid_predictions_equal_one_at_a_time(tiny_run):
+    singles = [
+        m
+        for m in tiny_run()["measurements"]
+        if m["area"] == "grid" and m["config"]["path"] == "one_at_a_time"
+    ]
+    assert {m["config"]["method"] for m in singles} == {"lora", "l_lora_model"}
+    for m in singles:
+        d = m["derived"]
+        assert d["compared_models"] >= 1
+        assert d["agreement_with_batched"] == 1.0, m["name"]
+        assert d["distinct_prediction_rows"] > 1  # the merged models really differ
+        assert d["extrapolated"] == (m["config"]["K"] > d["timed_models"])
