@@ -38,8 +38,10 @@ def base_study(name: str, config: str, config_arg: str = "") -> Any:
 
     Fields: name, config (+ config_arg, overrides as (dotted key, value) pairs), tasks
     ([] = every text task of the data directory), methods, seeds, learning_rates,
-    fusion (+ fusion_grids: name -> list of hparam dicts; absent = the method's default
-    grid), max_subset (0 = all sizes), lorahub_budget, isolation_p, pairs,
+    lr_sweep_seeds (sweep the learning rates on these seeds only and reuse the choice per
+    (method, task) for the other seeds; [] = every seed), fusion (+ fusion_grids: name ->
+    list of hparam dicts, absent = the method's default grid; fusion_subsets: name -> "all",
+    "pairs+full" or "full"), max_subset (0 = all sizes), lorahub_budget, isolation_p, pairs,
     disentangle_grid, disentangle_examples, eval_batch_size, progress.
     """
     from ml_collections import ConfigDict
@@ -53,7 +55,9 @@ def base_study(name: str, config: str, config_arg: str = "") -> Any:
     s.methods = ["full", "lora", "l_lora", "l_lora_model"]
     s.seeds = [0, 1, 2]
     s.learning_rates = [1e-4]
+    s.lr_sweep_seeds = []  # [] = sweep every seed; else sweep these, reuse their choice
     s.fusion = list(DEFAULT_FUSION)
+    s.fusion_subsets = {}  # name -> "all" (default) | "pairs+full" | "full"
     s.fusion_grids = {}
     s.max_subset = 0
     s.lorahub_budget = 40
@@ -186,16 +190,21 @@ def run_study_file(
     return run_study(s, Path(out or s.get("out", f"runs/{s.name}")))
 
 
-def _finetune_all(s, out: Path, tasks: list[str], cache: X.BackboneCache) -> dict:
+def _finetune_all(s, out: Path, tasks: list[str], cache: X.BackboneCache, exps: dict) -> dict:
     """Fine-tune (or find finished) runs; pick the best learning rate per run on validation."""
     chosen: dict = {}
-    lrs = list(s.learning_rates)
-    total = len(s.methods) * len(s.seeds) * len(tasks) * len(lrs)
+    chosen_lr: dict = {}
+    sweep_seeds = [int(x) for x in s.get("lr_sweep_seeds", [])] or [int(x) for x in s.seeds]
+    seeds = sweep_seeds + [int(x) for x in s.seeds if int(x) not in sweep_seeds]
+    lrs_all = [float(x) for x in s.learning_rates]
+    n_sweep = len(sweep_seeds) * len(lrs_all) + (len(seeds) - len(sweep_seeds))
+    total = len(s.methods) * len(tasks) * n_sweep
     i = 0
     for method in s.methods:
-        for seed in s.seeds:
+        for seed in seeds:
             for task in tasks:
                 best = None
+                lrs = lrs_all if seed in sweep_seeds else [chosen_lr[(method, task)]]
                 for lr in lrs:
                     i += 1
                     wd = out / "runs" / f"seed{seed}" / task / f"{method}-lr{lr:g}"
@@ -208,16 +217,18 @@ def _finetune_all(s, out: Path, tasks: list[str], cache: X.BackboneCache) -> dic
                         c.optim.learning_rate = float(lr)
                         X.run_finetune(c, wd, cache, progress=s.get("progress", True))
                     metrics = json.loads((wd / "metrics.json").read_text())
-                    score = _val_score(metrics)
+                    score = _val_score(metrics, exps[task].primary_metric)
                     if best is None or score > best[0]:
-                        best = (score, wd)
+                        best = (score, wd, lr)
                 chosen[(method, seed, task)] = best[1]
+                if seed in sweep_seeds and seed == sweep_seeds[0]:
+                    chosen_lr[(method, task)] = best[2]
     return chosen
 
 
-def _val_score(metrics: dict) -> float:
-    prim = metrics.get("primary_metric", "accuracy")
-    return float(metrics.get(f"val/{prim}", metrics.get("val/accuracy", float("nan"))))
+def _val_score(metrics: dict, primary: str) -> float:
+    value = float(metrics.get(f"val/{primary}", metrics.get("val/accuracy", float("nan"))))
+    return value if value == value else float("-inf")  # NaN never wins
 
 
 def _experiments(s, tasks: list[str], cache: X.BackboneCache) -> dict[str, X.Experiment]:
@@ -239,7 +250,7 @@ def run_study(s: Any, out: Path) -> Path:
     _log(f"{s.name}: tasks {tasks}, methods {list(s.methods)}, seeds {list(s.seeds)} -> {out}")
     cache = X.BackboneCache()
     exps = _experiments(s, tasks, cache)  # fails early on missing data
-    chosen = _finetune_all(s, out, tasks, cache)
+    chosen = _finetune_all(s, out, tasks, cache, exps)
 
     results: dict = {
         "study": s.name,
@@ -326,7 +337,13 @@ def _fusion(s, results, method, seed, members, tasks, done, cache_path) -> None:
     from tqdm.auto import tqdm
 
     max_size = int(s.get("max_subset", 0)) or None
-    jobs = [(f, sub) for f in s.fusion for sub in F.subsets(tasks, 2, max_size)]
+    which = dict(s.get("fusion_subsets", {}))
+    jobs = []
+    for f in s.fusion:
+        for sub in F.subsets(tasks, 2, max_size):
+            kind = which.get(f, "all")
+            if kind == "all" or len(sub) == len(tasks) or (kind == "pairs+full" and len(sub) == 2):
+                jobs.append((f, sub))
     grids = dict(s.get("fusion_grids", {}))
     bar = tqdm(jobs, desc=f"fusion {method} seed {seed}", disable=not s.get("progress", True))
     for name, sub in bar:

@@ -30,7 +30,7 @@ from benchmarks import models as MD
 from benchmarks import plans as P
 from benchmarks import report as R
 from benchmarks import train_bench as TB
-from benchmarks.common import MEASUREMENT_FIELDS
+from benchmarks.common import MEASUREMENT_FIELDS, measurement
 from llora_jax import adapters as ad
 from llora_jax import model as M
 from llora_jax.backbones import clip
@@ -145,8 +145,8 @@ def _load(net, phi, wrapped: bool):
         for path, layer in ad.adapter_layers(phi).items():
             mod = net.get_submodule("base_model.model." + TBL.hf_path(path))
             mod = mod.inner if wrapped else mod
-            mod.lora_A["default"].weight.copy_(torch.from_numpy(np.asarray(layer["A"]).T))
-            mod.lora_B["default"].weight.copy_(torch.from_numpy(np.asarray(layer["B"]).T))
+            mod.lora_A["default"].weight.copy_(torch.from_numpy(np.array(layer["A"]).T))
+            mod.lora_B["default"].weight.copy_(torch.from_numpy(np.array(layer["B"]).T))
 
 
 def test_torch_l_lora_equals_ours_outputs_and_gradients():
