@@ -237,6 +237,8 @@ def _time_batched(ctx, lam, arrays, st, rec, name, cfg, extra) -> np.ndarray:
         "compile_wall_s_all": extra["compile_wall_s_all"],
         "linear_shortcut": ctx.ev.linear,
     }
+    if extra["warmup_errors"]:  # a failed warm-up compiles (and is timed) here instead
+        derived["warmup_errors"] = extra["warmup_errors"]
     rec.add(measurement(name, AREA, cfg, samples, derived=derived))
     return preds
 

@@ -31,7 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     size = p.add_mutually_exclusive_group()
     size.add_argument("--tiny", action="store_true", help="tiny random models (CPU tests)")
-    size.add_argument("--quick", action="store_true", help="a few configs, ~3 minutes on a GPU")
+    size.add_argument(
+        "--quick", action="store_true", help="a few configs, ~4-5 minutes on one H100"
+    )
     size.add_argument(
         "--full",
         action="store_true",
@@ -81,6 +83,8 @@ def make_plan(args: argparse.Namespace) -> P.Plan:
 
 
 def run_jax(plan: P.Plan, areas: list[str], rec: Recorder) -> None:
+    import jax
+
     from benchmarks import flops as FL
     from benchmarks import grid_bench as GB
     from benchmarks import pipeline_bench as PB
@@ -146,8 +150,6 @@ def run_jax(plan: P.Plan, areas: list[str], rec: Recorder) -> None:
                     runners=kept,
                 )
     kept.clear()
-    import jax
-
     # Scaling needs >= 2 devices; on one there is nothing to compare (the target says n/a).
     if "scaling" in areas and plan.scaling_model in plan.models and jax.device_count() > 1:
         with area("scaling"):

@@ -45,14 +45,25 @@ def _bind(tm: M.TaskModel, frozen: dict) -> M.TaskModel:
     return dataclasses.replace(tm, params=frozen["params"], head=frozen["head"])
 
 
+_PREDICT_FNS: dict = {}
+
+
 def make_predict_fn(tm: M.TaskModel, spec: M.AdapterSpec) -> Callable:
-    """jit(trainable, frozen, batch) -> predictions (B,)."""
+    """jit(trainable, frozen, batch) -> predictions (B,).
+
+    Cached per model functions and spec: the frozen weights and head are arguments,
+    so every task model with the same functions reuses one compiled program.
+    """
+    key = (tm.module, tm.readout, tm.loss, tm.predict, spec)
+    if key in _PREDICT_FNS:
+        return _PREDICT_FNS[key]
 
     def fn(trainable, frozen, batch):
         out = M.forward(_bind(tm, frozen), spec, trainable, frozen["phi0"], batch)
         return tm.predict(out, batch)
 
-    return jax.jit(fn)
+    _PREDICT_FNS[key] = jax.jit(fn)
+    return _PREDICT_FNS[key]
 
 
 def predict(

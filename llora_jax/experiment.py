@@ -65,6 +65,18 @@ class BackboneCache:
         return self._items[key]
 
 
+def _lora_fields(c: Any) -> dict:
+    out = dict(
+        rank=int(c.lora.rank),
+        alpha=float(c.lora.alpha),
+        dropout=float(c.lora.dropout),
+        init_b=str(c.lora.init_b),
+    )
+    if tuple(c.lora.targets):
+        out["targets"] = tuple(c.lora.targets)
+    return out
+
+
 def lora_config(c: Any, default_targets: tuple[str, ...]) -> LoraConfig:
     return LoraConfig(
         rank=int(c.lora.rank),
@@ -194,12 +206,20 @@ def run_finetune(
     cache: BackboneCache | None = None,
     progress: bool = True,
     mesh: Any = None,
+    exp: Experiment | None = None,
 ) -> dict:
     """Fine-tune one task as configured; writes checkpoints, metrics and the task vector.
 
+    ``exp``: an already built experiment of this task and config (a study reuses one
+    per task: data, tokenisation and heads do not depend on method, seed or rate).
     Returns the final metrics ({"val/...": ..., "test/...": ...}).
     """
-    exp = build(c, cache)
+    if exp is None:
+        exp = build(c, cache)
+    else:
+        exp = dataclasses.replace(
+            exp, spec=M.AdapterSpec(c.method, dataclasses.replace(exp.spec.lora, **_lora_fields(c)))
+        )
     bs = int(c.eval_batch_size)
 
     def final_eval(trainable, phi0):

@@ -215,7 +215,9 @@ def _finetune_all(s, out: Path, tasks: list[str], cache: X.BackboneCache, exps: 
                         c = load_config(s.config, s.get("config_arg", ""), dict(s.overrides))
                         c.task, c.method, c.seed = task, method, int(seed)
                         c.optim.learning_rate = float(lr)
-                        X.run_finetune(c, wd, cache, progress=s.get("progress", True))
+                        X.run_finetune(
+                            c, wd, cache, progress=s.get("progress", True), exp=exps[task]
+                        )
                     metrics = json.loads((wd / "metrics.json").read_text())
                     score = _val_score(metrics, exps[task].primary_metric)
                     if best is None or score > best[0]:
