@@ -56,6 +56,7 @@ def base_study(name: str, config: str, config_arg: str = "") -> Any:
     s.seeds = [0, 1, 2]
     s.learning_rates = [1e-4]
     s.lr_sweep_seeds = []  # [] = sweep every seed; else sweep these, reuse their choice
+    s.analysis_seeds = []  # [] = fuse and disentangle every seed; else only these
     s.fusion = list(DEFAULT_FUSION)
     s.fusion_subsets = {}  # name -> "all" (default) | "pairs+full" | "full"
     s.fusion_grids = {}
@@ -271,6 +272,9 @@ def run_study(s: Any, out: Path) -> Path:
     }
     cache_path = out / "fusion_cache.json"
     done = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    # Fusion and disentanglement (the expensive part) run for analysis_seeds (default: all);
+    # results already in the cache are reported for every seed.
+    analysis = [int(x) for x in s.get("analysis_seeds", [])] or [int(x) for x in s.seeds]
     for method in s.methods:
         for seed in s.seeds:
             members = {}
@@ -286,18 +290,24 @@ def run_study(s: Any, out: Path) -> Path:
                 }
                 results["runs"].setdefault(method, {}).setdefault(task, {})[str(seed)] = str(wd)
             _interference(s, results, method, seed, members, tasks)
-            _fusion(s, results, method, seed, members, tasks, done, cache_path)
-            _disentangle(s, results, method, seed, members, done, cache_path)
+            compute = int(seed) in analysis
+            _fusion(s, results, method, seed, members, tasks, done, cache_path, compute)
+            _disentangle(s, results, method, seed, members, done, cache_path, compute)
+            _write_results(results, out)  # after every block: an interrupted study keeps it
+    path, rep = _write_results(results, out)
+    _log(f"results: {path}")
+    _log(f"report:  {rep}")
+    return path
+
+
+def _write_results(results: dict, out: Path) -> tuple[Path, Path]:
+    from llora_jax import report
+
     path = out / "results.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1, default=float))
     os.replace(tmp, path)
-    from llora_jax import report
-
-    rep = report.write_report(results, out)
-    _log(f"results: {path}")
-    _log(f"report:  {rep}")
-    return path
+    return path, report.write_report(results, out)
 
 
 def _interference(s, results, method, seed, members, tasks) -> None:
@@ -335,7 +345,7 @@ def _save_cache(done: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _fusion(s, results, method, seed, members, tasks, done, cache_path) -> None:
+def _fusion(s, results, method, seed, members, tasks, done, cache_path, compute=True) -> None:
     from tqdm.auto import tqdm
 
     max_size = int(s.get("max_subset", 0)) or None
@@ -350,6 +360,8 @@ def _fusion(s, results, method, seed, members, tasks, done, cache_path) -> None:
     bar = tqdm(jobs, desc=f"fusion {method} seed {seed}", disable=not s.get("progress", True))
     for name, sub in bar:
         key = f"fusion|{method}|{seed}|{name}|{F.subset_key(sub)}"
+        if key not in done and not compute:
+            continue
         if key not in done:
             grid = grids.get(name)
             done[key] = F.fuse_subset(
@@ -366,7 +378,7 @@ def _fusion(s, results, method, seed, members, tasks, done, cache_path) -> None:
         )[str(seed)] = done[key]
 
 
-def _disentangle(s, results, method, seed, members, done, cache_path) -> None:
+def _disentangle(s, results, method, seed, members, done, cache_path, compute=True) -> None:
     from llora_jax.disentangle import disentanglement_error
 
     grid = [float(x) for x in s.disentangle_grid]
@@ -376,6 +388,8 @@ def _disentangle(s, results, method, seed, members, done, cache_path) -> None:
             continue
         pk = "+".join(pair)
         key = f"xi|{method}|{seed}|{pk}"
+        if key not in done and not compute:
+            continue
         if key not in done:
             _log(f"disentanglement {method} seed {seed} {pk} ({len(grid)}x{len(grid)})")
             xi = disentanglement_error(

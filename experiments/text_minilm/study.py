@@ -30,8 +30,14 @@ def get_study(arg=None):
     # validation (per method and task) is reused for seeds 1 and 2.
     s.learning_rates = [1e-4, 1e-3]
     s.lr_sweep_seeds = [0]
-    # All subsets for the grid methods; the costlier searches on pairs and the full set.
-    s.fusion_subsets = {"dare": "pairs+full", "isolation": "pairs+full", "lorahub": "full"}
+    s.methods = ["lora", "l_lora", "l_lora_model", "full"]
+    # Fusion and disentanglement on seed 0 (what one GPU session's device time allowed);
+    # single-task scores and cosine similarities on every seed.
+    s.analysis_seeds = [0]
+    # Task arithmetic on every subset; TIES and averaging on pairs and the full set; the
+    # costlier searches on the full set (what one GPU session's device time allowed).
+    s.fusion_subsets = {"average": "pairs+full", "ties": "pairs+full", "dare": "full",
+                        "isolation": "full", "lorahub": "full"}
     s.fusion_grids = {
         "task_arithmetic": [{"lam": lam} for lam in _lams()],
         "ties": [{"k": k, "lam": lam} for k in (0.25, 0.5, 1.0) for lam in _lams()],
