@@ -78,6 +78,20 @@ def get_study(arg=None):
         s.disentangle_grid = [-2.0, -1.0, 0.0, 1.0, 2.0]
         s.disentangle_examples = 32
         s.eval_batch_size = 64
+    elif arg == "cpu":
+        # The largest form that fits a 2-core CPU in about half an hour: the demo's sizes,
+        # three seeds, every subset of three tasks, two disentanglement pairs.
+        demo = get_study("demo")
+        for k in ("overrides", "methods", "learning_rates", "fusion", "fusion_grids",
+                  "disentangle_grid", "disentangle_examples", "eval_batch_size"):
+            s[k] = demo[k]
+        s.name = "text_minilm_cpu"
+        s.tasks = ["cola", "mrpc", "sst2"]
+        s.seeds = [0, 1, 2]
+        s.lr_sweep_seeds = []
+        s.analysis_seeds = []
+        s.fusion_subsets = {}
+        s.pairs = [("cola", "mrpc"), ("mrpc", "sst2")]
     elif arg == "tiny":
         s.name = "tiny"
         s.config_arg = "tiny"
@@ -98,5 +112,5 @@ def get_study(arg=None):
         s.eval_batch_size = 8
         s.progress = False
     elif arg:
-        raise ValueError(f"unknown study argument {arg!r}; use '', 'demo' or 'tiny'")
+        raise ValueError(f"unknown study argument {arg!r}; use '', 'demo', 'cpu' or 'tiny'")
     return s
