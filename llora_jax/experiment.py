@@ -43,6 +43,9 @@ class Experiment:
     metric_fn: Callable[[np.ndarray, dict[str, np.ndarray]], dict]
     task_spec: Any
     primary_metric: str = "accuracy"
+    # Optional second readout at the end of a run: (trainable, phi0, split) -> metrics
+    # (T5: greedy generation + exact match, beside label-word scoring).
+    extra_eval: Callable[[Any, Any, str], dict] | None = None
 
 
 class BackboneCache:
@@ -227,6 +230,9 @@ def run_finetune(
         for split, prefix in (("validation", "val"), ("test", "test")):
             for k, v in evaluate_split(exp, trainable, phi0, split, bs).items():
                 out[f"{prefix}/{k}"] = v
+            if exp.extra_eval is not None:
+                for k, v in exp.extra_eval(trainable, phi0, split).items():
+                    out[f"{prefix}/{k}"] = v
         return out
 
     def periodic(trainable, phi0):

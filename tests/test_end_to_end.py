@@ -87,7 +87,11 @@ def _check_run(wd, method):
 def test_t5_text_to_text_finetune(tmp_path, words):
     path = TM.tiny_t5(tmp_path / "t5", words)
     c = _config(path, "t5.py", "base,tiny", task="rte", method="l_lora")
-    _check_run(X.run_finetune(c, tmp_path / "run", progress=False) and tmp_path / "run", "l_lora")
+    X.run_finetune(c, tmp_path / "run", progress=False)
+    _, metrics = _check_run(tmp_path / "run", "l_lora")
+    # Both readouts are reported: label-word scoring and greedy generation + exact match.
+    assert {"test/gen_accuracy", "test/gen_num_invalid"} <= set(metrics)
+    assert 0.0 <= metrics["test/gen_accuracy"] <= 1.0
     # Label-word scoring makes a valid class prediction for every example.
     exp = X.build(c)
     assert exp.arrays["test"]["labels"].shape[1] == c.data.target_len
@@ -195,8 +199,9 @@ def _tiny_study(name, overrides, tmp_path):
 
 def test_reproduce_t5_tiny_mode(tmp_path, words):
     path = TM.tiny_t5(tmp_path / "t5", words)
-    _tiny_study("flan_t5_base", [("backbone", str(path)), ("data.data_dir", str(data_dir()))],
-                tmp_path)
+    _tiny_study(
+        "flan_t5_base", [("backbone", str(path)), ("data.data_dir", str(data_dir()))], tmp_path
+    )
 
 
 def test_reproduce_clip_tiny_mode_on_mock_and_local_data(tmp_path):
@@ -208,5 +213,6 @@ def test_reproduce_clip_tiny_mode_on_mock_and_local_data(tmp_path):
     path = TM.tiny_clip(tmp_path / "clip", names)
     # gtsrb comes from the local npz, svhn from tfds (mocked: no network here).
     with tfds.testing.mock_data(num_examples=40):
-        _tiny_study("clip_vit_b16", [("backbone", str(path)), ("data.data_dir", str(data_dir()))],
-                    tmp_path)
+        _tiny_study(
+            "clip_vit_b16", [("backbone", str(path)), ("data.data_dir", str(data_dir()))], tmp_path
+        )

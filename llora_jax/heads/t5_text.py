@@ -147,6 +147,36 @@ def generate_metrics(
     return compute_metrics(spec, texts, labels)
 
 
+def generation_eval(exp: Any, tokenizer: Any, target_len: int, batch_size: int):
+    """(trainable, phi0, split) -> {"gen_accuracy", ...}: greedy decoding of the model with
+    its adapter merged into the weights (``full``: the trained weights). ``l_lora_model``
+    has no weight-space form, so it is scored by label words only."""
+    from llora_jax import adapters as ad
+
+    def run(trainable: Any, phi0: Any, split: str) -> dict:
+        method = exp.spec.method
+        if method == "l_lora_model":
+            return {}
+        if method == "full":
+            params = M.merge_full(exp.tm.params, trainable)
+        else:
+            params = ad.merge_into_params(
+                exp.tm.params, trainable, exp.spec.lora.scale, phi0=phi0, mode=method
+            )
+        got = generate_metrics(
+            exp.tm,
+            exp.task_spec,
+            params,
+            tokenizer,
+            exp.arrays[split],
+            max_new_tokens=target_len,
+            batch_size=batch_size,
+        )
+        return {f"gen_{k}": v for k, v in got.items() if k != "num_examples"}
+
+    return run
+
+
 def build_experiment(c: Any, bb: Any, tok: Any, splits: dict) -> Any:
     from llora_jax.backbones import t5
     from llora_jax.experiment import Experiment, _limit, lora_config
@@ -167,7 +197,7 @@ def build_experiment(c: Any, bb: Any, tok: Any, splits: dict) -> Any:
         )
         for s, d in splits.items()
     }
-    return Experiment(
+    exp = Experiment(
         task=spec.name,
         tm=task_model(bb, tok, spec, target_len=int(c.data.target_len)),
         spec=M.AdapterSpec(c.method, lora_config(c, t5.DEFAULT_LORA_TARGETS)),
@@ -176,3 +206,5 @@ def build_experiment(c: Any, bb: Any, tok: Any, splits: dict) -> Any:
         task_spec=spec,
         primary_metric=spec.primary_metric,
     )
+    exp.extra_eval = generation_eval(exp, tok, int(c.data.target_len), int(c.eval_batch_size))
+    return exp
