@@ -97,8 +97,8 @@ bench: install-test ## speed: train steps, merge grids, vs PyTorch; JSON in benc
 	$(PY) -m benchmarks.run $(ARGS)
 
 lint: install-test ## ruff check + ruff format --check
-	$(VENV)/bin/ruff check llora_jax tests configs benchmarks
-	$(VENV)/bin/ruff format --check llora_jax tests configs benchmarks
+	$(VENV)/bin/ruff check llora_jax tests configs benchmarks experiments
+	$(VENV)/bin/ruff format --check llora_jax tests configs benchmarks experiments
 
 format: install-test ## apply ruff format and autofixes
 	$(VENV)/bin/ruff format llora_jax tests configs benchmarks

@@ -36,8 +36,13 @@ def get_study(arg=None):
     s.analysis_seeds = [0]
     # Task arithmetic on every subset; TIES and averaging on pairs and the full set; the
     # costlier searches on the full set (what one GPU session's device time allowed).
-    s.fusion_subsets = {"average": "pairs+full", "ties": "pairs+full", "dare": "full",
-                        "isolation": "full", "lorahub": "full"}
+    s.fusion_subsets = {
+        "average": "pairs+full",
+        "ties": "pairs+full",
+        "dare": "full",
+        "isolation": "full",
+        "lorahub": "full",
+    }
     s.fusion_grids = {
         "task_arithmetic": [{"lam": lam} for lam in _lams()],
         "ties": [{"k": k, "lam": lam} for k in (0.25, 0.5, 1.0) for lam in _lams()],
@@ -82,8 +87,16 @@ def get_study(arg=None):
         # The largest form that fits a 2-core CPU in about half an hour: the demo's sizes,
         # three seeds, every subset of three tasks, two disentanglement pairs.
         demo = get_study("demo")
-        for k in ("overrides", "methods", "learning_rates", "fusion", "fusion_grids",
-                  "disentangle_grid", "disentangle_examples", "eval_batch_size"):
+        for k in (
+            "overrides",
+            "methods",
+            "learning_rates",
+            "fusion",
+            "fusion_grids",
+            "disentangle_grid",
+            "disentangle_examples",
+            "eval_batch_size",
+        ):
             s[k] = demo[k]
         s.name = "text_minilm_cpu"
         s.tasks = ["cola", "mrpc", "sst2"]
