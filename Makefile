@@ -101,8 +101,8 @@ lint: install-test ## ruff check + ruff format --check
 	$(VENV)/bin/ruff format --check llora_jax tests configs benchmarks experiments
 
 format: install-test ## apply ruff format and autofixes
-	$(VENV)/bin/ruff format llora_jax tests configs benchmarks
-	$(VENV)/bin/ruff check --fix llora_jax tests configs benchmarks
+	$(VENV)/bin/ruff format llora_jax tests configs benchmarks experiments
+	$(VENV)/bin/ruff check --fix llora_jax tests configs benchmarks experiments
 
 clean: ## remove the virtual environment and outputs
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache
