@@ -54,7 +54,7 @@ def make_predict_fn(tm: M.TaskModel, spec: M.AdapterSpec) -> Callable:
     Cached per model functions and spec: the frozen weights and head are arguments,
     so every task model with the same functions reuses one compiled program.
     """
-    key = (tm.module, tm.readout, tm.loss, tm.predict, spec)
+    key = M.functions_key(tm, spec)
     if key in _PREDICT_FNS:
         return _PREDICT_FNS[key]
 

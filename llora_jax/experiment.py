@@ -81,13 +81,7 @@ def _lora_fields(c: Any) -> dict:
 
 
 def lora_config(c: Any, default_targets: tuple[str, ...]) -> LoraConfig:
-    return LoraConfig(
-        rank=int(c.lora.rank),
-        alpha=float(c.lora.alpha),
-        dropout=float(c.lora.dropout),
-        targets=tuple(c.lora.targets) or tuple(default_targets),
-        init_b=str(c.lora.init_b),
-    )
+    return LoraConfig(**({"targets": tuple(default_targets)} | _lora_fields(c)))
 
 
 def optim_config(c: Any) -> TR.OptimConfig:

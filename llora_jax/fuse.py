@@ -16,11 +16,11 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 from llora_jax import evaluate as E
 from llora_jax import fusion
+from llora_jax import model as M
 from llora_jax import tree as T
 from llora_jax.experiment import Experiment
 from llora_jax.task_vectors import TaskVector, check_compatible
@@ -63,7 +63,7 @@ def shared_evaluator(tm: Any, spec: Any, batch_size: int, chunk: int) -> E.GridE
     function — evaluate the same program with different arguments; sharing the
     jitted function avoids recompiling it for each of them.
     """
-    key = (tm.module, tm.readout, tm.loss, tm.predict, spec, batch_size, chunk)
+    key = (*M.functions_key(tm, spec), batch_size, chunk)
     if key not in _EVALUATORS:
         _EVALUATORS[key] = E.GridEvaluator(tm, spec, batch_size, chunk)
     return _EVALUATORS[key]
@@ -114,14 +114,11 @@ def _scores(members, base, phi0, vectors, rows, split, bs, chunk) -> np.ndarray:
 
 def _base(members: Sequence[Member]) -> tuple[PyTree, PyTree | None]:
     """(base, φ0): φ0 for adapters; θ0 restricted to what trained for full fine-tuning."""
-    from llora_jax import model as M
-
     m0 = members[0]
-    base, phi0 = M.init_trainable(m0.exp.tm, m0.exp.spec, jax.random.key(0))
-    if phi0 is not None:
-        phi0 = m0.tv.phi0  # the exact linearization point the vectors were trained from
-        base = phi0
-    return base, phi0
+    if m0.exp.spec.method == "full":
+        return M.full_trainable(m0.exp.tm), None
+    # The exact linearization point the vectors were trained from.
+    return m0.tv.phi0, m0.tv.phi0
 
 
 def fuse_subset(

@@ -125,6 +125,15 @@ def forward(
     return ad.linearized_call(lambda p: with_adapter(p, "lora"), phi0, T.sub(trainable, phi0))
 
 
+def functions_key(tm: TaskModel, spec: AdapterSpec) -> tuple:
+    """What a compiled program of this task model depends on besides its arguments.
+
+    Weights and heads are passed as arguments, so task models that share these
+    functions (e.g. every task of one sentence encoder) can share compiled programs.
+    """
+    return (tm.module, tm.readout, tm.loss, tm.predict, spec)
+
+
 def full_trainable(tm: TaskModel) -> PyTree:
     """The backbone weights that full fine-tuning trains (all, or those matching full_ft_targets)."""
     if not tm.full_ft_targets:

@@ -103,12 +103,6 @@ def param_shardings(
     return jax.tree.map(fit, shardings, shapes)
 
 
-def put_batch(batch: dict, mesh: Mesh) -> dict:
-    """Place this process's slice of a global batch on the mesh (works single- and multi-host)."""
-    sh = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
-
-
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     sh = replicated(mesh)
     return jax.tree.map(lambda x: jax.device_put(x, sh), tree)

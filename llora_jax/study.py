@@ -146,8 +146,17 @@ def environment() -> dict:
             "numpy": np.__version__,
         },
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
+        "command": _command(),
     }
+
+
+def _command() -> str:
+    """The command line, without this machine's paths (results are committed and shared)."""
+    args = list(sys.argv)
+    if args and args[0].endswith("main.py"):
+        args[0] = "python -m llora_jax.main"
+    cwd = os.getcwd() + os.sep
+    return " ".join(a.replace(cwd, "") for a in args)
 
 
 def _log(msg: str) -> None:
@@ -288,7 +297,9 @@ def run_study(s: Any, out: Path) -> Path:
                     "val": {k[4:]: v for k, v in m.items() if k.startswith("val/")},
                     "test": {k[5:]: v for k, v in m.items() if k.startswith("test/")},
                 }
-                results["runs"].setdefault(method, {}).setdefault(task, {})[str(seed)] = str(wd)
+                results["runs"].setdefault(method, {}).setdefault(task, {})[str(seed)] = str(
+                    wd.relative_to(out)
+                )
             _interference(s, results, method, seed, members, tasks)
             compute = int(seed) in analysis
             _fusion(s, results, method, seed, members, tasks, done, cache_path, compute)

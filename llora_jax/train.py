@@ -3,8 +3,9 @@
 Frozen state (backbone θ0, frozen head, φ0) and trainable state (φ, or the
 trained backbone weights for full fine-tuning, plus optimizer state and step)
 are separate arguments; the optimizer only ever sees the trainable part, and
-the train state is donated. Batches are indexed by step (a seeded permutation
-per epoch), so a resumed run sees exactly the batches it would have seen.
+the train state is donated. Batches come from ``data.batches`` (a seeded
+permutation per epoch, resumable at any step), so a resumed run sees exactly the
+batches it would have seen.
 """
 
 from __future__ import annotations
@@ -145,49 +146,6 @@ def init_state(trainable: PyTree, optimizer: optax.GradientTransformation) -> di
 # ----------------------------------------------------------------------------- batches
 
 
-class StepBatches:
-    """Batch ``step`` of a seeded, epoch-wise shuffled pass over in-memory arrays.
-
-    Indexed by step, so resuming at step k gives the same batches as an
-    uninterrupted run. Each process takes its contiguous slice of the global
-    batch (multi-host); the remainder of an epoch is dropped.
-    """
-
-    def __init__(
-        self,
-        arrays: dict[str, np.ndarray],
-        batch_size: int,
-        seed: int,
-        process_index: int | None = None,
-        process_count: int | None = None,
-    ):
-        self.arrays = arrays
-        self.n = len(next(iter(arrays.values())))
-        self.batch_size = batch_size
-        self.seed = seed
-        self.pi = jax.process_index() if process_index is None else process_index
-        self.pc = jax.process_count() if process_count is None else process_count
-        if batch_size % self.pc:
-            raise ValueError(f"batch size {batch_size} is not divisible by {self.pc} processes")
-        if self.n < batch_size:
-            raise ValueError(f"{self.n} training examples are fewer than one batch of {batch_size}")
-        self.per_epoch = self.n // batch_size
-        self._perm_epoch = -1
-        self._perm = None
-
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
-        epoch, i = divmod(step, self.per_epoch)
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            self._perm_epoch = epoch
-        idx = self._perm[i * self.batch_size : (i + 1) * self.batch_size]
-        local = self.batch_size // self.pc
-        idx = idx[self.pi * local : (self.pi + 1) * local]
-        out = {k: np.asarray(v)[idx] for k, v in self.arrays.items()}
-        out.setdefault("weight", np.ones(len(idx), np.float32))
-        return out
-
-
 # ----------------------------------------------------------------------------- loop
 
 
@@ -271,17 +229,7 @@ def finetune(
         }
     # Runs of one study that differ only in data, seed or task (same model functions,
     # optimizer and mesh) share one jitted step, so it compiles once for all of them.
-    key = (
-        tm.module,
-        tm.readout,
-        tm.loss,
-        tm.predict,
-        spec,
-        oc,
-        lc.total_steps,
-        mesh,
-        frozen_shardings is None,
-    )
+    key = (*M.functions_key(tm, spec), oc, lc.total_steps, mesh, frozen_shardings is None)
     step_fn = _STEPS.get(key)
     if step_fn is None:
         step_fn = _STEPS[key] = jax.jit(
@@ -301,7 +249,15 @@ def finetune(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, state_sh
         )
         state = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
-    batches = StepBatches(train_arrays, lc.batch_size, lc.seed)
+    from llora_jax import data
+
+    # Seeded per-epoch permutations, this process's slice of every global batch, resumable
+    # at any step; batches are moved to the devices in a background thread.
+    batches = data.prefetch_to_device(
+        data.batches(train_arrays, lc.batch_size, seed=lc.seed, epochs=None, start_step=start),
+        size=2,
+        sharding=S.batch_sharding(mesh),
+    )
     rng = jax.random.key(lc.seed + 1)
     log_path = workdir / "metrics.jsonl"
 
@@ -313,7 +269,7 @@ def finetune(
     t0, n0 = time.perf_counter(), start
     try:
         for step in range(start, lc.total_steps):
-            batch = S.put_batch(batches(step), mesh)
+            batch = next(batches)
             state, metrics = step_fn(state, frozen, batch, rng)
             done = step + 1
             last = done == lc.total_steps
@@ -341,6 +297,7 @@ def finetune(
             if bar is not None:
                 bar.update(1)
     finally:
+        batches.close()  # stops the prefetch thread
         if bar is not None:
             bar.close()
         mngr.wait_until_finished()

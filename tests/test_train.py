@@ -88,14 +88,25 @@ def test_unknown_method_is_refused():
         M.check_method("qlora")
 
 
-def test_batches_are_indexed_by_step_and_split_across_processes():
+def test_training_batches_are_indexed_by_step_and_split_across_processes():
+    import itertools
+
+    from llora_jax.data import batches
+
     data = {"x": np.arange(100), "label": np.arange(100)}
-    b = TR.StepBatches(data, 10, seed=3)
-    assert np.array_equal(b(7)["x"], TR.StepBatches(data, 10, seed=3)(7)["x"])
-    p0 = TR.StepBatches(data, 10, seed=3, process_index=0, process_count=2)(4)["x"]
-    p1 = TR.StepBatches(data, 10, seed=3, process_index=1, process_count=2)(4)["x"]
-    assert set(p0).isdisjoint(p1) and sorted([*p0, *p1]) == sorted(b(4)["x"])
+
+    def at(step, **kw):
+        it = batches(data, 10, seed=3, epochs=None, start_step=step, **kw)
+        return next(it)["x"]
+
+    b7 = at(7)
+    assert np.array_equal(b7, at(7))  # resuming at step 7 gives the uninterrupted batch
+    full = batches(data, 10, seed=3, epochs=None)
+    assert np.array_equal(next(itertools.islice(full, 7, None))["x"], b7)
+    p0 = at(4, process_index=0, process_count=2)
+    p1 = at(4, process_index=1, process_count=2)
+    assert set(p0).isdisjoint(p1) and sorted([*p0, *p1]) == sorted(at(4))
     # An epoch covers each example at most once.
-    seen = np.concatenate([b(i)["x"] for i in range(10)])
+    seen = np.concatenate([at(i) for i in range(10)])
     assert len(set(seen)) == 100
     assert dataclasses.is_dataclass(TR.LoopConfig())
