@@ -172,6 +172,13 @@ class Recorder:
     def over_budget(self) -> bool:
         return self.deadline is not None and time.time() > self.deadline
 
+    def seconds_left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.time()
+
+    def fits(self, seconds: float) -> bool:
+        """Whether work estimated at ``seconds`` ends before the deadline."""
+        return seconds <= self.seconds_left()
+
     def add(self, m: dict) -> dict:
         m["device"] = m["device"] or self.device
         m["versions"] = self.versions

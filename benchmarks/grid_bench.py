@@ -7,9 +7,12 @@
                   the merge itself jitted once. For K larger than ``one_at_a_time`` models
                   the per-model median is measured on that many and multiplied by K
                   (``derived.extrapolated`` says so);
-* disentanglement: the 21×21 grid of ``disentangle.disentanglement_error`` (G² joint
-                  models + G single-task models on each of two datasets), through
-                  GridEvaluator directly with the same λ grids (no task-vector files).
+* disentanglement: ``dis_bench.py`` (same evaluators, the 21×21 grid).
+
+Order: per model, every method's cheap measurements first, the batched K ≥ 100 grids of
+methods without the linear shortcut last (they are the long ones: ~K× a model's forward).
+Under a time budget such a grid is skipped when its estimate (seconds per model of the
+K = 21 grid × K) would end past the deadline.
 
 Compilation stays out of the timings: every program is first run on one batch, all of a
 model's programs concurrently in ``compile_workers`` threads (XLA compiles outside the
@@ -37,7 +40,6 @@ from llora_jax import evaluate as E
 from llora_jax import model as M
 
 AREA = "grid"
-AREA_DIS = "disentangle"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +56,10 @@ class GridSettings:
     dis_batch: int = 64
     dis_chunk: int = 21
     dis_methods: tuple[str, ...] = ("l_lora", "l_lora_model")
+    dis_one_at_a_time: int = 21  # disentanglement models timed one at a time (extrapolated)
     tau_scale: float = 1.0  # task-vector size (tiny models need large ones to change predictions)
     compile_workers: int = 4
+    big_k: int = 100  # nonlinear batched grids of at least this many models run last
 
 
 def lambda_grid(g: int) -> np.ndarray:
@@ -75,7 +79,7 @@ def pick_lambdas(k: int, g: int) -> np.ndarray:
     return joint[np.linspace(0, len(joint) - 1, k).round().astype(int)]
 
 
-def _take(arrays: dict, n: int) -> dict:
+def take(arrays: dict, n: int) -> dict:
     return {k: v[:n] for k, v in arrays.items()}
 
 
@@ -147,14 +151,29 @@ class MethodCtx:
         )
 
 
-def run(models: list[str], rec: Recorder, *, tiny: bool, settings: GridSettings) -> dict:
+def build_grid_model(model: str, st: GridSettings, tiny: bool, cache: dict | None) -> MD.Built:
+    cache = {} if cache is None else cache
+    key = ("grid", model, st.precision, tiny)
+    if key not in cache:
+        cache[key] = MD.build(model, st.precision, "lora", tiny=tiny)
+    return cache[key]
+
+
+def run(
+    models: list[str],
+    rec: Recorder,
+    *,
+    tiny: bool,
+    settings: GridSettings,
+    cache: dict | None = None,
+) -> dict:
     """Batched vs one-at-a-time merge grids; returns {name: predictions}."""
     st = settings
     preds_out: dict[str, Any] = {}
     for model in models:
-        b = MD.build(model, st.precision, "lora", tiny=tiny)
+        b = build_grid_model(model, st, tiny, cache)
         arrays = MD.synthetic_arrays(model, st.n_examples, b.shapes, b.config, seed=3)
-        one = _take(arrays, st.eval_batch)
+        one = take(arrays, st.eval_batch)
         n_sub = min(max(st.ks), st.one_at_a_time)
         sub = pick_lambdas(n_sub, st.grid_size)  # the same rows as batched K = n_sub
         ctxs = {m: MethodCtx.make(b, m, st, st.eval_batch, st.chunk, seed=1) for m in st.methods}
@@ -165,6 +184,10 @@ def run(models: list[str], rec: Recorder, *, tiny: bool, settings: GridSettings)
         ]
         jobs += [functools.partial(c.single, sub[0], one, st.eval_batch) for c in ctxs.values()]
         compile_wall, errors = warm_all(jobs, st.compile_workers)
+        deferred = []  # (method, K): long batched grids, run last
+        singles: dict[str, tuple] = {}  # method -> (measurements, predictions, sub rows)
+        batched_all: dict[str, dict[int, np.ndarray]] = {}
+        per_model_k21: dict[str, float] = {}
         for method, ctx in ctxs.items():
             base_cfg = {
                 "model": model,
@@ -180,27 +203,18 @@ def run(models: list[str], rec: Recorder, *, tiny: bool, settings: GridSettings)
                 "compile_wall_s_all": compile_wall,
                 "warmup_errors": errors[:2],
             }
-            batched: dict[int, np.ndarray] = {}
+            batched = batched_all.setdefault(method, {})
             for k in st.ks:
-                name = f"grid/{model}/{method}/batched/K{k}"
-                cfg = {**base_cfg, "K": k, "path": "batched"}
-                p = rec.guard(
-                    name,
-                    AREA,
-                    cfg,
-                    _time_batched,
-                    ctx,
-                    pick_lambdas(k, st.grid_size),
-                    arrays,
-                    st,
-                    rec,
-                    name,
-                    cfg,
-                    extra,
-                )
+                if k >= st.big_k and not ctx.ev.linear:
+                    deferred.append((method, k, base_cfg, extra))
+                    continue
+                p = _guarded_batched(ctx, model, method, k, base_cfg, extra, arrays, st, rec)
                 if p is not None:
                     batched[k] = p
                     preds_out[f"{model}/{method}/batched/K{k}"] = p
+                    m = rec.items[-1]
+                    if m["name"].endswith(f"/K{k}") and m.get("median") is not None:
+                        per_model_k21[method] = m["derived"]["seconds_per_model"]
             single = rec.guard(
                 f"grid/{model}/{method}/one_at_a_time",
                 AREA,
@@ -215,8 +229,53 @@ def run(models: list[str], rec: Recorder, *, tiny: bool, settings: GridSettings)
                 batched,
                 extra,
             )
-            preds_out.update(single or {})
+            if single is not None:
+                singles[method] = single
+                preds_out[f"{model}/{method}/one_at_a_time"] = single[1]
+        for method, k, base_cfg, extra in deferred:
+            ctx = ctxs[method]
+            est = per_model_k21.get(method)
+            if est is not None and not rec.fits(1.1 * est * k):
+                rec.add(
+                    measurement(
+                        f"grid/{model}/{method}/batched/K{k}",
+                        AREA,
+                        {**base_cfg, "K": k, "path": "batched"},
+                        error=f"skipped: time budget (estimated {1.1 * est * k:.0f} s, "
+                        f"{rec.seconds_left():.0f} s left)",
+                    )
+                )
+                continue
+            p = _guarded_batched(ctx, model, method, k, base_cfg, extra, arrays, st, rec)
+            if p is None:
+                continue
+            batched_all[method][k] = p
+            preds_out[f"{model}/{method}/batched/K{k}"] = p
+            if method in singles:  # the one-at-a-time models of this K, now comparable
+                _agreement(singles[method], k, p, st)
+                rec.flush()
     return preds_out
+
+
+def _guarded_batched(ctx, model, method, k, base_cfg, extra, arrays, st, rec):
+    name = f"grid/{model}/{method}/batched/K{k}"
+    cfg = {**base_cfg, "K": k, "path": "batched"}
+    lam = pick_lambdas(k, st.grid_size)
+    return rec.guard(name, AREA, cfg, _time_batched, ctx, lam, arrays, st, rec, name, cfg, extra)
+
+
+def _agreement(single: tuple, k: int, ref: np.ndarray, st: GridSettings) -> None:
+    """Fill agreement_with_batched of the one-at-a-time measurement of K from batched ``ref``."""
+    measurements, preds, sub = single
+    rows = {tuple(s): j for j, s in enumerate(sub.tolist())}
+    lam_k = pick_lambdas(k, st.grid_size).tolist()
+    common = [i for i, lk in enumerate(lam_k) if tuple(lk) in rows]
+    m = measurements.get(k)
+    if m is None or not common:
+        return
+    mine = preds[[rows[tuple(lam_k[i])] for i in common]]
+    m["derived"]["agreement_with_batched"] = float(np.mean(mine == ref[common]))
+    m["derived"]["compared_models"] = len(common)
 
 
 def _time_batched(ctx, lam, arrays, st, rec, name, cfg, extra) -> np.ndarray:
@@ -243,7 +302,7 @@ def _time_batched(ctx, lam, arrays, st, rec, name, cfg, extra) -> np.ndarray:
     return preds
 
 
-def _time_single(ctx, sub, arrays, st, rec, base_cfg, batched, extra) -> dict:
+def _time_single(ctx, sub, arrays, st, rec, base_cfg, batched, extra) -> tuple:
     samples, preds = [], []
     for lam in sub:
         t0 = time.perf_counter()
@@ -251,15 +310,8 @@ def _time_single(ctx, sub, arrays, st, rec, base_cfg, batched, extra) -> dict:
         samples.append(time.perf_counter() - t0)
     per_model = float(np.median(samples))
     preds = np.stack(preds)
-    rows = {tuple(s): j for j, s in enumerate(sub.tolist())}
+    out: dict[int, dict] = {}
     for k in st.ks:
-        ref, lam_k = batched.get(k), pick_lambdas(k, st.grid_size).tolist()
-        # Models of this K that were also evaluated one at a time (same λ rows).
-        common = [i for i, lk in enumerate(lam_k) if tuple(lk) in rows]
-        agree = None
-        if ref is not None and common:
-            mine = preds[[rows[tuple(lam_k[i])] for i in common]]
-            agree = float(np.mean(mine == ref[common]))
         derived = {
             "models_per_s": 1.0 / per_model,
             "seconds_per_model": per_model,
@@ -268,91 +320,23 @@ def _time_single(ctx, sub, arrays, st, rec, base_cfg, batched, extra) -> dict:
             "timed_models": len(sub),
             "compile_wall_s_all": extra["compile_wall_s_all"],
             "achieved_flop_per_s": extra["flops_per_model"] / per_model,
-            "agreement_with_batched": agree,
-            "compared_models": len(common),
+            "agreement_with_batched": None,  # filled from the batched grid of this K
+            "compared_models": 0,
             # How much the merged models differ (a grid of identical models proves little).
             "distinct_prediction_rows": int(len(np.unique(preds, axis=0))),
             "distinct_predictions": int(len(np.unique(preds))),
         }
         cfg = {**base_cfg, "K": k, "path": "one_at_a_time", "timed_models": len(sub)}
-        rec.add(
-            measurement(
-                f"grid/{ctx.b.model}/{ctx.spec.method}/one_at_a_time/K{k}",
-                AREA,
-                cfg,
-                samples,
-                derived=derived,
-            )
+        out[k] = measurement(
+            f"grid/{ctx.b.model}/{ctx.spec.method}/one_at_a_time/K{k}",
+            AREA,
+            cfg,
+            samples,
+            derived=derived,
         )
-    return {f"{ctx.b.model}/{ctx.spec.method}/one_at_a_time": preds}
-
-
-# ----------------------------------------------------------------------------- disentanglement
-
-
-def run_disentangle(
-    rec: Recorder, *, tiny: bool, settings: GridSettings, model: str = "t5"
-) -> dict:
-    """Wall time of the G×G disentanglement grid on two datasets of ``dis_examples`` each."""
-    st = settings
-    b = MD.build(model, st.precision, "lora", tiny=tiny)
-    data = [
-        MD.synthetic_arrays(model, st.dis_examples, b.shapes, b.config, seed=s) for s in (11, 12)
-    ]
-    g = lambda_grid(st.grid_size)
-    G = len(g)
-    zeros = np.zeros_like(g)
-    lams = {
-        "joint": joint_lambdas(G),
-        "single1": np.stack([g, zeros], 1),
-        "single2": np.stack([zeros, g], 1),
-    }
-    ctxs = {m: MethodCtx.make(b, m, st, st.dis_batch, st.dis_chunk, seed=2) for m in st.dis_methods}
-    one = _take(data[0], st.dis_batch)
-    jobs = [
-        functools.partial(c.batched, lams[k], one)
-        for c in ctxs.values()
-        for k in ("joint", "single1")
-    ]
-    compile_wall, errors = warm_all(jobs, st.compile_workers)
-    out = {}
-    for method, ctx in ctxs.items():
-        name = f"disentangle/{model}/{method}/G{G}"
-        cfg = {
-            "model": model,
-            "method": method,
-            "precision": st.precision,
-            "G": G,
-            "n_examples_per_dataset": st.dis_examples,
-            "batch": st.dis_batch,
-            "chunk": st.dis_chunk,
-        }
-        xi = rec.guard(
-            name, AREA_DIS, cfg, _time_disentangle, ctx, lams, data, rec, name, cfg, compile_wall
-        )
-        if xi is not None:
-            out[name] = xi
-    return out
-
-
-def _time_disentangle(ctx, lams, data, rec, name, cfg, compile_wall) -> np.ndarray:
-    G = cfg["G"]
-    t0 = time.perf_counter()
-    xi = np.zeros((G, G))
-    for axis, arr in enumerate(data):  # as disentangle.disentanglement_error does
-        pj = ctx.batched(lams["joint"], arr).reshape(G, G, -1)
-        ps = ctx.batched(lams["single1" if axis == 0 else "single2"], arr)
-        ref = ps[:, None, :] if axis == 0 else ps[None, :, :]
-        xi += np.mean(pj != ref, axis=-1)
-    wall = time.perf_counter() - t0
-    n_models = 2 * (G * G + G)
-    derived = {
-        "wall_s": wall,
-        "compile_wall_s_all": compile_wall,
-        "models_evaluated": n_models,
-        "models_per_s": n_models / wall,
-        "xi_mean": float(xi.mean()),
-        "xi_shape": list(xi.shape),
-    }
-    rec.add(measurement(name, AREA_DIS, cfg, [wall], derived=derived))
-    return xi
+    single = (out, preds, sub)
+    for k, ref in batched.items():
+        _agreement(single, k, ref, st)
+    for m in out.values():
+        rec.add(m)
+    return single

@@ -24,7 +24,7 @@ from llora_jax import model as M
 from llora_jax.backbones import clip, t5
 from llora_jax.data import vision
 
-MODELS = ("clip", "t5")
+MODELS = ("clip", "t5", "t5l")  # t5l: Flan-T5-large (the FSDP benchmark)
 PRECISIONS = ("bf16", "fp32")
 N_CLASSES = 10  # zero-shot head classes (CLIP)
 LABEL_WORDS = ("negative", "positive")  # T5 rank-classification candidates
@@ -44,7 +44,8 @@ TINY_SHAPES = Shapes(image_size=32, input_len=16, target_len=4)
 
 
 def hf_config(model: str, tiny: bool = False) -> Any:
-    """The HF config of ``model`` ("clip": ViT-B/16 vision tower, "t5": Flan-T5-base)."""
+    """The HF config of ``model`` ("clip": ViT-B/16 vision tower, "t5": Flan-T5-base,
+    "t5l": Flan-T5-large)."""
     from transformers import CLIPConfig, T5Config
 
     if model == "clip":
@@ -80,7 +81,7 @@ def hf_config(model: str, tiny: bool = False) -> Any:
         vc.projection_dim = full.projection_dim
         vc.architectures = ["CLIPVisionModelWithProjection"]
         return vc
-    if model == "t5":
+    if model in ("t5", "t5l"):
         if tiny:
             dims = dict(
                 d_model=32,
@@ -90,6 +91,16 @@ def hf_config(model: str, tiny: bool = False) -> Any:
                 num_decoder_layers=1,
                 num_heads=4,
                 vocab_size=128,
+            )
+        elif model == "t5l":
+            dims = dict(
+                d_model=1024,
+                d_kv=64,
+                d_ff=2816,
+                num_layers=24,
+                num_decoder_layers=24,
+                num_heads=16,
+                vocab_size=32128,
             )
         else:
             dims = dict(
@@ -113,7 +124,7 @@ def hf_config(model: str, tiny: bool = False) -> Any:
 
 
 def backbone_module(model: str) -> Any:
-    return {"clip": clip, "t5": t5}[model]
+    return {"clip": clip, "t5": t5, "t5l": t5}[model]
 
 
 def dtypes(precision: str, method: str) -> tuple[Any, Any]:
@@ -134,6 +145,20 @@ def param_shapes(model: str, config: Any) -> Any:
     bb = backbone_module(model)
     module = bb.module_from_hf_config(config)
     return jax.eval_shape(lambda: bb.init_params(module, jax.random.key(0)))
+
+
+def logical_specs(model: str, module: Any, shapes: Shapes) -> Any:
+    """Logical PartitionSpecs of the parameters (from an abstract boxed init; nothing computed)."""
+    from llora_jax import sharding as S
+
+    key = jax.random.key(0)
+    if model == "clip":
+        boxed = jax.eval_shape(lambda: module.init(key, method=clip.CLIP.init_all))
+    else:
+        ids = jnp.zeros((1, shapes.input_len), jnp.int32)
+        tgt = jnp.zeros((1, shapes.target_len), jnp.int32)
+        boxed = jax.eval_shape(lambda: module.init(key, ids, jnp.ones_like(ids), tgt))
+    return S.logical_specs(boxed["params"])
 
 
 def init_params(model: str, config: Any, seed: int = 0) -> Any:

@@ -1,4 +1,4 @@
-"""What a run measures: the presets (tiny, quick, default, full) and their overrides.
+"""What a run measures: the presets (tiny, quick, default, full, issue8) and their overrides.
 
 ``default`` is about 9 minutes on one H100, compilation included (a T5-base train step
 alone compiles for ~100 s): run it as two commands of ~5 minutes (``--only
@@ -6,6 +6,10 @@ torch_train,peak,train,pipeline`` and ``--only grid,disentangle,torch_grid``), o
 with ``--budget-s`` (what is left when time runs out is skipped and recorded as such).
 ``full`` is the whole matrix of the issue (3 batch sizes × 4 methods × 2 precisions per
 model, K sweeps on both models) and is meant to be run in parts (``--only``, ``--models``).
+``issue8`` is what issue #8 still lacks, in priority order (the first cases of each area
+matter most; a time budget cuts the tail): ``--only torch_grid,disentangle,grid``,
+``--only peak,torch_train,train,pipeline`` (one H100 call each) and ``--only scaling``
+(2 GPUs). ``shrink`` turns any preset into its tiny CPU twin (``--preset X --tiny``).
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ import dataclasses
 import itertools
 
 from benchmarks.grid_bench import GridSettings
+from benchmarks.scaling_bench import ScalingSpec
 from benchmarks.train_bench import TrainCase
 
-AREAS = ("peak", "train", "pipeline", "scaling", "grid", "disentangle", "torch_train", "torch_grid")
-JAX_AREAS = ("peak", "train", "pipeline", "scaling", "grid", "disentangle")
+AREAS = ("peak", "train", "pipeline", "scaling", "disentangle", "grid", "torch_train", "torch_grid")
+JAX_AREAS = ("peak", "train", "pipeline", "scaling", "disentangle", "grid")
 TORCH_AREAS = ("torch_train", "torch_grid")
 ALIASES = {"torch": TORCH_AREAS, "all": AREAS, "jax": JAX_AREAS}
 METHODS = ("lora", "l_lora", "l_lora_model", "full")
@@ -38,9 +43,12 @@ class Plan:
     peak_repeats: int = 20
     pipeline_batch: dict = dataclasses.field(default_factory=lambda: {"clip": 128, "t5": 64})
     pipeline_batches: int = 20
-    scaling_model: str = "clip"
-    scaling_batch: int = 128  # per device
+    scaling: list[ScalingSpec] = dataclasses.field(
+        default_factory=lambda: [ScalingSpec("clip", "lora", "bf16", 128, "dp")]
+    )
     compile_workers: int = 6
+    train_waves: tuple[int, ...] = ()  # compile-wave sizes (last repeated); () = all at once
+    rng_impl: str = "rbg"  # dropout PRNG of the train steps (as llora_jax.train's loop)
     lora_dropout: float = 0.1
     models: tuple[str, ...] = ("clip", "t5")
     grid_models: tuple[str, ...] = ("clip", "t5")  # the disentanglement grid is always T5
@@ -86,8 +94,10 @@ def make_plan(preset: str) -> Plan:
             dis_batch=4,
             dis_chunk=3,
             dis_methods=("l_lora",),
+            dis_one_at_a_time=3,
             tau_scale=20.0,
             compile_workers=1,
+            big_k=9,
         )
         return Plan(
             "tiny",
@@ -102,8 +112,12 @@ def make_plan(preset: str) -> Plan:
             peak_repeats=3,
             pipeline_batch={"clip": 2, "t5": 2},
             pipeline_batches=3,
-            scaling_batch=2,
+            scaling=[
+                ScalingSpec("clip", "lora", "fp32", 2, "dp"),
+                ScalingSpec("t5l", "lora", "fp32", 2, "fsdp", (2,)),
+            ],
             compile_workers=1,
+            train_waves=(2, 3),
             grid_models=("clip",),
         )
     if preset == "quick":
@@ -158,7 +172,114 @@ def make_plan(preset: str) -> Plan:
             dis_methods=("lora", "l_lora", "l_lora_model"),
         )
         return Plan("full", False, train, list(train), grid, compile_workers=6)
-    raise ValueError(f"unknown preset {preset!r}; valid: tiny, quick, default, full")
+    if preset == "issue8":
+        return _issue8()
+    raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+
+
+PRESETS = ("tiny", "quick", "default", "full", "issue8")
+
+
+def _issue8() -> Plan:
+    """What issue #8 still lacks (after the CLIP train steps of the first H100 run)."""
+    t5 = lambda precisions, batches: _cross("t5", METHODS, precisions, batches)  # noqa: E731
+    train = (
+        # wave 1 (5 compiles): the T5 methods at the main config, and the CLIP step that the
+        # input-pipeline benchmark feeds (its end-to-end rate)
+        t5(("bf16",), [64])
+        + [TrainCase("clip", "lora", "bf16", 128)]
+        # wave 2: fp32 at the main batch, bf16 at the largest; wave 3: batch 16; wave 4: rest
+        + t5(("fp32",), [64])
+        + t5(("bf16",), [256])
+        + t5(("bf16", "fp32"), [16])
+        + t5(("fp32",), [256])
+    )
+    # The PEFT twins: the four methods at the main config, then lora/l_lora elsewhere.
+    torch_train = (
+        t5(("bf16",), [64])
+        + _cross("t5", ("lora", "l_lora"), ("fp32",), [64])
+        + _cross("t5", ("lora",), ("bf16",), [16, 256])
+    )
+    grid = GridSettings(
+        ks=(1, 21, 441),
+        n_examples=1024,
+        methods=("lora", "l_lora_model"),
+        dis_methods=("l_lora_model", "l_lora"),  # the linear shortcut first: seconds
+        dis_one_at_a_time=21,
+        compile_workers=8,
+    )
+    # T5-large without dropout: the FSDP numbers are about sharded weights and their
+    # all-gathers, and dropout bits were about half a T5 step's compile time.
+    scaling = [
+        ScalingSpec("clip", "lora", "bf16", 128, "dp", (1, 2)),
+        ScalingSpec("t5l", "lora", "bf16", 64, "fsdp", (2,), dropout=0.0),
+        ScalingSpec("t5l", "lora", "bf16", 64, "dp", (1, 2), dropout=0.0),
+    ]
+    return Plan(
+        "issue8",
+        False,
+        train,
+        torch_train,
+        grid,
+        repeats=15,
+        torch_repeats=8,
+        scaling=scaling,
+        compile_workers=8,
+        train_waves=(5, 8),
+        grid_models=("t5", "clip"),
+    )
+
+
+def _tiny_batch(b: int) -> int:
+    return max(1, b // 32)
+
+
+def shrink(plan: Plan) -> Plan:
+    """The same plan (cases, methods, orders, waves) at tiny sizes, for a CPU dry run."""
+    tb = lambda cases: [dataclasses.replace(c, batch=_tiny_batch(c.batch)) for c in cases]  # noqa: E731
+    g = plan.grid
+    tiny_g = 3
+
+    def k_tiny(k: int) -> int:
+        return 1 if k == 1 else (tiny_g * tiny_g if k >= g.grid_size**2 else tiny_g)
+
+    grid = dataclasses.replace(
+        g,
+        ks=tuple(dict.fromkeys(k_tiny(k) for k in g.ks)),
+        n_examples=6,
+        eval_batch=4,
+        chunk=2,
+        one_at_a_time=3,
+        precision="fp32",
+        grid_size=tiny_g,
+        dis_examples=5,
+        dis_batch=4,
+        dis_chunk=3,
+        dis_one_at_a_time=3,
+        tau_scale=20.0,
+        compile_workers=min(g.compile_workers, 2),
+        big_k=tiny_g * tiny_g,
+    )
+    return dataclasses.replace(
+        plan,
+        preset=f"{plan.preset}-tiny",
+        tiny=True,
+        train=tb(plan.train),
+        torch_train=tb(plan.torch_train),
+        grid=grid,
+        warmup=1,
+        repeats=3,
+        torch_repeats=2,
+        peak_n=256,
+        peak_repeats=3,
+        pipeline_batch={m: _tiny_batch(b) for m, b in plan.pipeline_batch.items()},
+        pipeline_batches=3,
+        scaling=[
+            dataclasses.replace(s, per_device_batch=_tiny_batch(s.per_device_batch))
+            for s in plan.scaling
+        ],
+        compile_workers=min(plan.compile_workers, 2),
+    )
 
 
 def resolve_areas(only: str | None) -> list[str]:
@@ -188,4 +309,5 @@ def filter_models(plan: Plan, models: list[str] | None) -> Plan:
         torch_train=keep(plan.torch_train),
         models=tuple(m for m in plan.models if m in models),
         grid_models=tuple(m for m in plan.grid_models if m in models),
+        scaling=[s for s in plan.scaling if s.model in models],
     )

@@ -24,11 +24,35 @@ def _ok(m: dict | None) -> bool:
     return m is not None and m.get("median") is not None
 
 
+def device_kind(m: dict) -> str:
+    return str((m.get("device") or {}).get("kind", ""))
+
+
+def _index(ms: list[dict]):
+    """lookup(name, near): the measurement called ``name``, preferring one measured on the
+    device kind of ``near`` (merged results can hold one name per device), then a successful one."""
+    by: dict[str, list[dict]] = {}
+    for m in ms:
+        by.setdefault(m["name"], []).append(m)
+
+    def lookup(name: str, near: dict | None = None) -> dict | None:
+        cands = by.get(name, [])
+        same = [c for c in cands if near is not None and device_kind(c) == device_kind(near)]
+        pool = same or cands
+        ok = [c for c in pool if _ok(c)]
+        return (ok or pool or [None])[-1]
+
+    return lookup
+
+
 def finalize(ms: list[dict]) -> list[dict]:
     """Fill ``derived.mfu_*`` and ``ratios`` in place; return the target checks."""
-    by_name = {m["name"]: m for m in ms}
-    peak = {p: by_name.get(f"peak/matmul/{p}") for p in ("bf16", "fp32")}
-    peak_rate = {p: m["derived"]["flop_per_s"] for p, m in peak.items() if _ok(m)}
+    lookup = _index(ms)
+
+    def peak_rate(near: dict) -> dict[str, float]:
+        peak = {p: lookup(f"peak/matmul/{p}", near) for p in ("bf16", "fp32")}
+        return {p: m["derived"]["flop_per_s"] for p, m in peak.items() if _ok(m)}
+
     targets: list[dict] = []
 
     def target(kind: str, name: str, value: float | None, threshold: float, higher: bool):
@@ -48,17 +72,18 @@ def finalize(ms: list[dict]) -> list[dict]:
     for m in train:
         d, med = m["derived"], m["median"]
         if m["area"] == "torch_train":  # same model, same FLOPs: borrow the analytic count
-            twin = by_name.get(m["name"].removeprefix("torch_"))
+            twin = lookup(m["name"].removeprefix("torch_"), m)
             if twin is not None:
                 d["flops_analytic"] = twin["derived"].get("flops_analytic")
+        rate = peak_rate(m)
         for src in ("analytic", "xla"):
             f = d.get(f"flops_{src}")
             if f:
                 d[f"achieved_flop_per_s_{src}"] = f / med
-                if "bf16" in peak_rate:
-                    d[f"mfu_{src}"] = f / med / peak_rate["bf16"]
-                if "fp32" in peak_rate and m["config"].get("precision") == "fp32":
-                    d[f"mfu_{src}_vs_fp32_peak"] = f / med / peak_rate["fp32"]
+                if "bf16" in rate:
+                    d[f"mfu_{src}"] = f / med / rate["bf16"]
+                if "fp32" in rate and m["config"].get("precision") == "fp32":
+                    d[f"mfu_{src}_vs_fp32_peak"] = f / med / rate["fp32"]
 
     for area in ("train", "torch_train"):
         lora = {_key(m): m for m in train if m["area"] == area and m["config"]["method"] == "lora"}
@@ -75,7 +100,7 @@ def finalize(ms: list[dict]) -> list[dict]:
                 target("l_lora_memory", m["name"], m["ratios"].get("memory_over_lora"), 1.1, False)
 
     for m in (m for m in train if m["area"] == "train"):
-        t = by_name.get("torch_" + m["name"])
+        t = lookup("torch_" + m["name"], m)
         if _ok(t):
             m["ratios"]["speedup_vs_torch"] = t["median"] / m["median"]
             t["ratios"]["ours_speedup"] = t["median"] / m["median"]
@@ -88,8 +113,8 @@ def finalize(ms: list[dict]) -> list[dict]:
     grids = [m for m in ms if m["area"] in ("grid", "torch_grid") and _ok(m)]
     for m in (m for m in grids if m["config"].get("path") == "batched"):
         c = m["config"]
-        single = by_name.get(f"grid/{c['model']}/{c['method']}/one_at_a_time/K{c['K']}")
-        torch = by_name.get(f"torch_grid/{c['model']}/lora/one_at_a_time/K{c['K']}")
+        single = lookup(f"grid/{c['model']}/{c['method']}/one_at_a_time/K{c['K']}", m)
+        torch = lookup(f"torch_grid/{c['model']}/lora/one_at_a_time/K{c['K']}", m)
         spm = m["derived"]["seconds_per_model"]
         if _ok(single):
             m["ratios"]["speedup_vs_one_at_a_time"] = single["derived"]["seconds_per_model"] / spm
@@ -109,16 +134,22 @@ def finalize(ms: list[dict]) -> list[dict]:
         and m["config"]["method"] == "lora"
     ):
         c = m["config"]
-        torch = by_name.get(f"torch_grid/{c['model']}/lora/one_at_a_time/K{c['K']}")
+        torch = lookup(f"torch_grid/{c['model']}/lora/one_at_a_time/K{c['K']}", m)
         if _ok(torch):
             m["ratios"]["speedup_vs_torch_one_at_a_time"] = (
                 torch["derived"]["seconds_per_model"] / m["derived"]["seconds_per_model"]
             )
 
     for m in ms:
-        if m["area"] == "disentangle" and _ok(m):
+        c = m["config"]
+        if m["area"] == "disentangle" and _ok(m) and c.get("path", "batched") == "batched":
             target("disentangle", m["name"], m["median"], 60.0, False)
-        if m["area"] == "scaling" and _ok(m) and m["config"].get("n_devices") == 2:
+        if (
+            m["area"] == "scaling"
+            and _ok(m)
+            and c.get("n_devices") == 2
+            and c.get("mode", "dp") == "dp"
+        ):
             target("scaling", m["name"], m["ratios"].get("scaling"), 1.8, True)
     if not any(t["target"] == "scaling" for t in targets):
         targets.append(
@@ -155,17 +186,21 @@ def _headline(m: dict) -> str:
         ("mfu_analytic", "MFU {:.1%}"),
         ("mfu_xla", "(xla {:.1%})"),
         ("peak_bytes", "{:.2f} GiB"),
+        ("peak_bytes_per_device", "{:.2f} GiB/device"),
+        ("compile_s", "compile {:.0f} s"),
     ):
         v = d.get(key)
         if v is None:
             continue
         if key == "flop_per_s":
             v = v / 1e12
-        if key == "peak_bytes":
+        if key.startswith("peak_bytes"):
             v = v / 2**30
         parts.append(fmt.format(v))
     if d.get("extrapolated"):
         parts.append(f"extrapolated from {d.get('timed_models')}")
+        if d.get("total_s_estimate") is not None:
+            parts.append(f"total ~{d['total_s_estimate']:.1f} s")
     for k, v in r.items():
         if isinstance(v, float):
             parts.append(f"{k}={v:.2f}")
@@ -176,8 +211,9 @@ def table(ms: list[dict], targets: list[dict]) -> str:
     lines = [f"{'measurement':<50s} {'median':>10s} {'p10..p90':>21s}  details", "-" * 110]
     for m in ms:
         if m.get("error"):
+            label = "skipped" if m["error"].startswith("skipped") else "FAILED"
             lines.append(
-                f"{m['name']:<50s} {'FAILED':>10s} {'':>21s}  "
+                f"{m['name']:<50s} {label:>10s} {'':>21s}  "
                 f"{m['error'].strip().splitlines()[-1][:60]}"
             )
             continue

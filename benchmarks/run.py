@@ -1,4 +1,6 @@
-"""Benchmark entry point: ``python -m benchmarks.run [--quick|--tiny|--full] [--only AREAS]``.
+"""Benchmark entry point: ``python -m benchmarks.run [--quick|--full|--preset P] [--tiny] …``.
+
+Options: ``--only AREAS`` (comma list, run in that order), ``--models``, ``--budget-s``.
 
 Areas: peak (bf16/fp32 matmul ceilings), train (JAX train steps), pipeline (input
 pipeline vs step), scaling (data parallel), grid (merge grids), disentangle (21×21 grid),
@@ -9,7 +11,14 @@ The PyTorch areas and the JAX areas run in two fresh subprocesses, one after the
 gives each framework the device to itself. ``--inprocess`` runs everything in this
 process instead (the CPU tests do). Each worker rewrites its part file after every
 measurement, so a run stopped by a time limit keeps what it measured; the merged result
-goes to ``<out>/<date>-<device>.json`` and a table is printed last.
+goes to ``<out>/<date>-<device>.json`` and a table is printed last. With ``--budget-s``
+nothing new starts after the budget, and a worker still running ``--grace-s`` later is
+stopped (its part file keeps what it measured). ``python -m benchmarks.merge`` joins the
+results of several runs (e.g. one per device call) into one file and table.
+
+JAX areas run in the order given to ``--only`` (default: peak, train, pipeline, scaling,
+disentangle, grid); when train and pipeline both run, the pipeline runs after the first
+train wave (it reuses that wave's compiled steps), before the other waves.
 """
 
 from __future__ import annotations
@@ -29,8 +38,10 @@ from benchmarks.common import Recorder, command_line, device_label, dump, now_is
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--tiny", action="store_true", help="tiny random models (CPU tests); with --preset: shrunk"
+    )
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--tiny", action="store_true", help="tiny random models (CPU tests)")
     size.add_argument(
         "--quick", action="store_true", help="a few configs, ~4-5 minutes on one H100"
     )
@@ -39,8 +50,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="the whole matrix (run it in parts with --only/--models)",
     )
+    size.add_argument(
+        "--preset",
+        default=None,
+        choices=[p for p in P.PRESETS if p != "tiny"],
+        help="a named plan (issue8: what issue #8 still lacks); with --tiny: its tiny twin",
+    )
     p.add_argument("--only", default=None, help=f"comma list of areas: {', '.join(P.AREAS)}")
     p.add_argument("--models", default=None, help="comma list: clip,t5")
+    p.add_argument(
+        "--grid-models",
+        default=None,
+        help="comma list, in run order, of the merge-grid models (default: the plan's)",
+    )
     p.add_argument("--out", default="benchmarks/results", help="output folder")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per config")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per config")
@@ -56,6 +78,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="skip what is left after this many seconds (the run still writes)",
     )
+    p.add_argument(
+        "--grace-s",
+        type=float,
+        default=120.0,
+        help="with --budget-s: stop a worker this long after the budget ends",
+    )
     p.add_argument("--inprocess", action="store_true", help="no subprocesses (tests, debugging)")
     p.add_argument("--worker", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)
@@ -64,12 +92,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def preset_name(args: argparse.Namespace) -> str:
-    return "tiny" if args.tiny else "quick" if args.quick else "full" if args.full else "default"
+    if args.preset:
+        return args.preset
+    if args.quick:
+        return "quick"
+    if args.full:
+        return "full"
+    return "tiny" if args.tiny else "default"
 
 
 def make_plan(args: argparse.Namespace) -> P.Plan:
-    plan = P.make_plan(preset_name(args))
+    name = preset_name(args)
+    plan = P.make_plan(name)
+    if args.tiny and name != "tiny":
+        plan = P.shrink(plan)
     plan = P.filter_models(plan, args.models.split(",") if args.models else None)
+    if args.grid_models:
+        plan.grid_models = tuple(args.grid_models.split(","))
     if args.repeats:
         plan.repeats = plan.torch_repeats = args.repeats
     if args.warmup is not None:
@@ -85,6 +124,7 @@ def make_plan(args: argparse.Namespace) -> P.Plan:
 def run_jax(plan: P.Plan, areas: list[str], rec: Recorder) -> None:
     import jax
 
+    from benchmarks import dis_bench as DB
     from benchmarks import flops as FL
     from benchmarks import grid_bench as GB
     from benchmarks import pipeline_bench as PB
@@ -94,7 +134,9 @@ def run_jax(plan: P.Plan, areas: list[str], rec: Recorder) -> None:
 
     rec.device = jax_device()
     area = rec.timed_area
-    if "peak" in areas:
+    cache: dict = {}  # built models shared by the areas of this worker
+
+    def peak():
         for dtype, label in (("bfloat16", "bf16"), ("float32", "fp32")):
             name = f"peak/matmul/{label}"
             cfg = {"n": plan.peak_n, "dtype": dtype, "precision": "default (TF32 for fp32 on GPU)"}
@@ -113,32 +155,8 @@ def run_jax(plan: P.Plan, areas: list[str], rec: Recorder) -> None:
 
             with area("peak"):
                 rec.guard(name, "peak", cfg, go)
-    keep: tuple[str, ...] = ()
-    if "pipeline" in areas:  # the lora step at the pipeline's batch size feeds the e2e rate
-        for m in plan.models:
-            cands = sorted(
-                (
-                    c
-                    for c in plan.train
-                    if c.model == m and c.method == "lora" and c.batch == plan.pipeline_batch[m]
-                ),
-                key=lambda c: c.precision,
-            )
-            keep += tuple(c.name for c in cands[:1])
-    kept = {}
-    if "train" in areas and plan.train:
-        with area("train"):
-            kept = TB.run(
-                plan.train,
-                rec,
-                tiny=plan.tiny,
-                warmup=plan.warmup,
-                repeats=plan.repeats,
-                compile_workers=plan.compile_workers,
-                lora_dropout=plan.lora_dropout,
-                keep=keep,
-            )
-    if "pipeline" in areas:
+
+    def pipeline(kept: dict):
         for m in plan.models:
             with area("pipeline"):
                 PB.run(
@@ -149,27 +167,87 @@ def run_jax(plan: P.Plan, areas: list[str], rec: Recorder) -> None:
                     n_batches=plan.pipeline_batches,
                     runners=kept,
                 )
-    kept.clear()
-    # Scaling needs >= 2 devices; on one there is nothing to compare (the target says n/a).
-    if "scaling" in areas and plan.scaling_model in plan.models and jax.device_count() > 1:
+
+    def train():
+        keep: tuple[str, ...] = ()
+        if "pipeline" in areas:  # the lora step at the pipeline's batch size feeds the e2e rate
+            for m in plan.models:
+                cands = sorted(
+                    (
+                        c
+                        for c in plan.train
+                        if c.model == m and c.method == "lora" and c.batch == plan.pipeline_batch[m]
+                    ),
+                    key=lambda c: c.precision,
+                )
+                keep += tuple(c.name for c in cands[:1])
+        cases = plan.train
+        sizes = TB.wave_sizes(len(cases), plan.train_waves)
+        # The pipeline runs after the first waves that hold every step it reuses.
+        n_waves = next(
+            (
+                i + 1
+                for i in range(len(sizes))
+                if {c.name for c in cases[: sum(sizes[: i + 1])]} >= set(keep)
+            ),
+            len(sizes),
+        )
+        n_first = sum(sizes[:n_waves])
+        kw = dict(
+            tiny=plan.tiny,
+            warmup=plan.warmup,
+            repeats=plan.repeats,
+            compile_workers=plan.compile_workers,
+            lora_dropout=plan.lora_dropout,
+            rng_impl=plan.rng_impl,
+            cache=cache,
+        )
+        with area("train"):
+            kept = TB.run(cases[:n_first], rec, keep=keep, waves=tuple(sizes[:n_waves]), **kw)
+        if "pipeline" in areas:
+            pipeline(kept)
+        kept.clear()
+        if cases[n_first:]:
+            with area("train"):
+                TB.run(cases[n_first:], rec, waves=tuple(sizes[n_waves:]), **kw)
+
+    def scaling():
+        # Needs >= 2 devices; on one there is nothing to compare (the target says n/a).
+        if jax.device_count() < 2:
+            return
         with area("scaling"):
             SB.run(
+                plan.scaling,
                 rec,
                 tiny=plan.tiny,
-                model=plan.scaling_model,
-                method="lora",
-                precision="fp32" if plan.tiny else "bf16",
-                per_device_batch=plan.scaling_batch,
                 warmup=plan.warmup,
                 repeats=plan.repeats,
                 lora_dropout=plan.lora_dropout,
+                rng_impl=plan.rng_impl,
+                compile_workers=plan.compile_workers,
             )
-    if "grid" in areas:
+
+    def disentangle():
+        if "t5" in plan.models:
+            with area("disentangle"):
+                DB.run(rec, tiny=plan.tiny, settings=plan.grid, cache=cache)
+
+    def grid():
         with area("grid"):
-            GB.run(list(plan.grid_models), rec, tiny=plan.tiny, settings=plan.grid)
-    if "disentangle" in areas and "t5" in plan.models:
-        with area("disentangle"):
-            GB.run_disentangle(rec, tiny=plan.tiny, settings=plan.grid)
+            GB.run(list(plan.grid_models), rec, tiny=plan.tiny, settings=plan.grid, cache=cache)
+
+    # Areas run in the order asked for; the pipeline rides on the train area when both run.
+    steps = {
+        "peak": peak,
+        "train": train if plan.train else lambda: None,
+        "pipeline": (lambda: None) if "train" in areas and plan.train else lambda: pipeline({}),
+        "scaling": scaling,
+        "disentangle": disentangle,
+        "grid": grid,
+    }
+    for a in areas:
+        if a in steps:
+            steps[a]()
 
 
 def run_torch(plan: P.Plan, areas: list[str], rec: Recorder) -> None:
@@ -217,13 +295,13 @@ def worker_main(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- driver
 
 
-def _spawn(argv: list[str], kind: str, part: Path, deadline: float | None) -> dict:
+def _spawn(argv: list[str], kind: str, part: Path, deadline: float | None, grace: float) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.run", *argv, "--worker", kind, "--part", str(part)]
     if deadline is not None:
         cmd += ["--deadline", str(deadline)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
-    timeout = None if deadline is None else max(60.0, deadline - time.time() + 120.0)
+    timeout = None if deadline is None else max(30.0, deadline - time.time() + grace)
     try:
         rc = subprocess.run(cmd, env=env, timeout=timeout).returncode
     except subprocess.TimeoutExpired:
@@ -257,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
             worker_main(wargs)
             workers.append({"kind": kind, "rc": 0, "wall_s": time.perf_counter() - t0})
         else:
-            workers.append(_spawn(argv, kind, part, deadline))
+            workers.append(_spawn(argv, kind, part, deadline, args.grace_s))
     measurements, area_wall = [], {}
     for kind in kinds:
         part = parts_dir / f"{kind}.json"

@@ -1,21 +1,28 @@
 """Train-step benchmarks (JAX): step time, throughput, FLOPs, compiled memory.
 
-Every case (model, method, precision, batch) is lowered in the main thread (tracing is
-Python), compiled in a small thread pool (XLA compiles outside the GIL; this shortens the
-wall time of a run that compiles a dozen programs), then timed one after the other:
-``warmup`` steps, then ``repeats`` steps each synchronised with ``jax.block_until_ready``
-on the whole new train state. The state is donated, as in ``llora_jax.train``; inputs
-rotate between two random batches already on the device.
+Cases (model, method, precision, batch) go in compile waves, in plan order (the first
+cases matter most): each wave is lowered in the main thread (tracing is Python),
+compiled in a small thread pool (XLA compiles outside the GIL), then timed one case
+after the other: ``warmup`` steps, then ``repeats`` steps each synchronised with
+``jax.block_until_ready`` on the whole new train state. The state is donated, as in
+``llora_jax.train``; inputs rotate between two random batches already on the device.
+Before a wave starts, its compile time is estimated (from the last wave of the same
+model, else ``compile_guess_s``); a wave that would end past the time budget is
+skipped and recorded as such, so a run under ``--budget-s`` keeps what it measured.
+
+Dropout bits come from the ``rng_impl`` PRNG ("rbg" by default, as ``llora_jax.train``'s
+loop: threefry's bit generation was most of a T5-base step's compile time).
 
 Memory is XLA's buffer assignment of the compiled step (``compiled.memory_analysis()``:
-arguments + outputs − donated aliases + temporaries), not a run-time reading: JAX cannot
-reset the device's peak counter between configurations in one process.
+arguments + outputs − donated aliases + temporaries, per device), not a run-time
+reading: JAX cannot reset the device's peak counter between configurations in one process.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import math
 import time
 import traceback
 from typing import Any
@@ -33,6 +40,13 @@ from llora_jax import train as TR
 AREA = "train"
 # Tiny (CPU test) mode: compile fast, run slow; the programs are small anyway.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# Seconds one train step of a model takes to compile alone on an H100 (rbg dropout), the
+# first estimate before a wave of that model has been compiled (seen: CLIP ~30-55 s
+# (threefry), T5-base ~104 s with threefry dropout, about 2/3 of it the RNG).
+COMPILE_GUESS_S = {"clip": 50.0, "t5": 80.0, "t5l": 150.0}
+TINY_COMPILE_GUESS_S = 10.0
+CONCURRENCY_SLOWDOWN = 0.1  # each extra concurrent compile lengthens a wave by this fraction
+PER_CASE_S = 8.0  # lowering + timing of one case, on top of its compile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +86,12 @@ class Runner:
         lora_dropout: float,
         mesh: Any = None,
         compiler_options: dict | None = None,
+        rng_impl: str = "rbg",
+        param_shardings: Any = None,
     ):
-        """``mesh``: data-parallel over its devices (batch split, everything else replicated)."""
+        """``mesh``: data-parallel over its devices (batch split, everything else replicated);
+        ``param_shardings``: the frozen backbone weights' shardings on that mesh (FSDP),
+        default replicated."""
         self.case, self.built, self.compiler_options = case, built, compiler_options
         tm = built.tm
         self.spec = MD.lora_spec(case.model, case.method, dropout=lora_dropout)
@@ -89,16 +107,19 @@ class Runner:
             )
             for i in range(2)
         ]
-        self.rng = jax.random.key(1)
+        self.rng = jax.random.key(1, impl=rng_impl)
+        self.rng_impl = rng_impl
         step = TR.make_train_step(tm, self.spec, self.optimizer)
         state_shape = jax.eval_shape(lambda t: TR.init_state(t, self.optimizer), self.trainable0)
         jit_kw: dict[str, Any] = {"donate_argnums": 0}
         self.state_sh = None
         if mesh is not None:
             repl = S.replicated(mesh)
-            self.frozen = jax.device_put(self.frozen, repl)
-            self.state_sh = jax.tree.map(lambda _: repl, state_shape)
             frozen_sh = jax.tree.map(lambda _: repl, self.frozen)
+            if param_shardings is not None:
+                frozen_sh["params"] = param_shardings
+            self.frozen = jax.device_put(self.frozen, frozen_sh)
+            self.state_sh = jax.tree.map(lambda _: repl, state_shape)
             jit_kw.update(
                 in_shardings=(self.state_sh, frozen_sh, batch_sh, repl),
                 out_shardings=(self.state_sh, repl),
@@ -182,6 +203,31 @@ def _compile_all(runners: list[Runner], workers: int) -> list[Runner]:
         return list(pool.map(_safe_compile, runners))
 
 
+def wave_sizes(n: int, waves: tuple[int, ...]) -> list[int]:
+    """Sizes of the compile waves for ``n`` cases: ``waves`` in order, its last size repeated
+    (no waves given: one wave of everything)."""
+    if not waves:
+        return [n] if n else []
+    out, i = [], 0
+    while sum(out) < n:
+        out.append(min(waves[min(i, len(waves) - 1)], n - sum(out)))
+        i += 1
+    return out
+
+
+def estimate_wave_s(
+    models: list[str], n: int, workers: int, base_s: dict[str, float], tiny: bool
+) -> float:
+    """Wall seconds to lower, compile and time a wave of ``n`` cases of ``models``."""
+    guess = max(
+        base_s.get(m, TINY_COMPILE_GUESS_S if tiny else COMPILE_GUESS_S.get(m, 100.0))
+        for m in models
+    )
+    w = max(1, min(workers, n))
+    rounds = math.ceil(n / w)
+    return guess * rounds * (1 + CONCURRENCY_SLOWDOWN * (w - 1)) + PER_CASE_S * n
+
+
 def run(
     cases: list[TrainCase],
     rec: Recorder,
@@ -192,68 +238,112 @@ def run(
     compile_workers: int = 4,
     lora_dropout: float = 0.1,
     keep: tuple[str, ...] = (),
+    waves: tuple[int, ...] = (),
+    rng_impl: str = "rbg",
+    cache: dict | None = None,
 ) -> dict[str, Runner]:
-    """Benchmark ``cases``; returns the runners named in ``keep`` (for the pipeline benchmark).
+    """Benchmark ``cases`` wave by wave; returns the runners named in ``keep``.
 
-    All cases (of every model) are lowered first, then compiled together in
-    ``compile_workers`` threads, then timed one after the other.
+    ``cache`` (a dict owned by the caller) keeps built models and the per-model compile
+    estimates between calls, so a second call reuses the first one's weights.
     """
+    cache = {} if cache is None else cache
+    built_cache: dict = cache.setdefault("built", {})
+    base_s: dict[str, float] = cache.setdefault("compile_base_s", {})
     kept: dict[str, Runner] = {}
-    runners: list[Runner] = []
-    for model in dict.fromkeys(c.model for c in cases):
-        config = MD.hf_config(model, tiny)
-        p32 = MD.init_params(model, config)
-        built_cache: dict[tuple[str, str], MD.Built] = {}
-        for case in (c for c in cases if c.model == model):
-            if rec.over_budget():
+    sizes = wave_sizes(len(cases), waves)
+    start = 0
+    for size in sizes:
+        group = cases[start : start + size]
+        start += size
+        est = estimate_wave_s([c.model for c in group], size, compile_workers, base_s, tiny)
+        if not rec.fits(est):
+            for c in group:
                 rec.add(
                     measurement(
-                        case.name, AREA, case.config(), error="skipped: time budget exhausted"
+                        c.name,
+                        AREA,
+                        c.config(),
+                        error=f"skipped: time budget (wave of {size} estimated at {est:.0f} s, "
+                        f"{rec.seconds_left():.0f} s left)",
+                    )
+                )
+            continue
+        runners = _lower_wave(group, rec, tiny, lora_dropout, rng_impl, built_cache)
+        t0 = time.perf_counter()
+        runners = _compile_all(runners, compile_workers)
+        compile_wall = time.perf_counter() - t0
+        w = max(1, min(compile_workers, len(runners)))
+        if runners:
+            per = compile_wall / (
+                math.ceil(len(runners) / w) * (1 + CONCURRENCY_SLOWDOWN * (w - 1))
+            )
+            for m in {r.case.model for r in runners}:
+                base_s[m] = per
+        for r in runners:
+            if r.compiled is None:
+                rec.add(
+                    measurement(
+                        r.case.name, AREA, r.case.config(), error=f"compile: {r.compile_error}"
                     )
                 )
                 continue
-            dt, pdt = MD.dtypes(case.precision, case.method)
-            key = (str(jnp.dtype(dt)), str(jnp.dtype(pdt)))
+            rec.guard(
+                r.case.name,
+                AREA,
+                r.case.config(),
+                _time_one,
+                r,
+                rec,
+                warmup,
+                repeats,
+                compile_wall,
+                len(runners),
+                est,
+            )
+            if r.case.name in keep:
+                kept[r.case.name] = r
+            else:  # free the executable (and its device buffers) before the next case
+                r.compiled = r.lowered = None
+                r.batches = r.frozen = r.trainable0 = None
+    return kept
+
+
+def _lower_wave(group, rec, tiny, lora_dropout, rng_impl, built_cache) -> list[Runner]:
+    runners = []
+    for case in group:
+        model = case.model
+        if ("config", model) not in built_cache:
+            config = MD.hf_config(model, tiny)
+            built_cache[("config", model)] = config
+            built_cache[("p32", model)] = MD.init_params(model, config)
+        config, p32 = built_cache[("config", model)], built_cache[("p32", model)]
+        dt, pdt = MD.dtypes(case.precision, case.method)
+        key = (model, str(jnp.dtype(dt)), str(jnp.dtype(pdt)))
+        try:
             if key not in built_cache:
                 built_cache[key] = MD.build(
                     model, case.precision, case.method, tiny=tiny, params_f32=p32, config=config
                 )
-            try:
-                opts = FAST_COMPILE if tiny else None
-                runners.append(Runner(case, built_cache[key], lora_dropout, compiler_options=opts))
-            except Exception as e:  # noqa: BLE001
-                rec.add(measurement(case.name, AREA, case.config(), error=f"lowering: {e!r}"))
-    t0 = time.perf_counter()
-    runners = _compile_all(runners, compile_workers)
-    compile_wall = time.perf_counter() - t0
-    for r in runners:
-        if r.compiled is None:
-            rec.add(
-                measurement(r.case.name, AREA, r.case.config(), error=f"compile: {r.compile_error}")
+            opts = FAST_COMPILE if tiny else None
+            runners.append(
+                Runner(
+                    case, built_cache[key], lora_dropout, compiler_options=opts, rng_impl=rng_impl
+                )
             )
-            continue
-        rec.guard(
-            r.case.name,
-            AREA,
-            r.case.config(),
-            _time_one,
-            r,
-            rec,
-            warmup,
-            repeats,
-            compile_wall,
-            len(runners),
-        )
-        if r.case.name in keep:
-            kept[r.case.name] = r
-        else:  # free the executable (and its device buffers) before the next case
-            r.compiled = r.lowered = None
-            r.batches = r.frozen = r.trainable0 = None
-    return kept
+        except Exception as e:  # noqa: BLE001
+            rec.add(measurement(case.name, AREA, case.config(), error=f"lowering: {e!r}"))
+    return runners
 
 
 def _time_one(
-    r: Runner, rec: Recorder, warmup: int, repeats: int, compile_wall: float, n_compiled: int
+    r: Runner,
+    rec: Recorder,
+    warmup: int,
+    repeats: int,
+    compile_wall: float,
+    n_compiled: int,
+    wave_estimate_s: float | None = None,
 ) -> None:
     samples, last = r.time(warmup, repeats)
     a = r.analytic()
@@ -279,6 +369,7 @@ def _time_one(
         "compile_s": r.compile_s,
         "compile_wall_s_all": compile_wall,
         "compiled_together": n_compiled,
+        "wave_estimate_s": wave_estimate_s,
         "last_loss": last.get("loss"),
         "nonfinite": last.get("nonfinite"),
         "timing": "per step: wall clock around one call + jax.block_until_ready(new state)",
@@ -290,6 +381,7 @@ def _time_one(
         "lora_rank": r.spec.lora.rank,
         "lora_alpha": r.spec.lora.alpha,
         "lora_dropout": r.spec.lora.dropout,
+        "rng_impl": r.rng_impl,
         "optimizer": "adamw",
         "warmup": warmup,
         "shapes": dataclasses.asdict(r.built.shapes),

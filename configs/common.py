@@ -37,7 +37,9 @@ def base_config() -> ConfigDict:
     c.batch_size = 16
     c.log_every = 20
     c.eval_every = 0  # 0: evaluate on the validation split only at the end
-    c.ckpt_every = 200
+    c.ckpt_every = 200  # 0 = no checkpoints
+    c.tensorboard = True  # TensorBoard event files beside metrics.jsonl
+    c.rng_impl = "rbg"  # dropout PRNG: rbg (fast to compile) or threefry
     c.eval_batch_size = 64
 
     c.data = ConfigDict()

@@ -201,26 +201,53 @@ class GridEvaluator:
             make_linear_grid_fn(tm, spec) if self.linear else make_grid_predict_fn(tm, spec, chunk)
         )
 
+    def stack(self, taus: list[PyTree]) -> PyTree:
+        """Task vectors stacked on a leading axis and moved to the device once.
+
+        The direct path pads the stack with zero vectors up to a power of two, so grids
+        over subsets of 2..n tasks share a few compiled programs; zero vectors add
+        nothing to a merge. The linear shortcut is not padded (each vector costs a JVP).
+        """
+        pad = 0 if self.linear else _bucket(len(taus)) - len(taus)
+        taus = list(taus) + [jax.tree.map(np.zeros_like, taus[0])] * pad
+        return jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *taus)
+
     def predict(
         self,
         base: PyTree,
         phi0: PyTree | None,
-        taus: list[PyTree],
+        taus: list[PyTree] | PyTree,
         lambdas: np.ndarray,
         arrays: dict[str, np.ndarray],
         tm: M.TaskModel | None = None,
     ) -> np.ndarray:
-        """``tm``: the task model whose frozen weights and head to use (default: the
+        """``taus``: a list of task vectors, or ``stack(list)`` to reuse one stack across
+        calls; ``tm``: the task model whose frozen weights and head to use (default: the
         evaluator's own); any task model with the same functions and shapes fits."""
-        lambdas = jnp.asarray(lambdas, jnp.float32)
-        if lambdas.ndim != 2 or lambdas.shape[1] != len(taus):
+        stacked = self.stack(taus) if isinstance(taus, (list, tuple)) else taus
+        n_stack = jax.tree.leaves(stacked)[0].shape[0]
+        lambdas = np.asarray(lambdas, np.float32)
+        if lambdas.ndim != 2 or lambdas.shape[1] > n_stack:
+            raise ValueError(f"lambdas must have shape (K, n_tasks), got {lambdas.shape}")
+        if isinstance(taus, (list, tuple)) and lambdas.shape[1] != len(taus):
             raise ValueError(f"lambdas must have shape (K, {len(taus)}), got {lambdas.shape}")
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *taus)
+        k = lambdas.shape[0]
+        # Pad the grid to a multiple of the chunk (what lax.map computes anyway) and to a
+        # power of two below it, so grids of different sizes share compiled programs.
+        k_pad = -(-k // self.chunk) * self.chunk if k > self.chunk else min(_bucket(k), self.chunk)
+        lam = np.zeros((k_pad, n_stack), np.float32)
+        lam[:k, : lambdas.shape[1]] = lambdas
+        lam = jnp.asarray(lam)
         frozen = _frozen(tm or self.tm, base if self.linear else phi0)
         outs = []
         for batch, n in iterate_batches(arrays, self.batch_size):
-            outs.append(np.asarray(self._fn(base, stacked, lambdas, frozen, batch))[:, :n])
+            outs.append(np.asarray(self._fn(base, stacked, lam, frozen, batch))[:k, :n])
         return np.concatenate(outs, axis=1)
+
+
+def _bucket(n: int) -> int:
+    """The smallest power of two ≥ n."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def predict_merged(

@@ -107,6 +107,8 @@ def loop_config(c: Any, progress: bool = True) -> TR.LoopConfig:
         eval_every=int(c.eval_every),
         ckpt_every=int(c.ckpt_every),
         progress=progress,
+        rng_impl=str(c.get("rng_impl", "rbg")),
+        tensorboard=bool(c.get("tensorboard", True)),
     )
 
 

@@ -106,8 +106,12 @@ def _scores(members, base, phi0, vectors, rows, split, bs, chunk) -> np.ndarray:
     """(K, n_tasks) primary scores of each row's merged model on each member's split."""
     lam = np.asarray([r for _, r in rows], np.float32)
     out = np.zeros((len(rows), len(members)))
+    stacks: dict = {}  # one device copy of the vectors per evaluator, not one per member
     for j, m in enumerate(members):
-        preds = m.grid(bs, chunk).predict(base, phi0, vectors, lam, m.exp.arrays[split], m.exp.tm)
+        ev = m.grid(bs, chunk)
+        if id(ev) not in stacks:
+            stacks[id(ev)] = ev.stack(vectors)
+        preds = ev.predict(base, phi0, stacks[id(ev)], lam, m.exp.arrays[split], m.exp.tm)
         out[:, j] = [_primary(m, p, split) for p in preds]
     return out
 
@@ -142,7 +146,7 @@ def fuse_subset(
     best = None
     for vectors, rows in candidates(name, taus, grid):
         val = _scores(members, base, phi0, vectors, rows, "validation", batch_size, chunk)
-        means = val.mean(axis=1)
+        means = np.nan_to_num(val.mean(axis=1), nan=-np.inf)  # an undefined score never wins
         k = int(np.argmax(means))
         if best is None or means[k] > best[0]:
             best = (float(means[k]), vectors, rows[k], val[k])

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,8 @@ def base_study(name: str, config: str, config_arg: str = "") -> Any:
     (method, task) for the other seeds; [] = every seed), fusion (+ fusion_grids: name ->
     list of hparam dicts, absent = the method's default grid; fusion_subsets: name -> "all",
     "pairs+full" or "full"), max_subset (0 = all sizes), lorahub_budget, isolation_p, pairs,
-    disentangle_grid, disentangle_examples, eval_batch_size, progress.
+    disentangle_grid, disentangle_examples, eval_batch_size, eval_chunk (merged models per
+    vmapped step when evaluating merge grids), progress.
     """
     from ml_collections import ConfigDict
 
@@ -67,6 +69,7 @@ def base_study(name: str, config: str, config_arg: str = "") -> Any:
     s.disentangle_grid = list(DEFAULT_GRID)
     s.disentangle_examples = 640
     s.eval_batch_size = 128
+    s.eval_chunk = 8
     s.progress = True
     return s
 
@@ -159,8 +162,11 @@ def _command() -> str:
     return " ".join(a.replace(cwd, "") for a in args)
 
 
+_T0 = time.perf_counter()
+
+
 def _log(msg: str) -> None:
-    print(f"[study] {msg}", flush=True)
+    print(f"[study {(time.perf_counter() - _T0) / 60:5.1f} min] {msg}", flush=True)
 
 
 def parse_overrides(items: list[str]) -> tuple:
@@ -200,7 +206,9 @@ def run_study_file(
     return run_study(s, Path(out or s.get("out", f"runs/{s.name}")))
 
 
-def _finetune_all(s, out: Path, tasks: list[str], cache: X.BackboneCache, exps: dict) -> dict:
+def _finetune_all(
+    s, out: Path, tasks: list[str], cache: X.BackboneCache, exps: dict, methods: list[str]
+) -> dict:
     """Fine-tune (or find finished) runs; pick the best learning rate per run on validation."""
     chosen: dict = {}
     chosen_lr: dict = {}
@@ -208,9 +216,9 @@ def _finetune_all(s, out: Path, tasks: list[str], cache: X.BackboneCache, exps: 
     seeds = sweep_seeds + [int(x) for x in s.seeds if int(x) not in sweep_seeds]
     lrs_all = [float(x) for x in s.learning_rates]
     n_sweep = len(sweep_seeds) * len(lrs_all) + (len(seeds) - len(sweep_seeds))
-    total = len(s.methods) * len(tasks) * n_sweep
+    total = len(methods) * len(tasks) * n_sweep
     i = 0
-    for method in s.methods:
+    for method in methods:
         for seed in seeds:
             for task in tasks:
                 best = None
@@ -262,7 +270,6 @@ def run_study(s: Any, out: Path) -> Path:
     _log(f"{s.name}: tasks {tasks}, methods {list(s.methods)}, seeds {list(s.seeds)} -> {out}")
     cache = X.BackboneCache()
     exps = _experiments(s, tasks, cache)  # fails early on missing data
-    chosen = _finetune_all(s, out, tasks, cache, exps)
 
     results: dict = {
         "study": s.name,
@@ -278,33 +285,50 @@ def run_study(s: Any, out: Path) -> Path:
         "isolation_overlap": {},
         "disentanglement": {},
         "runs": {},
+        "timings_s": {},
     }
     cache_path = out / "fusion_cache.json"
     done = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     # Fusion and disentanglement (the expensive part) run for analysis_seeds (default: all);
     # results already in the cache are reported for every seed.
     analysis = [int(x) for x in s.get("analysis_seeds", [])] or [int(x) for x in s.seeds]
-    for method in s.methods:
-        for seed in s.seeds:
-            members = {}
-            for task in tasks:
-                wd = chosen[(method, seed, task)]
-                exp = dataclasses.replace(exps[task])
-                exp.spec = X.M.AdapterSpec(method, exp.spec.lora)
-                members[task] = F.Member(exp=exp, tv=tv.load(wd / "task_vector"))
-                m = members[task].tv.meta["metrics"]
-                results["single"].setdefault(method, {}).setdefault(task, {})[str(seed)] = {
-                    "val": {k[4:]: v for k, v in m.items() if k.startswith("val/")},
-                    "test": {k[5:]: v for k, v in m.items() if k.startswith("test/")},
-                }
-                results["runs"].setdefault(method, {}).setdefault(task, {})[str(seed)] = str(
-                    wd.relative_to(out)
-                )
-            _interference(s, results, method, seed, members, tasks)
-            compute = int(seed) in analysis
-            _fusion(s, results, method, seed, members, tasks, done, cache_path, compute)
-            _disentangle(s, results, method, seed, members, done, cache_path, compute)
-            _write_results(results, out)  # after every block: an interrupted study keeps it
+    # One method at a time, fine-tuning then its first seed's analysis; then the single-task
+    # scores and cosines of every other seed (cheap); then the other seeds' analyses, seed
+    # by seed. An interrupted study has whole blocks finished (results are written after
+    # every block), every method measured at least once, and every seed's single scores.
+    seeds = [int(x) for x in s.seeds]
+    rest = [(m, sd) for sd in seeds[1:] for m in s.methods]
+    order = [(m, seeds[0], True) for m in s.methods] + [(m, sd, False) for m, sd in rest]
+    order += [(m, sd, True) for m, sd in rest if sd in analysis]
+    chosen: dict = {}
+    for method, seed, analyse in order:
+        if not any(k[0] == method for k in chosen):
+            t = time.perf_counter()
+            chosen.update(_finetune_all(s, out, tasks, cache, exps, [method]))
+            results["timings_s"][f"finetune/{method}"] = time.perf_counter() - t
+        t = time.perf_counter()
+        members = {}
+        for task in tasks:
+            wd = chosen[(method, seed, task)]
+            exp = dataclasses.replace(exps[task])
+            exp.spec = X.M.AdapterSpec(method, exp.spec.lora)
+            members[task] = F.Member(exp=exp, tv=tv.load(wd / "task_vector"))
+            m = members[task].tv.meta["metrics"]
+            results["single"].setdefault(method, {}).setdefault(task, {})[str(seed)] = {
+                "val": {k[4:]: v for k, v in m.items() if k.startswith("val/")},
+                "test": {k[5:]: v for k, v in m.items() if k.startswith("test/")},
+            }
+            results["runs"].setdefault(method, {}).setdefault(task, {})[str(seed)] = str(
+                wd.relative_to(out)
+            )
+        _interference(s, results, method, seed, members, tasks)
+        compute = analyse and seed in analysis
+        _fusion(s, results, method, seed, members, tasks, done, cache_path, compute)
+        _disentangle(s, results, method, seed, members, done, cache_path, compute)
+        if compute:
+            results["timings_s"][f"analysis/{method}/seed{seed}"] = time.perf_counter() - t
+            _log(f"{method} seed {seed}: analysis done in {time.perf_counter() - t:.0f} s")
+        _write_results(results, out)  # after every block: an interrupted study keeps it
     path, rep = _write_results(results, out)
     _log(f"results: {path}")
     _log(f"report:  {rep}")
@@ -380,6 +404,7 @@ def _fusion(s, results, method, seed, members, tasks, done, cache_path, compute=
                 name,
                 grid=list(grid) if grid is not None else None,
                 batch_size=int(s.get("eval_batch_size", 64)),
+                chunk=int(s.get("eval_chunk", 8)),
                 lorahub_budget=int(s.get("lorahub_budget", 40)),
                 seed=int(seed),
             )

@@ -51,39 +51,45 @@ class OptimConfig:
 
 
 def make_optimizer(oc: OptimConfig) -> optax.GradientTransformation:
+    """The configured optimizer; its learning rate lives in the optimizer state.
+
+    The schedule's shape (warm-up, cosine/constant) is built with peak 1 and the rate is
+    an injected hyper-parameter, so runs that differ only in learning rate (a sweep)
+    share one compiled train step. Equals optax.adamw/adam/sgd with the scheduled rate.
+    """
     if oc.warmup_steps >= oc.total_steps and oc.warmup_steps > 0:
         raise ValueError(
             f"warmup_steps ({oc.warmup_steps}) must be smaller than the number of steps "
             f"({oc.total_steps})"
         )
+    warmup, total = max(oc.warmup_steps, 0), max(oc.total_steps, 1)
     if oc.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(
-            0.0, oc.learning_rate, max(oc.warmup_steps, 0), max(oc.total_steps, 1), 0.0
-        )
+        shape = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, total, 0.0)
     elif oc.schedule == "constant":
-        lr = (
+        shape = (
             optax.join_schedules(
-                [
-                    optax.linear_schedule(0.0, oc.learning_rate, max(oc.warmup_steps, 1)),
-                    optax.constant_schedule(oc.learning_rate),
-                ],
-                [max(oc.warmup_steps, 1)],
+                [optax.linear_schedule(0.0, 1.0, warmup), optax.constant_schedule(1.0)],
+                [warmup],
             )
-            if oc.warmup_steps > 0
-            else optax.constant_schedule(oc.learning_rate)
+            if warmup > 0
+            else optax.constant_schedule(1.0)
         )
     else:
         raise ValueError(f"unknown schedule {oc.schedule!r}; valid: cosine, constant")
     if oc.optimizer == "adamw":
-        opt = optax.adamw(lr, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay)
+        core = [
+            optax.scale_by_adam(b1=oc.b1, b2=oc.b2),
+            optax.add_decayed_weights(oc.weight_decay),
+        ]
     elif oc.optimizer == "adam":
-        opt = optax.adam(lr, b1=oc.b1, b2=oc.b2)
+        core = [optax.scale_by_adam(b1=oc.b1, b2=oc.b2)]
     elif oc.optimizer == "sgd":
-        opt = optax.sgd(lr)
+        core = []
     else:
         raise ValueError(f"unknown optimizer {oc.optimizer!r}; valid: adamw, adam, sgd")
-    chain = [optax.clip_by_global_norm(oc.clip_norm)] if oc.clip_norm else []
-    opt = optax.chain(*chain, opt)
+    clip = [optax.clip_by_global_norm(oc.clip_norm)] if oc.clip_norm else []
+    rate = optax.inject_hyperparams(optax.scale)(step_size=-float(oc.learning_rate))
+    opt = optax.chain(*clip, *core, optax.scale_by_schedule(shape), rate)
     if oc.grad_accum > 1:
         opt = optax.MultiSteps(opt, every_k_schedule=oc.grad_accum)
     return opt
@@ -156,9 +162,13 @@ class LoopConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
-    ckpt_every: int = 50
+    ckpt_every: int = 50  # 0 = no checkpoints (short runs whose task vector is the result)
     keep_checkpoints: int = 2
     progress: bool = True
+    # PRNG behind dropout: "rbg" compiles far faster than "threefry" (a T5-base step: most
+    # of its compile time was threefry's dropout bits), with the same statistics.
+    rng_impl: str = "rbg"
+    tensorboard: bool = True  # event files under <workdir>/tensorboard beside metrics.jsonl
 
 
 _STEPS: dict = {}
@@ -171,11 +181,6 @@ def _ckpt_manager(workdir: Path, lc: LoopConfig):
         max_to_keep=lc.keep_checkpoints, save_interval_steps=1, create=True
     )
     return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=opts)
-
-
-def _write_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row, default=float) + "\n")
 
 
 def finetune(
@@ -227,9 +232,11 @@ def finetune(
             "trainable": trainable_sh,
             "opt_state": jax.tree.map(lambda _: repl, state_shape["opt_state"]),
         }
-    # Runs of one study that differ only in data, seed or task (same model functions,
-    # optimizer and mesh) share one jitted step, so it compiles once for all of them.
-    key = (*M.functions_key(tm, spec), oc, lc.total_steps, mesh, frozen_shardings is None)
+    # Runs of one study that differ only in data, seed, task or learning rate (same model
+    # functions, optimizer and mesh) share one jitted step, so it compiles once for all.
+    # The learning rate is state, not program (make_optimizer), so a sweep compiles once.
+    oc_key = dataclasses.replace(oc, learning_rate=0.0)
+    key = (*M.functions_key(tm, spec), oc_key, lc.total_steps, mesh, frozen_shardings is None)
     step_fn = _STEPS.get(key)
     if step_fn is None:
         step_fn = _STEPS[key] = jax.jit(
@@ -258,8 +265,10 @@ def finetune(
         size=2,
         sharding=S.batch_sharding(mesh),
     )
-    rng = jax.random.key(lc.seed + 1)
-    log_path = workdir / "metrics.jsonl"
+    rng = jax.random.key(lc.seed + 1, impl=lc.rng_impl)
+    from llora_jax.metrics_log import MetricsLog
+
+    log = MetricsLog(workdir, tensorboard=lc.tensorboard, enabled=jax.process_index() == 0)
 
     bar = None
     if lc.progress and jax.process_index() == 0:
@@ -273,31 +282,35 @@ def finetune(
             state, metrics = step_fn(state, frozen, batch, rng)
             done = step + 1
             last = done == lc.total_steps
-            if done % lc.log_every == 0 or last or done % lc.ckpt_every == 0:
+            ckpt = lc.ckpt_every > 0 and (done % lc.ckpt_every == 0 or last)
+            if done % lc.log_every == 0 or last or ckpt:
                 m = jax.device_get(metrics)
                 if int(m["nonfinite"]):
                     raise TrainingDiverged(
                         f"non-finite loss or gradient at step {done} (loss={float(m['loss'])}); "
-                        f"the last good checkpoint is kept in {workdir / 'checkpoints'}. Lower the "
-                        "learning rate or enable gradient clipping."
+                        + (
+                            f"the last good checkpoint is kept in {workdir / 'checkpoints'}. "
+                            if lc.ckpt_every > 0
+                            else "checkpoints are off (ckpt_every=0). "
+                        )
+                        + "Lower the learning rate or enable gradient clipping."
                     )
                 dt = time.perf_counter() - t0
                 rate = (done - n0) * lc.batch_size / max(dt, 1e-9)
                 row = {"step": done, **{k: float(v) for k, v in m.items()}, "examples_per_s": rate}
-                if jax.process_index() == 0:
-                    _write_jsonl(log_path, row)
+                log.write(row)
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", ex_s=f"{rate:.0f}")
             if evaluate and lc.eval_every and done % lc.eval_every == 0 and not last:
                 vm = evaluate(state["trainable"], phi0)
-                if jax.process_index() == 0:
-                    _write_jsonl(log_path, {"step": done, **vm})
-            if done % lc.ckpt_every == 0 or last:
+                log.write({"step": done, **vm})
+            if ckpt:
                 mngr.save(done, args=ocp.args.StandardSave(state))
             if bar is not None:
                 bar.update(1)
     finally:
         batches.close()  # stops the prefetch thread
+        log.close()
         if bar is not None:
             bar.close()
         mngr.wait_until_finished()

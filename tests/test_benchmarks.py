@@ -8,7 +8,11 @@
 * the PyTorch L-LoRA baseline (peft LoraLayer + torch.func.jvp) computes our l_lora
   outputs and gradients on identical weights, and its whole-model linearization our
   l_lora_model outputs;
-* batched merge grids give exactly the predictions of one model at a time.
+* batched merge grids give exactly the predictions of one model at a time (the
+  disentanglement grid too);
+* plans: the issue8 preset's order and waves, its tiny twin; a time budget skips whole
+  compile waves (recorded) instead of starting what cannot finish; results of several
+  runs merge into one file with ratios recomputed across them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -267,6 +272,88 @@ def test_areas_and_presets():
     assert t5_only.grid_models == ("t5",) and {c.model for c in t5_only.train} == {"t5"}
 
 
+def test_issue8_plan_order_waves_and_tiny_twin():
+    plan = P.make_plan("issue8")
+    sizes = TB.wave_sizes(len(plan.train), plan.train_waves)
+    assert sum(sizes) == len(plan.train) and sizes[0] == 5
+    first = {c.name for c in plan.train[: sizes[0]]}
+    # The first wave: every method at T5's main config, and the step the pipeline reuses.
+    assert {f"train/t5/{m}/bf16/b64" for m in P.METHODS} | {"train/clip/lora/bf16/b128"} == first
+    names = [c.name for c in plan.train]
+    assert len(set(names)) == len(names) == 4 * 2 * 3 + 1  # the whole T5 matrix + CLIP
+    assert {c.name for c in plan.torch_train} <= set(names)
+    assert plan.grid.ks == (1, 21, 441) and plan.grid.n_examples == 1024
+    assert plan.grid_models[0] == "t5" and plan.grid.dis_methods[0] == "l_lora_model"
+    tiny = P.shrink(plan)
+    assert tiny.tiny and tiny.grid.ks == (1, 3, 9) and tiny.grid.big_k == 9
+    assert [c.method for c in tiny.train] == [c.method for c in plan.train]
+    assert len({c.name for c in tiny.train}) == len(names)  # batches stay distinct
+    modes = {(s.model, s.mode) for s in plan.scaling}
+    assert {("clip", "dp"), ("t5l", "fsdp"), ("t5l", "dp")} == modes
+    assert TB.wave_sizes(10, ()) == [10] and TB.wave_sizes(0, (2,)) == []
+    assert TB.wave_sizes(7, (2, 3)) == [2, 3, 2]
+
+
+def test_budget_skips_whole_waves_without_compiling(tmp_path):
+    from benchmarks.common import Recorder
+
+    rec = Recorder(tmp_path / "part.json", deadline=time.time() + 5.0)
+    cases = [TB.TrainCase("t5", m, "bf16", 2) for m in ("lora", "l_lora")]
+    kept = TB.run(cases, rec, tiny=True, waves=(1,), compile_workers=1)
+    assert kept == {}
+    assert [m["name"] for m in rec.items] == [c.name for c in cases]
+    assert all(m["error"].startswith("skipped: time budget") for m in rec.items)
+    assert json.loads((tmp_path / "part.json").read_text())["measurements"]  # written
+
+
+def test_merge_keeps_measured_entries_and_recomputes_ratios(tmp_path):
+    from benchmarks import merge as MG
+
+    case = {"model": "t5", "precision": "bf16", "batch": 64, "method": "lora"}
+    gpu, cpu = {"kind": "H100"}, {"kind": "cpu"}
+
+    def on(m, dev):
+        return {**m, "device": dev}
+
+    scaled = on(_m("scaling/clip/lora/bf16/n2", "scaling", {"n_devices": 2}, 0.1), gpu)
+    scaled["ratios"] = {"scaling": 1.9}  # computed by the scaling benchmark itself
+    run1 = {
+        "measurements": [
+            on(_m("peak/matmul/bf16", "peak", {}, 1.0, flop_per_s=100.0), gpu),
+            on(_m("train/t5/lora/bf16/b64", "train", case, 0.03, flops_analytic=1.0), gpu),
+            measurement("train/t5/full/bf16/b64", "train", case, error="skipped: time budget"),
+            scaled,
+        ]
+    }
+    part = {
+        "measurements": [
+            on(_m("peak/matmul/bf16", "peak", {}, 1.0, flop_per_s=1e3), cpu),  # another device
+            on(_m("torch_train/t5/lora/bf16/b64", "torch_train", case, 0.18), gpu),
+            on(measurement("train/t5/lora/bf16/b64", "train", case, error="skipped: budget"), gpu),
+        ]
+    }
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "2026-11-23T000000Z-H100.json").write_text(json.dumps(run1))
+    stopped = tmp_path / "b" / "parts-2026-11-23T010000Z"
+    stopped.mkdir(parents=True)
+    (stopped / "torch.json").write_text(json.dumps(part))
+    # The parts of a finished run are inside its result file: not read twice.
+    done = tmp_path / "a" / "parts-2026-11-23T000000Z"
+    done.mkdir()
+    (done / "jax.json").write_text(json.dumps({"measurements": [{"broken": True}]}))
+    res = MG.merge([str(tmp_path / "a"), str(tmp_path / "b")])
+    by = {m["name"]: m for m in res["measurements"]}
+    assert len(res["sources"]) == 2
+    assert by["train/t5/lora/bf16/b64"]["median"] == pytest.approx(0.03)  # not the skip
+    assert by["train/t5/lora/bf16/b64"]["ratios"]["speedup_vs_torch"] == pytest.approx(6.0)
+    # MFU against the peak of the same device kind; both devices' peaks are kept.
+    assert by["train/t5/lora/bf16/b64"]["derived"]["mfu_analytic"] == pytest.approx(1 / 3)
+    assert sum(m["name"] == "peak/matmul/bf16" for m in res["measurements"]) == 2
+    assert by["train/t5/full/bf16/b64"]["error"]
+    assert by["scaling/clip/lora/bf16/n2"]["ratios"]["scaling"] == 1.9
+    assert {t["target"]: t["pass"] for t in res["targets"]}["scaling"] is True
+
+
 def _m(name, area, config, median, **derived):
     return measurement(name, area, config, [median], derived=derived)
 
@@ -361,8 +448,14 @@ def test_tiny_run_writes_every_area_with_the_documented_fields(tiny_run):
         assert lora["ratios"]["speedup_vs_torch"] > 0
         assert by["torch_train/clip/l_lora/fp32/b2"]["derived"]["linearized_layers"] == 4
     assert by["scaling/clip/lora/fp32/n2"]["ratios"]["scaling"] > 0
+    fsdp = by["scaling/t5l/lora/fp32/fsdp/n2"]
+    assert fsdp["config"]["mode"] == "fsdp" and fsdp["derived"]["peak_bytes_per_device"] > 0
     assert by["pipeline/clip/e2e"]["ratios"]["headroom_prefetch"] > 0
-    assert by["disentangle/t5/l_lora/G3"]["derived"]["xi_shape"] == [3, 3]
+    dis = by["disentangle/t5/l_lora/G3"]
+    assert dis["derived"]["xi_shape"] == [3, 3]
+    assert dis["ratios"]["speedup_vs_one_at_a_time"] > 0
+    one = by["disentangle/t5/l_lora/G3/one_at_a_time"]["derived"]
+    assert one["agreement_with_batched"] == 1.0 and one["models_in_grid"] == 2 * (9 + 3)
     kinds = {t["target"] for t in res["targets"]}
     assert {"l_lora_step", "l_lora_memory", "batched_grid", "disentangle", "scaling"} <= kinds
     assert have_peft <= ("vs_peft" in kinds)

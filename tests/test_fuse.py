@@ -175,3 +175,38 @@ def test_shared_evaluator_uses_each_members_own_head():
         got = m.grid(8, 4).predict(phi0, phi0, taus, lam, m.exp.arrays["test"], m.exp.tm)[0]
         ref = E.predict(m.exp.tm, m.exp.spec, merged, phi0, m.exp.arrays["test"], 8)
         np.testing.assert_array_equal(got, ref)
+
+
+def test_an_undefined_validation_score_never_wins_the_selection(monkeypatch):
+    """A setting whose validation score is NaN (e.g. a correlation of constant predictions)
+    must not be chosen: np.argmax alone would pick it."""
+    members = _members(n=2)
+    grid = [{"lam": 0.0}, {"lam": 0.5}, {"lam": 1.0}]
+    calls = []
+    orig = F._scores
+
+    def spy(*args, **kw):
+        out = orig(*args, **kw)
+        if args[5] == "validation":
+            out = out.copy()
+            out[0] = np.nan  # the first grid row (λ = 0) has an undefined score
+            calls.append(out)
+        return out
+
+    monkeypatch.setattr(F, "_scores", spy)
+    got = F.fuse_subset(members, "task_arithmetic", grid=grid, batch_size=8)
+    assert calls and got["hparams"]["lam"] != 0.0
+
+
+def test_stsb_constant_predictions_score_zero_correlation():
+    from llora_jax.data import get_task
+    from llora_jax.heads import text_encoder as TE
+
+    spec = get_task("stsb")
+    n = len(TE.bin_centres(spec))
+    arrays = {"score": np.linspace(0.0, 5.0, 12), "label": np.zeros(12, np.int32)}
+    const = TE.metrics(spec, np.full(12, n // 2), arrays)
+    assert const["pearson"] == 0.0 and const["spearman"] == 0.0
+    varied = TE.metrics(spec, np.arange(12) % n, arrays)
+    ref = np.corrcoef(TE.bin_centres(spec)[np.arange(12) % n], arrays["score"])[0, 1]
+    assert varied["pearson"] == pytest.approx(ref)

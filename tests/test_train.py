@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -47,6 +48,7 @@ def test_each_method_lowers_the_loss_and_exports_a_task_vector(tmp_path, method)
     wd = _run(tmp_path, method)
     losses = _losses(wd)
     assert losses[-1] < 0.8 * losses[0], losses
+    assert list((wd / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard events"
     got = tv.load(wd / "task_vector")
     assert got.meta["mode"] == method and got.meta["task"] == "toy"
     assert T.norm(got.tau) > 0
@@ -110,3 +112,37 @@ def test_training_batches_are_indexed_by_step_and_split_across_processes():
     seen = np.concatenate([at(i) for i in range(10)])
     assert len(set(seen)) == 100
     assert dataclasses.is_dataclass(TR.LoopConfig())
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
+def test_optimizer_equals_optax_with_the_scheduled_rate(optimizer):
+    """The injected-rate optimizer equals optax's own at every step, and two learning
+    rates give the same program (so a learning-rate sweep compiles one train step)."""
+    import optax
+
+    oc = TR.OptimConfig(
+        optimizer=optimizer, learning_rate=3e-3, weight_decay=0.1, warmup_steps=3, total_steps=10
+    )
+    sched = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 3, 10, 0.0)
+    ref_core = {
+        "adamw": optax.adamw(sched, weight_decay=0.1),
+        "adam": optax.adam(sched),
+        "sgd": optax.sgd(sched),
+    }[optimizer]
+    ref = optax.chain(optax.clip_by_global_norm(1.0), ref_core)
+    ours = TR.make_optimizer(oc)
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones(4)}
+    s_ref, s_ours = ref.init(params), ours.init(params)
+    p_ref = p_ours = params
+    for i in range(8):
+        g = jax.tree.map(lambda x, k=i + 1: jnp.sin(x * k) * 0.5, p_ref)
+        u_ref, s_ref = ref.update(g, s_ref, p_ref)
+        u_ours, s_ours = ours.update(g, s_ours, p_ours)
+        p_ref, p_ours = optax.apply_updates(p_ref, u_ref), optax.apply_updates(p_ours, u_ours)
+    for a, b in zip(jax.tree.leaves(p_ref), jax.tree.leaves(p_ours)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+    other = TR.make_optimizer(dataclasses.replace(oc, learning_rate=1e-1))
+    g = jax.tree.map(jnp.ones_like, params)
+    jaxpr = lambda opt: str(jax.make_jaxpr(opt.update)(g, opt.init(params), params))  # noqa: E731
+    assert jaxpr(ours) == jaxpr(other)

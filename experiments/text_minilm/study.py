@@ -24,16 +24,19 @@ def get_study(arg=None):
         ("data.val_max", 300),
         ("data.eval_limit", 1000),
         ("log_every", 100),
-        ("ckpt_every", 500),
+        # A run takes seconds on a GPU: its task vector is the checkpoint (a re-run
+        # skips finished runs), so no Orbax checkpoints are written.
+        ("ckpt_every", 0),
     )
     # One sweep for all methods (matched budgets), run on seed 0; the rate chosen there on
     # validation (per method and task) is reused for seeds 1 and 2.
     s.learning_rates = [1e-4, 1e-3]
     s.lr_sweep_seeds = [0]
-    s.methods = ["lora", "l_lora", "l_lora_model", "full"]
-    # Fusion and disentanglement on seed 0 (what one GPU session's device time allowed);
-    # single-task scores and cosine similarities on every seed.
-    s.analysis_seeds = [0]
+    # The paper's comparison first: an interrupted study has LoRA vs L-LoRA measured.
+    s.methods = ["lora", "l_lora", "full", "l_lora_model"]
+    # Fusion and disentanglement on every seed: seed 0 of every method first, then seeds
+    # 1 and 2 (the runner's order), so an interrupted study has every method once.
+    s.analysis_seeds = []
     # Task arithmetic on every subset; TIES and averaging on pairs and the full set; the
     # costlier searches on the full set (what one GPU session's device time allowed).
     s.fusion_subsets = {
@@ -55,6 +58,7 @@ def get_study(arg=None):
     }
     s.pairs = [("cola", "mrpc"), ("cola", "rte"), ("mrpc", "rte"), ("mrpc", "sst2")]
     s.eval_batch_size = 256
+    s.eval_chunk = 12  # the 11-point λ grids in one vmapped step
     if arg == "demo":
         # Sized for a 2-core CPU (about 25 TFLOP in all, ~8 minutes): short inputs, 80 steps,
         # small validation/test subsets. Numbers from it are a smoke test, not a result.
@@ -96,6 +100,7 @@ def get_study(arg=None):
             "disentangle_grid",
             "disentangle_examples",
             "eval_batch_size",
+            "eval_chunk",
         ):
             s[k] = demo[k]
         s.name = "text_minilm_cpu"

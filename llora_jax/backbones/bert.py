@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llora_jax.backbones.attention import check_attention_impl, fused_attention
+
 __all__ = [
     "DEFAULT_LORA_TARGETS",
     "BertSettings",
@@ -66,6 +68,12 @@ class BertSettings:
     type_vocab_size: int = 2
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
+    # How the attention core runs: "auto" | "xla" | "cudnn" | "reference" (not an HF field;
+    # see attention.ATTENTION_IMPLS).
+    attention_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_attention_impl(self.attention_impl, "BertSettings")
 
 
 # ----------------------------------------------------------------------------- modules
@@ -129,9 +137,11 @@ class BertSelfAttention(nn.Module):
     cfg: BertSettings
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"  # see attention.ATTENTION_IMPLS
 
     @nn.compact
-    def __call__(self, x, mask_bias, deterministic: bool = True):
+    def __call__(self, x, mask, deterministic: bool = True):
+        """``mask``: bool (B, 1, 1, L), True on the keys that may be attended to."""
         c = self.cfg
         heads = c.num_attention_heads
         head_dim = c.hidden_size // heads
@@ -142,6 +152,16 @@ class BertSelfAttention(nn.Module):
             return y.reshape(*y.shape[:-1], heads, head_dim)
 
         q, k, v = proj("query"), proj("key"), proj("value")
+        check_attention_impl(self.attention_impl, "BertSelfAttention")
+        # jax.nn.dot_product_attention has no dropout: HF BERT drops attention probabilities
+        # (attention_probs_dropout_prob, 0.1 by default), so training runs the reference code.
+        dropout_active = not deterministic and c.attention_probs_dropout_prob > 0.0
+        if self.attention_impl != "reference" and not dropout_active:
+            scale = 1.0 / math.sqrt(head_dim)
+            ctx = fused_attention(q, k, v, mask=mask, scale=scale, impl=self.attention_impl)
+            return ctx.reshape(*ctx.shape[:-2], c.hidden_size)
+        # Additive bias over keys; the value HF uses (float32 minimum).
+        mask_bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
         # Softmax in float32 even under bfloat16 compute: masked logits are huge negatives.
         probs = jax.nn.softmax(scores + mask_bias, axis=-1).astype(self.dtype)
@@ -182,9 +202,12 @@ class BertAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask_bias, deterministic: bool = True):
+    def __call__(self, x, mask, deterministic: bool = True):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        ctx = BertSelfAttention(self.cfg, **kw, name="self")(x, mask_bias, deterministic)
+        impl = self.cfg.attention_impl
+        ctx = BertSelfAttention(self.cfg, **kw, attention_impl=impl, name="self")(
+            x, mask, deterministic
+        )
         return BertOutput(self.cfg, "qkv", **kw, name="output")(ctx, x, deterministic)
 
 
@@ -194,9 +217,9 @@ class BertLayer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask_bias, deterministic: bool = True):
+    def __call__(self, x, mask, deterministic: bool = True):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = BertAttention(self.cfg, **kw, name="attention")(x, mask_bias, deterministic)
+        h = BertAttention(self.cfg, **kw, name="attention")(x, mask, deterministic)
         inter = BertIntermediate(self.cfg, **kw, name="intermediate")(h)
         return BertOutput(self.cfg, "mlp", **kw, name="output")(inter, h, deterministic)
 
@@ -207,11 +230,11 @@ class BertEncoder(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask_bias, deterministic: bool = True):
+    def __call__(self, x, mask, deterministic: bool = True):
         for i in range(self.cfg.num_hidden_layers):
             x = BertLayer(
                 self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, name=f"layer_{i}"
-            )(x, mask_bias, deterministic)
+            )(x, mask, deterministic)
         return x
 
 
@@ -243,10 +266,10 @@ class BertModel(nn.Module):
         x = BertEmbeddings(self.cfg, **kw, name="embeddings")(
             input_ids, token_type_ids, position_ids, deterministic
         )
-        # (B, 1, 1, L) additive bias over keys; same value HF uses (float32 minimum).
+        # (B, 1, 1, L) boolean mask over keys (the attention turns it into HF's additive bias
+        # on its reference path).
         keep = attention_mask[:, None, None, :].astype(bool)
-        mask_bias = jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-        x = BertEncoder(self.cfg, **kw, name="encoder")(x, mask_bias, deterministic)
+        x = BertEncoder(self.cfg, **kw, name="encoder")(x, keep, deterministic)
         if not self.add_pooling_layer:
             return x
         pooled = _BertPooler(self.cfg, **kw, name="pooler")(x)
@@ -283,7 +306,7 @@ def settings_from_hf_config(config: Any) -> BertSettings:
             f"hidden_size={config.hidden_size} is not a multiple of "
             f"num_attention_heads={config.num_attention_heads}"
         )
-    names = [f.name for f in dataclasses.fields(BertSettings)]
+    names = [f.name for f in dataclasses.fields(BertSettings) if f.name != "attention_impl"]
     return BertSettings(**{n: getattr(config, n) for n in names})
 
 

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llora_jax.backbones.attention import check_attention_impl, fused_attention
+
 __all__ = [
     "VisionConfig",
     "TextConfig",
@@ -41,6 +43,10 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
     attention_dropout: float = 0.0
+    attention_impl: str = "auto"  # see attention.ATTENTION_IMPLS
+
+    def __post_init__(self) -> None:
+        check_attention_impl(self.attention_impl, "CLIP VisionConfig")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +65,10 @@ class TextConfig:
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
     attention_dropout: float = 0.0
+    attention_impl: str = "auto"  # see attention.ATTENTION_IMPLS
+
+    def __post_init__(self) -> None:
+        check_attention_impl(self.attention_impl, "CLIP TextConfig")
 
 
 def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -102,8 +112,10 @@ class Attention(nn.Module):
     dropout: float
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_impl: str = "auto"  # see attention.ATTENTION_IMPLS
 
     def setup(self) -> None:
+        check_attention_impl(self.attention_impl, "CLIP Attention")
         # Separate q/k/v Dense layers: adapters intercept nn.Dense by path.
         mk = lambda axes: dense(self.hidden_size, axes, self.dtype, self.param_dtype)  # noqa: E731
         self.q_proj = mk(("embed", "qkv"))
@@ -119,6 +131,11 @@ class Attention(nn.Module):
         hd = self.hidden_size // self.num_heads
         split = lambda y: y.reshape(b, t, self.num_heads, hd)  # noqa: E731
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        dropout_active = not deterministic and self.dropout > 0.0
+        if self.attention_impl != "reference" and not dropout_active:
+            # mask: None (vision) or bool (1|B, 1, T, T), causal & padding (text).
+            out = fused_attention(q, k, v, mask=mask, scale=hd**-0.5, impl=self.attention_impl)
+            return self.out_proj(out.reshape(b, t, self.hidden_size))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         scores = scores * hd**-0.5
         if mask is not None:
@@ -171,7 +188,9 @@ class EncoderLayer(nn.Module):
     def setup(self) -> None:
         c, dt, pdt = self.cfg, self.dtype, self.param_dtype
         self.layer_norm1 = _layer_norm(c.layer_norm_eps, dt, pdt)
-        self.self_attn = Attention(c.hidden_size, c.num_heads, c.attention_dropout, dt, pdt)
+        self.self_attn = Attention(
+            c.hidden_size, c.num_heads, c.attention_dropout, dt, pdt, c.attention_impl
+        )
         self.layer_norm2 = _layer_norm(c.layer_norm_eps, dt, pdt)
         self.mlp = MLP(c.hidden_size, c.intermediate_size, c.hidden_act, dt, pdt)
 

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llora_jax.backbones.attention import check_attention_impl, fused_attention
+
 Dtype = Any
 
 _ACTIVATIONS = {
@@ -51,8 +53,12 @@ class T5Spec:
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
+    # How the attention core runs: "auto" | "xla" | "cudnn" | "reference" (not an HF field;
+    # see attention.ATTENTION_IMPLS).
+    attention_impl: str = "auto"
 
     def __post_init__(self) -> None:
+        check_attention_impl(self.attention_impl, "T5Spec")
         if self.dense_act_fn not in _ACTIVATIONS:
             raise ValueError(
                 f"T5 feed-forward activation {self.dense_act_fn!r} is not supported; "
@@ -139,6 +145,7 @@ class T5Attention(nn.Module):
     has_relative_bias: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"  # see attention.ATTENTION_IMPLS
 
     def _relative_bias(self, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
         s = self.spec
@@ -198,29 +205,44 @@ class T5Attention(nn.Module):
         offset = cache_index if (cache is not None and not self.cross) else 0
         q_pos = jnp.arange(lq) + offset
         k_pos = jnp.arange(lk)
+        no_bias = position_bias is None and not self.has_relative_bias
         if position_bias is None:
             if self.has_relative_bias:
                 position_bias = self._relative_bias(q_pos, k_pos)
             else:
                 position_bias = jnp.zeros((1, s.num_heads, lq, lk), jnp.float32)
-        scores = jnp.einsum(
-            "bqhd,bkhd->bhqk",
-            q.reshape(b, lq, s.num_heads, s.d_kv),
-            k.reshape(b, lk, s.num_heads, s.d_kv).astype(q.dtype),
-        ).astype(jnp.float32)
-        scores = scores + position_bias
-        if mask_bias is not None:
-            scores = scores + mask_bias
+        check_attention_impl(self.attention_impl, "T5Attention")
+        qh = q.reshape(b, lq, s.num_heads, s.d_kv)
+        kh = k.reshape(b, lk, s.num_heads, s.d_kv).astype(q.dtype)
+        vh = v.reshape(b, lk, s.num_heads, s.d_kv).astype(self.dtype)
+        # Keys not yet written to the decode cache (and future ones) are masked by position.
+        allowed = None
         if cache is not None and self.causal:
-            # Keys not yet written (and future ones) are masked by position.
-            allowed = k_pos[None, :] <= q_pos[:, None]
-            scores = jnp.where(allowed[None, None], scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        weights = nn.Dropout(s.dropout_rate)(weights, deterministic=deterministic)
-        out = jnp.einsum(
-            "bhqk,bkhd->bqhd", weights, v.reshape(b, lk, s.num_heads, s.d_kv).astype(self.dtype)
-        ).reshape(b, lq, inner)
-        out = _dense(self, s.d_model, inner**-0.5, ("qkv", "embed"), "o")(out)
+            allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]
+        # jax.nn.dot_product_attention has no dropout: HF T5 drops attention weights
+        # (dropout_rate, 0.1 in the T5 / Flan-T5 configs), so training runs the reference code.
+        dropout_active = not deterministic and s.dropout_rate > 0.0
+        if self.attention_impl != "reference" and not dropout_active:
+            # No score scaling (scale=1); the relative-position bias (1, H, Lq, Lk) and the
+            # additive padding / causal bias go in as one float32 bias, as the reference adds
+            # them; the all-zero bias of attentions without relative bias is left out.
+            bias = None if no_bias else position_bias
+            if mask_bias is not None:
+                bias = mask_bias if bias is None else bias + mask_bias
+            ctx = fused_attention(
+                qh, kh, vh, bias=bias, mask=allowed, scale=1.0, impl=self.attention_impl
+            )
+        else:
+            scores = jnp.einsum("bqhd,bkhd->bhqk", qh, kh).astype(jnp.float32)
+            scores = scores + position_bias
+            if mask_bias is not None:
+                scores = scores + mask_bias
+            if allowed is not None:
+                scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+            weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+            weights = nn.Dropout(s.dropout_rate)(weights, deterministic=deterministic)
+            ctx = jnp.einsum("bhqk,bkhd->bqhd", weights, vh)
+        out = _dense(self, s.d_model, inner**-0.5, ("qkv", "embed"), "o")(ctx.reshape(b, lq, inner))
         return out, position_bias, new_cache
 
 
@@ -255,7 +277,13 @@ class T5LayerSelfAttention(nn.Module):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         h = T5LayerNorm(self.spec.layer_norm_epsilon, name="layer_norm", **kw)(x)
         h, position_bias, cache = T5Attention(
-            self.spec, self.causal, False, self.has_relative_bias, name="SelfAttention", **kw
+            self.spec,
+            self.causal,
+            False,
+            self.has_relative_bias,
+            attention_impl=self.spec.attention_impl,
+            name="SelfAttention",
+            **kw,
         )(h, None, mask_bias, position_bias, deterministic, cache, cache_index)
         x = x + nn.Dropout(self.spec.dropout_rate)(h, deterministic=deterministic)
         return x, position_bias, cache
@@ -270,9 +298,10 @@ class T5LayerCrossAttention(nn.Module):
     def __call__(self, x, enc, enc_bias, deterministic, cache):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         h = T5LayerNorm(self.spec.layer_norm_epsilon, name="layer_norm", **kw)(x)
-        h, _, cache = T5Attention(self.spec, cross=True, name="EncDecAttention", **kw)(
-            h, enc, enc_bias, None, deterministic, cache
-        )
+        impl = self.spec.attention_impl
+        h, _, cache = T5Attention(
+            self.spec, cross=True, attention_impl=impl, name="EncDecAttention", **kw
+        )(h, enc, enc_bias, None, deterministic, cache)
         x = x + nn.Dropout(self.spec.dropout_rate)(h, deterministic=deterministic)
         return x, cache
 

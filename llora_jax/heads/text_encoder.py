@@ -173,9 +173,13 @@ def metrics(spec: TaskSpec, preds: np.ndarray, arrays: Mapping[str, np.ndarray])
 
         values = bin_centres(spec)[preds]
         score = np.asarray(arrays["score"])
+        # A model that puts every pair in one bin says nothing about similarity: its
+        # correlation (undefined, NaN) is scored 0, so that a merge which collapses to one
+        # bin ranks below any informative one instead of breaking means and selection.
+        constant = values.size > 1 and np.all(values == values[0])
         return {
             "accuracy": float(np.mean(preds == np.asarray(arrays["label"]))),
-            "pearson": pearson(values, score),
-            "spearman": spearman(values, score),
+            "pearson": 0.0 if constant else pearson(values, score),
+            "spearman": 0.0 if constant else spearman(values, score),
         }
     return compute_metrics(spec, preds, np.asarray(arrays["label"]))

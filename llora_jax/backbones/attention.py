@@ -1,0 +1,62 @@
+"""The attention core shared by every backbone: jax.nn.dot_product_attention or the reference."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["ATTENTION_IMPLS", "check_attention_impl", "fused_attention"]
+
+# How the attention core is computed (field ``attention_impl`` of every backbone config):
+# "auto": jax.nn.dot_product_attention(implementation=None); in jax 0.10 None means the XLA
+#   path (its own comment: automatic backend selection is a TODO), so it gives no cuDNN kernel;
+# "xla": the same function, implementation="xla" (scores still materialised, softmax in fp32);
+# "cudnn": implementation="cudnn", the fused flash kernel (GPU, fp16/bf16 only; a custom_vjp,
+#   so no forward-mode AD: l_lora_model's jvp/linearize needs "xla"/"auto"/"reference");
+# "reference": the explicit einsum + softmax code, kept for parity tests.
+# Whatever the choice, attention-probability dropout that is active (deterministic=False and
+# rate > 0) runs the reference code: jax.nn.dot_product_attention has no dropout.
+ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn", "reference")
+_CUDNN_NEG = -float(2 << 40)  # jax's own masked logit for bf16 in its cuDNN path (no overflow)
+
+
+def check_attention_impl(impl: str, where: str) -> None:
+    """Raise a clear error for an unknown ``attention_impl`` (``where`` names the config)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"{where}: attention_impl={impl!r} is not one of {ATTENTION_IMPLS}")
+
+
+def fused_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    scale: float,
+    impl: str,
+) -> jax.Array:
+    """``jax.nn.dot_product_attention`` on (B, T, N, H) inputs for impl auto / xla / cudnn.
+
+    ``bias`` (additive, float32) and ``mask`` (bool, True = attend) are 4-D and broadcast to
+    (B, N, T, S). The XLA path computes logits in float32 (preferred_element_type), adds the
+    bias, masks with -0.7 * float32 max and takes the softmax in float32 before casting the
+    probabilities to the value dtype: the reference code's numerics.
+    """
+    if impl == "cudnn":
+        # jax's cuDNN path turns the mask into a bias and checks that a bias spans the full
+        # (T, S) (broadcasting over batch and heads only); the bias goes in the input dtype,
+        # with huge negatives clamped to jax's bf16-safe value.
+        t, s = q.shape[1], k.shape[1]
+        full = lambda a: jnp.broadcast_to(a, (*a.shape[:2], t, s))  # noqa: E731
+        mask = None if mask is None else full(mask)
+        bias = None if bias is None else full(jnp.maximum(bias, _CUDNN_NEG)).astype(q.dtype)
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        bias=bias,
+        mask=mask,
+        scale=scale,
+        implementation=None if impl == "auto" else impl,
+    )
