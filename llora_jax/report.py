@@ -28,6 +28,7 @@ __all__ = [
 
 SECTIONS = ("single", "fusion", "cosine", "isolation_overlap", "disentanglement")
 HOLDS, FAILS, NOT_MEASURED = "holds", "does not hold", "not measured"
+INCONCLUSIVE = "inconclusive"  # the difference is within the seed spread
 _HEADER_KEYS = ("study", "backbone", "device", "date", "command", "versions", "timings")
 
 
@@ -279,9 +280,12 @@ def _verdict(
         return {**v, "verdict": NOT_MEASURED, "detail": f"no usable results for {missing}"}
     better = b["mean"] < a["mean"] if lower else b["mean"] > a["mean"]
     stds = [s["std"] for s in (a, b) if s["std"] is not None]
-    noise = stds and abs(b["mean"] - a["mean"]) < max(stds)
-    detail = "; the difference is smaller than the seed std" if noise else ""
-    return {**v, "verdict": HOLDS if better else FAILS, "detail": why + detail}
+    diff = abs(b["mean"] - a["mean"])
+    if stds and diff < max(stds):
+        detail = f"; the difference ({diff:.4g}) is smaller than the seed std ({max(stds):.4g})"
+        lean = "leans towards the claim" if better else "leans against the claim"
+        return {**v, "verdict": INCONCLUSIVE, "detail": f"{why}{detail}, {lean}"}
+    return {**v, "verdict": HOLDS if better else FAILS, "detail": why}
 
 
 def _verdicts(results: Mapping, summary: dict, base: str, lin: str) -> dict:

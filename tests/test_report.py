@@ -316,6 +316,13 @@ def test_verdicts_constructed_cases(results):
     # Equal means: "lower" does not hold.
     r = _set_cos(_set_cos(copy.deepcopy(results), "l_lora", 0.2), "lora", 0.2)
     assert report.summarize(r)["verdicts"]["cosine"]["verdict"] == "does not hold"
+    # A difference inside the seed spread is inconclusive, whichever way it leans.
+    r = copy.deepcopy(results)
+    for i, e in enumerate(r["cosine"]["lora"].values()):
+        e["mean_off_diagonal"] = 0.2 + 0.1 * (-1) ** i  # std ≈ 0.1 over the seeds
+    _set_cos(r, "l_lora", 0.19)
+    v = report.summarize(r)["verdicts"]["cosine"]
+    assert v["verdict"] == "inconclusive" and "leans" in v["detail"], v
     # ΔW missing (null) for one method -> not measured, the flattened verdict still holds.
     r = copy.deepcopy(results)
     for e in r["cosine"]["lora"].values():
