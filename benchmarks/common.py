@@ -152,6 +152,11 @@ class Recorder:
         self.deadline = deadline
         self.area_wall_s: dict[str, float] = {}
 
+    def skip_all(self, cases: Any, area: str, reason: str) -> None:
+        """Record every case (anything with ``name`` and ``config()``) as skipped."""
+        for c in cases:
+            self.add(measurement(c.name, area, c.config(), error=f"skipped: {reason}"))
+
     def timed_area(self, area: str):
         """Context manager adding the wall time of a block to ``area_wall_s[area]``."""
         import contextlib

@@ -121,16 +121,8 @@ def run(
         group = [c for c in cases if c.spec.model == model]
         est = TB.estimate_wave_s([model], len(group), compile_workers, {}, tiny)
         if not rec.fits(est):
-            for c in group:
-                rec.add(
-                    measurement(
-                        c.name,
-                        AREA,
-                        c.config(),
-                        error=f"skipped: time budget ({len(group)} compiles estimated at "
-                        f"{est:.0f} s, {rec.seconds_left():.0f} s left)",
-                    )
-                )
+            reason = f"time budget ({len(group)} compiles estimated at {est:.0f} s, "
+            rec.skip_all(group, AREA, reason + f"{rec.seconds_left():.0f} s left)")
             continue
         runners: list[tuple[ScalingCase, TB.Runner]] = []
         for c in group:

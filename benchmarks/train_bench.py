@@ -258,16 +258,8 @@ def run(
         start += size
         est = estimate_wave_s([c.model for c in group], size, compile_workers, base_s, tiny)
         if not rec.fits(est):
-            for c in group:
-                rec.add(
-                    measurement(
-                        c.name,
-                        AREA,
-                        c.config(),
-                        error=f"skipped: time budget (wave of {size} estimated at {est:.0f} s, "
-                        f"{rec.seconds_left():.0f} s left)",
-                    )
-                )
+            reason = f"time budget (wave of {size} estimated at {est:.0f} s, "
+            rec.skip_all(group, AREA, reason + f"{rec.seconds_left():.0f} s left)")
             continue
         runners = _lower_wave(group, rec, tiny, lora_dropout, rng_impl, built_cache)
         t0 = time.perf_counter()
