@@ -285,6 +285,8 @@ def run_study(s: Any, out: Path) -> Path:
         "isolation_overlap": {},
         "disentanglement": {},
         "runs": {},
+        # Wall seconds of this invocation per block (a resumed study reports ~0 for work it
+        # found finished): fine-tuning per method, analysis per (method, seed).
         "timings_s": {},
     }
     cache_path = out / "fusion_cache.json"

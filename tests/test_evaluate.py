@@ -43,6 +43,13 @@ def test_batched_grid_equals_one_model_at_a_time(method):
         one = E.predict(tm, spec, trainable, phi0, data, batch_size=16, predict_fn=fn)
         np.testing.assert_array_equal(grid[k], one)
         np.testing.assert_array_equal(merged[k], one)
+        # A grid of one model (the plain predict path) and a grid over padded stacks.
+        single = E.predict_grid(tm, spec, base, phi0, taus, lambdas[k : k + 1], data, 16, 2)
+        np.testing.assert_array_equal(single[0], one)
+        three = E.predict_merged(
+            tm, spec, base, phi0, [*taus, taus[0]], np.r_[lam, 0.0][None], data, 16, 2
+        )
+        np.testing.assert_array_equal(three[0], one)
     # The grid is not trivially constant: different merges disagree somewhere.
     assert len({tuple(r) for r in grid}) > 1
 
