@@ -252,11 +252,18 @@ def _val_score(metrics: dict, primary: str) -> float:
 
 
 def _experiments(s, tasks: list[str], cache: X.BackboneCache) -> dict[str, X.Experiment]:
+    from llora_jax.heads import text_encoder as TE
+
     exps = {}
     for task in tasks:
         c = load_config(s.config, s.get("config_arg", ""), dict(s.overrides))
         c.task = task
         exps[task] = X.build(c, cache)
+    # Label-description heads padded to one class count: one compiled step for all tasks.
+    te = [t for t, e in exps.items() if e.tm.readout is TE.readout]
+    n = max((exps[t].tm.head["classes"].shape[0] for t in te), default=0)
+    for t in te:
+        exps[t] = dataclasses.replace(exps[t], tm=TE.pad_classes(exps[t].tm, n))
     return exps
 
 

@@ -14,6 +14,7 @@ surgery: every task vector shares the same frozen heads.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -133,7 +134,28 @@ def readout(call: Any, batch: dict, head: dict, train: bool) -> dict:
     )
     hidden = hidden[0] if isinstance(hidden, tuple) else hidden
     emb = bert.l2_normalize(bert.mean_pool(hidden, batch["attention_mask"]))
-    return {"logits": head["scale"] * emb @ head["classes"].T.astype(emb.dtype)}
+    logits = head["scale"] * emb @ head["classes"].T.astype(emb.dtype)
+    # Padding rows (pad_classes) can never win and add exactly 0 to the softmax.
+    return {"logits": jnp.where(head["valid"], logits, jnp.asarray(-1e9, logits.dtype))}
+
+
+def pad_classes(tm: M.TaskModel, n: int) -> M.TaskModel:
+    """The task model with its class table padded to ``n`` rows that are never predicted.
+
+    Task models of one study padded to one class count have heads of one shape, so every
+    task shares the compiled train step and evaluation programs (STS-B's 5 bins otherwise
+    compile their own). Losses, predictions and gradients are unchanged.
+    """
+    classes, valid = tm.head["classes"], tm.head["valid"]
+    extra = n - classes.shape[0]
+    if extra <= 0:
+        return tm
+    head = dict(
+        tm.head,
+        classes=jnp.concatenate([classes, jnp.zeros((extra, classes.shape[1]), classes.dtype)]),
+        valid=jnp.concatenate([valid, jnp.zeros((extra,), bool)]),
+    )
+    return dataclasses.replace(tm, head=head)
 
 
 def task_model(
@@ -149,6 +171,7 @@ def task_model(
     head = {
         "classes": build_head(backbone.module, backbone.params, tokenizer, descriptions),
         "scale": jnp.asarray(scale, jnp.float32),
+        "valid": jnp.ones((len(descriptions),), bool),
     }
 
     return M.TaskModel(
