@@ -156,6 +156,16 @@ def run_jax(plan: P.Plan, areas: list[str], rec: Recorder) -> None:
             with area("peak"):
                 rec.guard(name, "peak", cfg, go)
 
+    # What every compiled train step of this plan is built and timed with.
+    step_kw = dict(
+        tiny=plan.tiny,
+        warmup=plan.warmup,
+        repeats=plan.repeats,
+        compile_workers=plan.compile_workers,
+        lora_dropout=plan.lora_dropout,
+        rng_impl=plan.rng_impl,
+    )
+
     def pipeline(kept: dict):
         for m in plan.models:
             with area("pipeline"):
@@ -193,15 +203,7 @@ def run_jax(plan: P.Plan, areas: list[str], rec: Recorder) -> None:
             len(sizes),
         )
         n_first = sum(sizes[:n_waves])
-        kw = dict(
-            tiny=plan.tiny,
-            warmup=plan.warmup,
-            repeats=plan.repeats,
-            compile_workers=plan.compile_workers,
-            lora_dropout=plan.lora_dropout,
-            rng_impl=plan.rng_impl,
-            cache=cache,
-        )
+        kw = dict(step_kw, cache=cache)
         with area("train"):
             kept = TB.run(cases[:n_first], rec, keep=keep, waves=tuple(sizes[:n_waves]), **kw)
         if "pipeline" in areas:
@@ -216,16 +218,7 @@ def run_jax(plan: P.Plan, areas: list[str], rec: Recorder) -> None:
         if jax.device_count() < 2:
             return
         with area("scaling"):
-            SB.run(
-                plan.scaling,
-                rec,
-                tiny=plan.tiny,
-                warmup=plan.warmup,
-                repeats=plan.repeats,
-                lora_dropout=plan.lora_dropout,
-                rng_impl=plan.rng_impl,
-                compile_workers=plan.compile_workers,
-            )
+            SB.run(plan.scaling, rec, **step_kw)
 
     def disentangle():
         if "t5" in plan.models:

@@ -149,9 +149,6 @@ def init_state(trainable: PyTree, optimizer: optax.GradientTransformation) -> di
     }
 
 
-# ----------------------------------------------------------------------------- batches
-
-
 # ----------------------------------------------------------------------------- loop
 
 
@@ -232,9 +229,8 @@ def finetune(
             "trainable": trainable_sh,
             "opt_state": jax.tree.map(lambda _: repl, state_shape["opt_state"]),
         }
-    # Runs of one study that differ only in data, seed, task or learning rate (same model
-    # functions, optimizer and mesh) share one jitted step, so it compiles once for all.
-    # The learning rate is state, not program (make_optimizer), so a sweep compiles once.
+    # Runs that differ only in data, seed, task or learning rate (same model functions,
+    # optimizer and mesh; the rate is optimizer state) share one jitted step.
     oc_key = dataclasses.replace(oc, learning_rate=0.0)
     key = (*M.functions_key(tm, spec), oc_key, lc.total_steps, mesh, frozen_shardings is None)
     step_fn = _STEPS.get(key)

@@ -95,3 +95,11 @@ def test_mask_drops_padding():
 def test_vision_accuracy_and_out_of_range_ids():
     out = data.compute_metrics("mnist", np.array([1, 2, 10]), np.array([1, 3, 9]))
     assert out["accuracy"] == pytest.approx(1 / 3) and out["num_invalid"] == 1
+
+
+def test_correlation_of_a_constant_prediction_is_zero():
+    """Undefined (scipy: NaN) for a constant side; scored 0 so means and selection stay defined."""
+    y = np.linspace(0.0, 5.0, 9)
+    assert metrics.pearson(np.full(9, 2.5), y) == 0.0
+    assert metrics.spearman(np.full(9, 2.5), y) == 0.0
+    assert np.isnan(metrics.pearson(np.array([1.0]), np.array([2.0])))

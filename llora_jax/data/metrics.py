@@ -62,12 +62,19 @@ def f1_binary(preds: np.ndarray, labels: np.ndarray, positive: int = 1) -> float
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation; 0 when either side is constant.
+
+    A constant side leaves the correlation undefined (scipy: NaN). A model that predicts one
+    value for every pair says nothing about similarity, so it scores 0: a merge that collapses
+    to one output then ranks below any informative one instead of breaking means and
+    validation-based selection. Fewer than 2 points: NaN.
+    """
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if x.size < 2:
         return float("nan")
     xc, yc = x - x.mean(), y - y.mean()
     denom = np.sqrt((xc @ xc) * (yc @ yc))
-    return float(np.clip((xc @ yc) / denom, -1.0, 1.0)) if denom > 0 else float("nan")
+    return float(np.clip((xc @ yc) / denom, -1.0, 1.0)) if denom > 0 else 0.0
 
 
 def rankdata(x: np.ndarray) -> np.ndarray:

@@ -196,13 +196,9 @@ def metrics(spec: TaskSpec, preds: np.ndarray, arrays: Mapping[str, np.ndarray])
 
         values = bin_centres(spec)[preds]
         score = np.asarray(arrays["score"])
-        # A model that puts every pair in one bin says nothing about similarity: its
-        # correlation (undefined, NaN) is scored 0, so that a merge which collapses to one
-        # bin ranks below any informative one instead of breaking means and selection.
-        constant = values.size > 1 and np.all(values == values[0])
         return {
             "accuracy": float(np.mean(preds == np.asarray(arrays["label"]))),
-            "pearson": 0.0 if constant else pearson(values, score),
-            "spearman": 0.0 if constant else spearman(values, score),
+            "pearson": pearson(values, score),  # 0 for one bin everywhere (data.metrics)
+            "spearman": spearman(values, score),
         }
     return compute_metrics(spec, preds, np.asarray(arrays["label"]))
