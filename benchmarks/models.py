@@ -338,17 +338,29 @@ def build(
     tiny: bool,
     params_f32: Any = None,
     config: Any = None,
+    attention: str = "auto",
 ) -> Built:
-    """Module + params (+ task model) for one (model, precision, method)."""
+    """Module + params (+ task model) for one (model, precision, method); ``attention`` is
+    the backbone's ``attention_impl``."""
     config = config if config is not None else hf_config(model, tiny)
     shapes = TINY_SHAPES if tiny else REAL_SHAPES
     dt, pdt = dtypes(precision, method)
     module = backbone_module(model).module_from_hf_config(config, dtype=dt, param_dtype=pdt)
+    module = with_attention(module, attention)
     p32 = params_f32 if params_f32 is not None else init_params(model, config)
     params = p32 if pdt == jnp.float32 else cast(p32, pdt)
     return Built(
         model, precision, config, shapes, module, params, task_model(model, module, params, shapes)
     )
+
+
+def with_attention(module: Any, impl: str) -> Any:
+    """``module`` (CLIP or T5) with every attention computed by ``impl``."""
+    if impl == "auto":
+        return module
+    if isinstance(module, clip.CLIP):
+        return module.clone(vision=dataclasses.replace(module.vision, attention_impl=impl))
+    return module.clone(spec=dataclasses.replace(module.spec, attention_impl=impl))
 
 
 def random_task_vectors(phi0: Any, n: int, seed: int = 0, scale: float = 1.0) -> list[Any]:

@@ -174,10 +174,12 @@ def make_plan(preset: str) -> Plan:
         return Plan("full", False, train, list(train), grid, compile_workers=6)
     if preset == "issue8":
         return _issue8()
+    if preset == "issue8b":
+        return _issue8b()
     raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
 
 
-PRESETS = ("tiny", "quick", "default", "full", "issue8")
+PRESETS = ("tiny", "quick", "default", "full", "issue8", "issue8b")
 
 
 def _issue8() -> Plan:
@@ -227,6 +229,36 @@ def _issue8() -> Plan:
         compile_workers=8,
         train_waves=(5, 8),
         grid_models=("t5", "clip"),
+    )
+
+
+def _issue8b() -> Plan:
+    """What the ``issue8`` runs left (session 3): the JAX T5-base train steps of every method
+    (issue #5), the fused cuDNN attention against XLA's on ViT-B/16 (MFU, the PEFT ratio), the
+    CLIP merge grids and the input pipeline; one H100 call:
+    ``--only torch_train,train,pipeline,grid``. Scaling as in ``issue8``."""
+    plan = _issue8()
+    clip256 = lambda m, a="auto": TrainCase("clip", m, "bf16", 256, a)  # noqa: E731
+    train = (
+        # wave 1 (5): T5-base's four methods + the CLIP step the pipeline benchmark feeds
+        _cross("t5", METHODS, ("bf16",), [64])
+        + [TrainCase("clip", "lora", "bf16", 128)]
+        # wave 2 (4): ViT-B/16 b256, XLA attention (same-run reference) vs cuDNN flash
+        # (l_lora_model's jvp cannot go through the cuDNN kernel)
+        + [clip256("lora"), clip256("lora", "cudnn"), clip256("l_lora", "cudnn")]
+        + [clip256("full", "cudnn")]
+        # then what the budget allows
+        + _cross("t5", METHODS, ("bf16",), [256])
+        + _cross("t5", METHODS, ("fp32",), [64])
+    )
+    torch_train = _cross("clip", ("lora", "l_lora"), ("bf16",), [256])
+    return dataclasses.replace(
+        plan,
+        preset="issue8b",
+        train=train,
+        torch_train=torch_train,
+        train_waves=(5, 4),
+        grid_models=("clip",),
     )
 
 

@@ -17,7 +17,7 @@ TARGETS = {
 
 def _key(m: dict) -> tuple:
     c = m["config"]
-    return c.get("model"), c.get("precision"), c.get("batch")
+    return c.get("model"), c.get("precision"), c.get("batch"), c.get("attention", "auto")
 
 
 def _ok(m: dict | None) -> bool:
@@ -100,7 +100,8 @@ def finalize(ms: list[dict]) -> list[dict]:
                 target("l_lora_memory", m["name"], m["ratios"].get("memory_over_lora"), 1.1, False)
 
     for m in (m for m in train if m["area"] == "train"):
-        t = lookup("torch_" + m["name"], m)
+        # PyTorch has one attention (SDPA): every attention_impl of ours meets the same twin.
+        t = lookup("torch_" + m["name"].split("/attn-")[0], m)
         if _ok(t):
             m["ratios"]["speedup_vs_torch"] = t["median"] / m["median"]
             t["ratios"]["ours_speedup"] = t["median"] / m["median"]

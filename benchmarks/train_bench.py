@@ -55,10 +55,12 @@ class TrainCase:
     method: str
     precision: str
     batch: int
+    attention: str = "auto"  # the backbone's attention_impl (see backbones.attention)
 
     @property
     def name(self) -> str:
-        return f"train/{self.model}/{self.method}/{self.precision}/b{self.batch}"
+        attn = "" if self.attention == "auto" else f"/attn-{self.attention}"
+        return f"train/{self.model}/{self.method}/{self.precision}/b{self.batch}{attn}"
 
     def config(self) -> dict:
         return dataclasses.asdict(self)
@@ -311,11 +313,17 @@ def _lower_wave(group, rec, tiny, lora_dropout, rng_impl, built_cache) -> list[R
             built_cache[("p32", model)] = MD.init_params(model, config)
         config, p32 = built_cache[("config", model)], built_cache[("p32", model)]
         dt, pdt = MD.dtypes(case.precision, case.method)
-        key = (model, str(jnp.dtype(dt)), str(jnp.dtype(pdt)))
+        key = (model, str(jnp.dtype(dt)), str(jnp.dtype(pdt)), case.attention)
         try:
             if key not in built_cache:
                 built_cache[key] = MD.build(
-                    model, case.precision, case.method, tiny=tiny, params_f32=p32, config=config
+                    model,
+                    case.precision,
+                    case.method,
+                    tiny=tiny,
+                    params_f32=p32,
+                    config=config,
+                    attention=case.attention,
                 )
             opts = FAST_COMPILE if tiny else None
             runners.append(

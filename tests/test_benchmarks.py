@@ -294,6 +294,40 @@ def test_issue8_plan_order_waves_and_tiny_twin():
     assert TB.wave_sizes(7, (2, 3)) == [2, 3, 2]
 
 
+def test_attention_cases_get_their_own_names_builds_and_twins():
+    plan = P.make_plan("issue8b")
+    names = [c.name for c in plan.train]
+    assert len(set(names)) == len(names)
+    assert "train/clip/lora/bf16/b256" in names and "train/clip/lora/bf16/b256/attn-cudnn" in names
+    assert not any(c.method == "l_lora_model" and c.attention == "cudnn" for c in plan.train)
+    built = MD.build("clip", "fp32", "lora", tiny=True, attention="reference")
+    assert built.module.vision.attention_impl == "reference"
+    t5 = MD.build("t5", "fp32", "lora", tiny=True, attention="xla")
+    assert t5.module.spec.attention_impl == "xla"
+    # Every attention of ours meets the one PyTorch twin; l_lora meets lora of the same attention.
+    case = {"model": "clip", "precision": "bf16", "batch": 256}
+    ms = [
+        _m("train/clip/lora/bf16/b256", "train", {**case, "method": "lora"}, 2.0),
+        _m(
+            "train/clip/lora/bf16/b256/attn-cudnn",
+            "train",
+            {**case, "method": "lora", "attention": "cudnn"},
+            1.0,
+        ),
+        _m(
+            "train/clip/l_lora/bf16/b256/attn-cudnn",
+            "train",
+            {**case, "method": "l_lora", "attention": "cudnn"},
+            1.1,
+        ),
+        _m("torch_train/clip/lora/bf16/b256", "torch_train", {**case, "method": "lora"}, 3.0),
+    ]
+    R.finalize(ms)
+    assert ms[0]["ratios"]["speedup_vs_torch"] == pytest.approx(1.5)
+    assert ms[1]["ratios"]["speedup_vs_torch"] == pytest.approx(3.0)
+    assert ms[2]["ratios"]["time_over_lora"] == pytest.approx(1.1)
+
+
 def test_budget_skips_whole_waves_without_compiling(tmp_path):
     from benchmarks.common import Recorder
 
