@@ -78,10 +78,10 @@ def predict(
     """Predictions of one model for every example of ``arrays`` (in order)."""
     fn = predict_fn or make_predict_fn(tm, spec)
     frozen = _frozen(tm, phi0)
-    outs = []
-    for batch, n in iterate_batches(arrays, batch_size):
-        outs.append(np.asarray(fn(trainable, frozen, batch))[:n])
-    return np.concatenate(outs)
+    # Every batch is dispatched before any result is read back: the device never waits
+    # for the host between batches.
+    outs = [(fn(trainable, frozen, batch), n) for batch, n in iterate_batches(arrays, batch_size)]
+    return np.concatenate([np.asarray(o)[:n] for o, n in outs])
 
 
 def merged_trainable(base: PyTree, taus: PyTree, lambdas: jax.Array) -> PyTree:
@@ -91,6 +91,9 @@ def merged_trainable(base: PyTree, taus: PyTree, lambdas: jax.Array) -> PyTree:
         base,
         taus,
     )
+
+
+_merged_trainable = jax.jit(merged_trainable)
 
 
 def _chunked(fn: Callable, xs: PyTree, k: int, chunk: int) -> jax.Array:
@@ -209,8 +212,9 @@ class GridEvaluator:
         nothing to a merge. The linear shortcut is not padded (each vector costs a JVP).
         """
         pad = 0 if self.linear else _bucket(len(taus)) - len(taus)
-        taus = list(taus) + [jax.tree.map(np.zeros_like, taus[0])] * pad
-        return jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *taus)
+        taus = list(taus) + [jax.tree.map(jnp.zeros_like, taus[0])] * pad
+        # jnp.stack: vectors already on the device (fusion results) stay there.
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *taus)
 
     def predict(
         self,
@@ -236,7 +240,7 @@ class GridEvaluator:
             # One model: the plain predict program (a vmapped grid of one costs ~1.5× it).
             row = np.zeros(n_stack, np.float32)
             row[: lambdas.shape[1]] = lambdas[0]
-            merged = merged_trainable(base, stacked, jnp.asarray(row))
+            merged = _merged_trainable(base, stacked, jnp.asarray(row))
             model = tm or self.tm
             return predict(model, self.spec, merged, phi0, arrays, self.batch_size)[None]
         # Pad the grid to a multiple of the chunk (what lax.map computes anyway) and to a
@@ -246,10 +250,11 @@ class GridEvaluator:
         lam[:k, : lambdas.shape[1]] = lambdas
         lam = jnp.asarray(lam)
         frozen = _frozen(tm or self.tm, base if self.linear else phi0)
-        outs = []
-        for batch, n in iterate_batches(arrays, self.batch_size):
-            outs.append(np.asarray(self._fn(base, stacked, lam, frozen, batch))[:k, :n])
-        return np.concatenate(outs, axis=1)
+        outs = [
+            (self._fn(base, stacked, lam, frozen, batch), n)
+            for batch, n in iterate_batches(arrays, self.batch_size)
+        ]  # all dispatched before the first read-back
+        return np.concatenate([np.asarray(o)[:k, :n] for o, n in outs], axis=1)
 
 
 def _bucket(n: int) -> int:

@@ -37,7 +37,6 @@ class Member:
 
     exp: Experiment
     tv: TaskVector
-    evaluator: E.GridEvaluator | None = None
 
     @property
     def task(self) -> str:
@@ -48,9 +47,8 @@ class Member:
         return float(self.tv.meta["metrics"][f"{prefix}/{self.exp.primary_metric}"])
 
     def grid(self, batch_size: int, chunk: int) -> E.GridEvaluator:
-        if self.evaluator is None:
-            self.evaluator = shared_evaluator(self.exp.tm, self.exp.spec, batch_size, chunk)
-        return self.evaluator
+        # Not cached on the member: fusion and disentanglement ask for different chunks.
+        return shared_evaluator(self.exp.tm, self.exp.spec, batch_size, chunk)
 
 
 _EVALUATORS: dict = {}

@@ -38,6 +38,11 @@ _STUDY_ARG = flags.DEFINE_string("study_arg", "", "argument passed to the study'
 _OVERRIDE = flags.DEFINE_multi_string(
     "override", [], "study: override a config field, key=value (dotted key), repeatable"
 )
+_STUDY_SET = flags.DEFINE_multi_string(
+    "study_set",
+    [],
+    "study: set a study field, key=JSON (e.g. seeds=[1,2]; learning_rate_choice={...}), repeatable",
+)
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "call jax.distributed.initialize() first (multi-host GPU / TPU pods)"
 )
@@ -86,7 +91,11 @@ def main(argv: list[str]) -> None:
         from llora_jax import study
 
         study.run_study_file(
-            _need(_STUDY, "study"), _STUDY_ARG.value, out=_OUT.value, overrides=_OVERRIDE.value
+            _need(_STUDY, "study"),
+            _STUDY_ARG.value,
+            out=_OUT.value,
+            overrides=_OVERRIDE.value,
+            study_set=_STUDY_SET.value,
         )
     else:
         from llora_jax import cli_analysis

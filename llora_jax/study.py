@@ -40,7 +40,9 @@ def base_study(name: str, config: str, config_arg: str = "") -> Any:
     Fields: name, config (+ config_arg, overrides as (dotted key, value) pairs), tasks
     ([] = every text task of the data directory), methods, seeds, learning_rates,
     lr_sweep_seeds (sweep the learning rates on these seeds only and reuse the choice per
-    (method, task) for the other seeds; [] = every seed), fusion (+ fusion_grids: name ->
+    (method, task) for the other seeds; [] = every seed), learning_rate_choice (method ->
+    task -> rate: no sweep for these, every seed uses the rate; e.g. a finished study's
+    results.json "learning_rate"), fusion (+ fusion_grids: name ->
     list of hparam dicts, absent = the method's default grid; fusion_subsets: name -> "all",
     "pairs+full" or "full"), max_subset (0 = all sizes), lorahub_budget, isolation_p, pairs,
     disentangle_grid, disentangle_examples, eval_batch_size, eval_chunk (merged models per
@@ -58,6 +60,7 @@ def base_study(name: str, config: str, config_arg: str = "") -> Any:
     s.seeds = [0, 1, 2]
     s.learning_rates = [1e-4]
     s.lr_sweep_seeds = []  # [] = sweep every seed; else sweep these, reuse their choice
+    s.learning_rate_choice = {}  # method -> task -> rate, chosen before (no sweep)
     s.analysis_seeds = []  # [] = fuse and disentangle every seed; else only these
     s.fusion = list(DEFAULT_FUSION)
     s.fusion_subsets = {}  # name -> "all" (default) | "pairs+full" | "full"
@@ -198,11 +201,26 @@ def _compile_cache(path: Path) -> None:
 
 
 def run_study_file(
-    path: str, arg: str = "", out: str | None = None, overrides: list[str] | None = None
+    path: str,
+    arg: str = "",
+    out: str | None = None,
+    overrides: list[str] | None = None,
+    study_set: list[str] | None = None,
 ) -> Path:
+    """``overrides``: config fields ("key=value"); ``study_set``: study fields ("key=JSON")."""
     s = _load_module(path, "llora_study").get_study(arg or None)
     if overrides:
         s.overrides = tuple(s.overrides) + parse_overrides(overrides)
+    for item in study_set or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in s:
+            raise KeyError(
+                f"--study_set {item!r}: expected key=JSON with key one of {sorted(s.keys())}"
+            )
+        try:
+            s[key] = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--study_set {key}: {value!r} is not JSON ({e})") from e
     return run_study(s, Path(out or s.get("out", f"runs/{s.name}")))
 
 
@@ -211,18 +229,29 @@ def _finetune_all(
 ) -> dict:
     """Fine-tune (or find finished) runs; pick the best learning rate per run on validation."""
     chosen: dict = {}
-    chosen_lr: dict = {}
+    given = s.get("learning_rate_choice", {}) or {}
+    chosen_lr: dict = {
+        (m, t): float(lr) for m, by_task in given.items() for t, lr in dict(by_task).items()
+    }
+    given_keys = set(chosen_lr)
     sweep_seeds = [int(x) for x in s.get("lr_sweep_seeds", [])] or [int(x) for x in s.seeds]
-    seeds = sweep_seeds + [int(x) for x in s.seeds if int(x) not in sweep_seeds]
+    # A sweep seed outside s.seeds is fine-tuned only to choose rates that are not given.
+    need_sweep = any((m, t) not in given_keys for m in methods for t in tasks)
+    study_seeds = [int(x) for x in s.seeds]
+    first = [x for x in sweep_seeds if need_sweep or x in study_seeds]
+    seeds = first + [x for x in study_seeds if x not in first]
     lrs_all = [float(x) for x in s.learning_rates]
-    n_sweep = len(sweep_seeds) * len(lrs_all) + (len(seeds) - len(sweep_seeds))
-    total = len(methods) * len(tasks) * n_sweep
+    n_swept = len(set(first) & set(sweep_seeds)) if need_sweep else 0
+    total = len(methods) * len(tasks) * (n_swept * len(lrs_all) + len(seeds) - n_swept)
     i = 0
     for method in methods:
         for seed in seeds:
             for task in tasks:
                 best = None
-                lrs = lrs_all if seed in sweep_seeds else [chosen_lr[(method, task)]]
+                fixed = (method, task) in chosen_lr and (
+                    (method, task) in given_keys or seed not in sweep_seeds
+                )
+                lrs = [chosen_lr[(method, task)]] if fixed else lrs_all
                 for lr in lrs:
                     i += 1
                     wd = out / "runs" / f"seed{seed}" / task / f"{method}-lr{lr:g}"
@@ -241,9 +270,9 @@ def _finetune_all(
                     if best is None or score > best[0]:
                         best = (score, wd, lr)
                 chosen[(method, seed, task)] = best[1]
-                if seed in sweep_seeds and seed == sweep_seeds[0]:
+                if not fixed and seed == sweep_seeds[0]:
                     chosen_lr[(method, task)] = best[2]
-    return chosen
+    return chosen, chosen_lr
 
 
 def _val_score(metrics: dict, primary: str) -> float:
@@ -292,6 +321,8 @@ def run_study(s: Any, out: Path) -> Path:
         "isolation_overlap": {},
         "disentanglement": {},
         "runs": {},
+        # method -> task -> the rate every seed used (chosen on the sweep seed's validation)
+        "learning_rate": {},
         # Wall seconds of this invocation per block (a resumed study reports ~0 for work it
         # found finished): fine-tuning per method, analysis per (method, seed).
         "timings_s": {},
@@ -313,7 +344,11 @@ def run_study(s: Any, out: Path) -> Path:
     for method, seed, analyse in order:
         if not any(k[0] == method for k in chosen):
             t = time.perf_counter()
-            chosen.update(_finetune_all(s, out, tasks, cache, exps, [method]))
+            runs, lrs = _finetune_all(s, out, tasks, cache, exps, [method])
+            chosen.update(runs)
+            for (m, task), lr in lrs.items():
+                if m == method:
+                    results["learning_rate"].setdefault(m, {})[task] = lr
             results["timings_s"][f"finetune/{method}"] = time.perf_counter() - t
         t = time.perf_counter()
         members = {}
@@ -321,7 +356,8 @@ def run_study(s: Any, out: Path) -> Path:
             wd = chosen[(method, seed, task)]
             exp = dataclasses.replace(exps[task])
             exp.spec = X.M.AdapterSpec(method, exp.spec.lora)
-            members[task] = F.Member(exp=exp, tv=tv.load(wd / "task_vector"))
+            # On the device once: every merge of the block reuses these arrays.
+            members[task] = F.Member(exp=exp, tv=tv.on_device(tv.load(wd / "task_vector")))
             m = members[task].tv.meta["metrics"]
             results["single"].setdefault(method, {}).setdefault(task, {})[str(seed)] = {
                 "val": {k[4:]: v for k, v in m.items() if k.startswith("val/")},
@@ -337,21 +373,23 @@ def run_study(s: Any, out: Path) -> Path:
         if compute:
             results["timings_s"][f"analysis/{method}/seed{seed}"] = time.perf_counter() - t
             _log(f"{method} seed {seed}: analysis done in {time.perf_counter() - t:.0f} s")
-        _write_results(results, out)  # after every block: an interrupted study keeps it
+        # After every block (the report, with its figures, at the end): an interrupted
+        # study keeps it.
+        _write_results(results, out, report=False)
     path, rep = _write_results(results, out)
     _log(f"results: {path}")
     _log(f"report:  {rep}")
     return path
 
 
-def _write_results(results: dict, out: Path) -> tuple[Path, Path]:
-    from llora_jax import report
+def _write_results(results: dict, out: Path, report: bool = True) -> tuple[Path, Path | None]:
+    from llora_jax import report as R
 
     path = out / "results.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1, default=float))
     os.replace(tmp, path)
-    return path, report.write_report(results, out)
+    return path, (R.write_report(results, out) if report else None)
 
 
 def _interference(s, results, method, seed, members, tasks) -> None:

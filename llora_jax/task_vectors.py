@@ -255,6 +255,12 @@ def check_compatible(metas: Sequence[dict | TaskVector]) -> None:
             )
 
 
+def on_device(t: TaskVector) -> TaskVector:
+    """``t`` with τ (and φ0) moved to the default device once, for repeated merging."""
+    phi0 = None if t.phi0 is None else jax.device_put(t.phi0)
+    return dataclasses.replace(t, tau=jax.device_put(t.tau), phi0=phi0)
+
+
 def load_many(paths: Sequence[str | os.PathLike]) -> list[TaskVector]:
     """Load several task vectors and refuse the set unless they are compatible."""
     tvs = [load(p) for p in paths]

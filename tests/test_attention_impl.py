@@ -364,3 +364,28 @@ def test_cudnn_inputs_are_full_and_same_as_xla(monkeypatch):
     assert bias.shape == (b, n, t, s) and bias.dtype == jnp.bfloat16
     assert float(np.min(_f32(bias))) >= -(2.0**41) and mask.shape == (b, 1, t, s)
     assert _max_diff(got, want) < 0.05
+
+
+@pytest.mark.parametrize("with_masks", [False, True])
+def test_cudnn_odd_lengths_are_padded_to_even_and_give_the_xla_result(monkeypatch, with_masks):
+    """jax's cuDNN path refuses odd lengths when training with a bias (ViT-B/16 has 197
+    tokens): the branch pads one row / column, masks the padded key and drops its query."""
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def fake(q, k, v, *, bias, mask, scale, implementation):
+        calls.append((q.shape, k.shape, mask))
+        return real(q, k, v, bias=bias, mask=mask, scale=scale, implementation="xla")
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+    b, t, s, n, h = 2, 5, 7, 3, 8
+    q, k, v = (RNG.normal(size=(b, x, n, h)).astype(jnp.bfloat16) for x in (t, s, s))
+    bias = RNG.normal(size=(1, n, t, s)).astype(np.float32) if with_masks else None
+    keep = (_mask([7, 4], s)[:, None, None, :] > 0) if with_masks else None
+    got = clip_layers.fused_attention(q, k, v, bias=bias, mask=keep, scale=0.5, impl="cudnn")
+    (qs, ks, mask), _ = calls[0], calls.clear()
+    assert qs[1] == 6 and ks[1] == 8 and mask.shape[-2:] == (6, 8)
+    assert not np.asarray(mask[..., 7]).any()  # the padded key is never attended to
+    want = clip_layers.fused_attention(q, k, v, bias=bias, mask=keep, scale=0.5, impl="xla")
+    assert got.shape == want.shape == (b, t, n, h)
+    assert _max_diff(got, want) < 0.05

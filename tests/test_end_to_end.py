@@ -187,6 +187,43 @@ def test_study_runs_on_tasks_it_has_never_seen(tmp_path, words):
     shutil.rmtree(tmp_path / "data")
 
 
+def test_study_records_learning_rates_and_reuses_a_given_choice(tmp_path, words):
+    """The sweep seed picks a rate per (method, task), other seeds reuse it, results.json
+    records it; a study given that choice (--study_set) fine-tunes no sweep at all."""
+    path = TM.tiny_bert(tmp_path / "bert", words)
+    file = ROOT / "experiments/text_minilm/study.py"
+    sets = [
+        'tasks=["sst2", "rte"]',
+        'methods=["lora"]',
+        "seeds=[0, 1]",
+        "lr_sweep_seeds=[0]",
+        "learning_rates=[0.01, 1e-6]",
+        'fusion=["task_arithmetic"]',
+        "pairs=[]",
+    ]
+    over = [f"backbone={path}", "steps=6"]
+    res = json.loads(
+        study.run_study_file(str(file), "tiny", str(tmp_path / "a"), over, sets).read_text()
+    )
+    chosen = res["learning_rate"]["lora"]
+    assert set(chosen) == {"sst2", "rte"} and set(chosen.values()) <= {0.01, 1e-6}
+    for task, lr in chosen.items():
+        assert res["runs"]["lora"][task]["1"] == f"runs/seed1/{task}/lora-lr{lr:g}"
+        assert len(list((tmp_path / "a/runs/seed0" / task).iterdir())) == 2  # swept
+        assert len(list((tmp_path / "a/runs/seed1" / task).iterdir())) == 1
+    given = {"lora": {"sst2": 1e-6, "rte": 1e-6}}
+    sets_b = [*sets, "seeds=[1]", f"learning_rate_choice={json.dumps(given)}"]
+    res_b = json.loads(
+        study.run_study_file(str(file), "tiny", str(tmp_path / "b"), over, sets_b).read_text()
+    )
+    assert res_b["learning_rate"] == given
+    assert sorted(p.name for p in (tmp_path / "b/runs").iterdir()) == ["seed1"]
+    for task in ("sst2", "rte"):
+        assert [p.name for p in (tmp_path / "b/runs/seed1" / task).iterdir()] == ["lora-lr1e-06"]
+    with pytest.raises(KeyError, match="--study_set 'seed=\\[1\\]'"):
+        study.run_study_file(str(file), "tiny", str(tmp_path / "c"), over, ["seed=[1]"])
+
+
 def _tiny_study(name, overrides, tmp_path):
     s = study._load_module(ROOT / f"experiments/{name}/study.py", name).get_study("tiny")
     s.overrides = tuple(overrides)

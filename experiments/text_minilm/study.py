@@ -57,7 +57,7 @@ def get_study(arg=None):
         "isolation": [{"p": 0.1, "lam": lam} for lam in _lams()],
     }
     s.pairs = [("cola", "mrpc"), ("cola", "rte"), ("mrpc", "rte"), ("mrpc", "sst2")]
-    s.eval_batch_size = 256
+    s.eval_batch_size = 160  # val 300 = 2 × 160, disentanglement 640 = 4 × 160 (256: 512, 768)
     s.eval_chunk = 12  # the 11-point λ grids in one vmapped step
     if arg == "demo":
         # Sized for a 2-core CPU (about 25 TFLOP in all, ~8 minutes): short inputs, 80 steps,

@@ -47,10 +47,26 @@ def fused_attention(
         # jax's cuDNN path turns the mask into a bias and checks that a bias spans the full
         # (T, S) (broadcasting over batch and heads only); the bias goes in the input dtype,
         # with huge negatives clamped to jax's bf16-safe value.
-        t, s = q.shape[1], k.shape[1]
-        full = lambda a: jnp.broadcast_to(a, (*a.shape[:2], t, s))  # noqa: E731
+        t0, s0 = q.shape[1], k.shape[1]
+        t, s = t0 + t0 % 2, s0 + s0 % 2
+        full = lambda a, t=t0, s=s0: jnp.broadcast_to(a, (*a.shape[:2], t, s))  # noqa: E731
+        if (t, s) != (t0, s0):
+            # With a bias (a mask becomes one) jax's cuDNN path needs even lengths when
+            # training (ViT-B/16: 197 tokens): pad one query row / key column, mask the
+            # padded key out and drop the padded query's output below.
+            rows = lambda a, n: jnp.pad(a, ((0, 0), (0, n - a.shape[1]), (0, 0), (0, 0)))  # noqa: E731
+            q, k, v = rows(q, t), rows(k, s), rows(v, s)
+            grow = ((0, 0), (0, 0), (0, t - t0), (0, s - s0))
+            keys = jnp.arange(s)[None, None, None, :] < s0
+            mask = keys if mask is None else jnp.pad(full(mask), grow, constant_values=True) & keys
+            bias = None if bias is None else jnp.pad(full(bias), grow)
+        full = lambda a, t=t, s=s: jnp.broadcast_to(a, (*a.shape[:2], t, s))  # noqa: E731
         mask = None if mask is None else full(mask)
         bias = None if bias is None else full(jnp.maximum(bias, _CUDNN_NEG)).astype(q.dtype)
+        out = jax.nn.dot_product_attention(
+            q, k, v, bias=bias, mask=mask, scale=scale, implementation="cudnn"
+        )
+        return out[:, :t0]
     return jax.nn.dot_product_attention(
         q,
         k,
