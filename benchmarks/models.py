@@ -22,6 +22,7 @@ import numpy as np
 from llora_jax import adapters as ad
 from llora_jax import model as M
 from llora_jax.backbones import clip, t5
+from llora_jax.backbones.attention import with_attention_impl
 from llora_jax.data import vision
 
 MODELS = ("clip", "t5", "t5l")  # t5l: Flan-T5-large (the FSDP benchmark)
@@ -346,21 +347,13 @@ def build(
     shapes = TINY_SHAPES if tiny else REAL_SHAPES
     dt, pdt = dtypes(precision, method)
     module = backbone_module(model).module_from_hf_config(config, dtype=dt, param_dtype=pdt)
-    module = with_attention(module, attention)
+    if attention != "auto":
+        module = with_attention_impl(module, attention)
     p32 = params_f32 if params_f32 is not None else init_params(model, config)
     params = p32 if pdt == jnp.float32 else cast(p32, pdt)
     return Built(
         model, precision, config, shapes, module, params, task_model(model, module, params, shapes)
     )
-
-
-def with_attention(module: Any, impl: str) -> Any:
-    """``module`` (CLIP or T5) with every attention computed by ``impl``."""
-    if impl == "auto":
-        return module
-    if isinstance(module, clip.CLIP):
-        return module.clone(vision=dataclasses.replace(module.vision, attention_impl=impl))
-    return module.clone(spec=dataclasses.replace(module.spec, attention_impl=impl))
 
 
 def random_task_vectors(phi0: Any, n: int, seed: int = 0, scale: float = 1.0) -> list[Any]:

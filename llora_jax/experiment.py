@@ -54,12 +54,17 @@ class BackboneCache:
     def __init__(self) -> None:
         self._items: dict[tuple, Any] = {}
 
-    def get(self, source: str, dtype: Any, param_dtype: Any) -> tuple[Any, Any]:
+    def get(
+        self, source: str, dtype: Any, param_dtype: Any, attention_impl: str = "auto"
+    ) -> tuple[Any, Any]:
         from llora_jax.backbones import hf
+        from llora_jax.backbones.attention import with_attention_impl
 
-        key = (source, str(dtype), str(param_dtype))
+        key = (source, str(dtype), str(param_dtype), attention_impl)
         if key not in self._items:
             bb = hf.load_backbone(source, dtype=dtype, param_dtype=param_dtype)
+            if attention_impl != "auto":
+                bb = dataclasses.replace(bb, module=with_attention_impl(bb.module, attention_impl))
             try:
                 tok = hf.load_tokenizer(bb.path)
             except Exception:  # vision-only checkpoints carry no tokenizer
@@ -142,10 +147,16 @@ def build(c: Any, cache: BackboneCache | None = None) -> Experiment:
     check_method(c.method)
     if c.kind not in KINDS:
         raise ValueError(f"unknown config.kind {c.kind!r}; valid kinds: {', '.join(KINDS)}")
+    attention = str(c.get("attention_impl", "auto"))
+    if attention == "cudnn" and c.method == "l_lora_model":
+        raise ValueError(
+            "config.attention_impl='cudnn' cannot run method 'l_lora_model': the cuDNN kernel "
+            "has no forward-mode derivative (jax.jvp); use attention_impl 'auto' or 'xla'"
+        )
     cache = cache or BackboneCache()
     dtype = compute_dtype(c.dtype)
     splits = _load_splits(c)  # first: a missing dataset is reported before any model loads
-    bb, tok = cache.get(c.backbone, dtype, compute_dtype(c.param_dtype))
+    bb, tok = cache.get(c.backbone, dtype, compute_dtype(c.param_dtype), attention)
     builder = {"text_encoder": _build_text_encoder, "t5": _build_t5, "clip": _build_clip}[c.kind]
     return builder(c, bb, tok, splits)
 

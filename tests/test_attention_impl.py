@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llora_jax.backbones import bert, clip_layers, t5, t5_layers
+from llora_jax.backbones import bert, clip, clip_layers, t5, t5_layers
+from llora_jax.backbones.attention import with_attention_impl
 from llora_jax.backbones.clip_layers import (
     TextConfig,
     TextTransformer,
@@ -312,18 +313,29 @@ def test_config_reaches_every_attention(monkeypatch, bert_case, clip_case, t5_ca
         jax.eval_shape(lambda p: module.apply({"params": p}, *args), params)
 
     module, params, ids, mask = bert_case
-    trace(_clone(module, "cfg", "cudnn"), params, ids, mask)
+    trace(with_attention_impl(module, "cudnn"), params, ids, mask)
     assert seen == ["cudnn"] * BERT.num_hidden_layers
     seen.clear()
     vision, text, cparams, pixels, tids, tmask = clip_case
-    trace(_clone(vision, "cfg", "cudnn"), cparams["vision"], pixels)
-    trace(_clone(text, "cfg", "cudnn"), cparams["text"], tids, tmask)
+    trace(with_attention_impl(vision, "cudnn"), cparams["vision"], pixels)
+    trace(with_attention_impl(text, "cudnn"), cparams["text"], tids, tmask)
     assert seen == ["cudnn"] * (VISION.num_layers + TEXT.num_layers)
     seen.clear()
     module, params, ids, mask, dec_in, dec_mask = t5_case
-    trace(_clone(module, "spec", "cudnn"), params, ids, mask, dec_in, dec_mask)
+    trace(with_attention_impl(module, "cudnn"), params, ids, mask, dec_in, dec_mask)
     # Encoder self-attention, decoder self- and cross-attention.
     assert seen == ["cudnn"] * (SPEC.num_layers + 2 * SPEC.num_decoder_layers)
+
+
+def test_with_attention_impl_sets_both_clip_towers_and_refuses_other_modules():
+    both = clip.CLIP(vision=VISION, text=TEXT, projection_dim=8)
+    got = with_attention_impl(both, "reference")
+    assert (got.vision.attention_impl, got.text.attention_impl) == ("reference", "reference")
+    assert both.vision.attention_impl == "auto"  # a new module; the old one is unchanged
+    with pytest.raises(ValueError, match="Dense has no attention settings"):
+        with_attention_impl(nn.Dense(3), "xla")
+    with pytest.raises(ValueError, match="attention_impl='fast'"):
+        with_attention_impl(both, "fast")
 
 
 def test_unknown_impl_is_refused():

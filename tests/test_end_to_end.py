@@ -98,6 +98,15 @@ def test_t5_text_to_text_finetune(tmp_path, words):
     assert exp.tm.head["ids"].shape[0] == 2
 
 
+def test_config_attention_impl_reaches_the_backbone_and_cudnn_refuses_l_lora_model(tmp_path, words):
+    path = TM.tiny_bert(tmp_path / "bert", words)
+    c = _config(path, "minilm.py", "tiny", task="rte", attention_impl="reference")
+    assert X.build(c).tm.module.cfg.attention_impl == "reference"
+    c.method, c.attention_impl = "l_lora_model", "cudnn"
+    with pytest.raises(ValueError, match="attention_impl='cudnn' cannot run method 'l_lora_model'"):
+        X.build(c)
+
+
 def test_clip_zeroshot_finetune(tmp_path):
     from llora_jax.data import vision
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ATTENTION_IMPLS", "check_attention_impl", "fused_attention"]
+__all__ = ["ATTENTION_IMPLS", "check_attention_impl", "fused_attention", "with_attention_impl"]
 
 # How the attention core is computed (field ``attention_impl`` of every backbone config):
 # "auto": jax.nn.dot_product_attention(implementation=None); in jax 0.10 None means the XLA
@@ -76,3 +79,16 @@ def fused_attention(
         scale=scale,
         implementation=None if impl == "auto" else impl,
     )
+
+
+def with_attention_impl(module: Any, impl: str) -> Any:
+    """A backbone module (BERT, CLIP or T5) with every attention computed by ``impl``."""
+    check_attention_impl(impl, "attention_impl")
+    changes = {
+        field: dataclasses.replace(sub, attention_impl=impl)
+        for field in ("cfg", "spec", "vision", "text")
+        if hasattr(sub := getattr(module, field, None), "attention_impl")
+    }
+    if not changes:
+        raise ValueError(f"{type(module).__name__} has no attention settings to set")
+    return module.clone(**changes)
