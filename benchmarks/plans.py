@@ -176,10 +176,12 @@ def make_plan(preset: str) -> Plan:
         return _issue8()
     if preset == "issue8b":
         return _issue8b()
+    if preset == "issue8c":
+        return _issue8c()
     raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
 
 
-PRESETS = ("tiny", "quick", "default", "full", "issue8", "issue8b")
+PRESETS = ("tiny", "quick", "default", "full", "issue8", "issue8b", "issue8c")
 
 
 def _issue8() -> Plan:
@@ -259,6 +261,25 @@ def _issue8b() -> Plan:
         torch_train=torch_train,
         train_waves=(5, 4),
         grid_models=("clip",),
+    )
+
+
+def _issue8c() -> Plan:
+    """The train-step matrix that ``issue8``/``issue8b`` left (``--only train``, one H100
+    call): T5-base at batch 256 and fp32, CLIP fp32, then batch 16 / 64."""
+    t5_rest = ("l_lora", "l_lora_model", "full")
+    train = (
+        # wave 1 (8)
+        _cross("t5", METHODS, ("bf16",), [256])
+        + _cross("t5", t5_rest, ("fp32",), [64])
+        + [TrainCase("clip", "lora", "fp32", 128)]
+        # wave 2 (8)
+        + _cross("clip", ("l_lora", "l_lora_model", "full"), ("fp32",), [128])
+        + _cross("t5", METHODS, ("bf16",), [16])
+        + [TrainCase("clip", "lora", "bf16", 64)]
+    )
+    return dataclasses.replace(
+        _issue8(), preset="issue8c", train=train, torch_train=[], train_waves=(8,)
     )
 
 
