@@ -7,7 +7,10 @@ where several runs measured the same name on the same device kind, the last succ
 is kept (a skipped or failed entry never replaces a measured one); on different device kinds
 both stay. Cross-measurement ratios, MFU and targets are recomputed over the union, pairing
 measurements of the same device kind where there are several (a T5 step from one call meets
-its PyTorch twin and the matmul peak from another). The merged file lists every source.
+its PyTorch twin from another). Every measurement records its ``run`` (the source's time
+stamp); every run's matmul peak is kept, and MFU divides by the peak of the same run (the
+median of the device kind's peaks for a run that measured none). The merged file lists every
+source.
 """
 
 from __future__ import annotations
@@ -58,18 +61,24 @@ def merge(paths: list[str]) -> dict:
         sources.append(
             {"path": str(f), "command": body.get("command"), "date": body.get("date"), "n": len(ms)}
         )
+        run = f.name[:STAMP_LEN] if f.name[:4].isdigit() else f.parent.name[-STAMP_LEN:]
         for m in ms:
+            # The run a measurement came from (kept through later merges): MFU divides by the
+            # matmul peak of the same run, so every run's peak is kept.
+            m.setdefault("run", run)
             key = (m["name"], R.device_kind(m))  # one entry per name and device kind
+            if m.get("area") == "peak":
+                key = (*key, m["run"])
             old = by_key.get(key)
             if old is not None and m.get("median") is None and old.get("median") is not None:
                 continue
             by_key[key] = m
     # Ratios a benchmark computed itself (scaling, pipeline headroom, disentanglement) stay;
     # the cross-measurement ones are recomputed over the union.
-    measured = {n for (n, _), m in by_key.items() if m.get("median") is not None}
+    measured = {k[0] for k, m in by_key.items() if m.get("median") is not None}
     # A skipped/failed entry whose name was measured on another device says nothing more.
     measurements = [
-        m for (n, _), m in by_key.items() if m.get("median") is not None or n not in measured
+        m for k, m in by_key.items() if m.get("median") is not None or k[0] not in measured
     ]
     targets = R.finalize(measurements)
     devices = []

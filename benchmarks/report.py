@@ -49,9 +49,19 @@ def finalize(ms: list[dict]) -> list[dict]:
     """Fill ``derived.mfu_*`` and ``ratios`` in place; return the target checks."""
     lookup = _index(ms)
 
+    peaks = [m for m in ms if m["area"] == "peak" and _ok(m)]
+
     def peak_rate(near: dict) -> dict[str, float]:
-        peak = {p: lookup(f"peak/matmul/{p}", near) for p in ("bf16", "fp32")}
-        return {p: m["derived"]["flop_per_s"] for p, m in peak.items() if _ok(m)}
+        """The matmul peaks of ``near``'s run; without them, the median over its device kind."""
+        out = {}
+        for p in ("bf16", "fp32"):
+            same = [m for m in peaks if m["name"] == f"peak/matmul/{p}"]
+            same = [m for m in same if device_kind(m) == device_kind(near)] or same
+            run = [m for m in same if near.get("run") and m.get("run") == near.get("run")]
+            rates = sorted(m["derived"]["flop_per_s"] for m in (run or same))
+            if rates:
+                out[p] = rates[len(rates) // 2]
+        return out
 
     targets: list[dict] = []
 

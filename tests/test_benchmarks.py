@@ -375,14 +375,26 @@ def test_merge_keeps_measured_entries_and_recomputes_ratios(tmp_path):
     done = tmp_path / "a" / "parts-2026-11-23T000000Z"
     done.mkdir()
     (done / "jax.json").write_text(json.dumps({"measurements": [{"broken": True}]}))
-    res = MG.merge([str(tmp_path / "a"), str(tmp_path / "b")])
+    clip = {"model": "clip", "precision": "bf16", "batch": 8, "method": "lora"}
+    run3 = {
+        "measurements": [
+            on(_m("peak/matmul/bf16", "peak", {}, 1.0, flop_per_s=50.0), gpu),
+            on(_m("train/clip/lora/bf16/b8", "train", clip, 0.01, flops_analytic=1.0), gpu),
+        ]
+    }
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "2026-11-23T020000Z-H100.json").write_text(json.dumps(run3))
+    res = MG.merge([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c")])
     by = {m["name"]: m for m in res["measurements"]}
-    assert len(res["sources"]) == 2
+    # Each run's MFU divides by its own run's peak (100 and 50), not by the last one merged.
+    assert by["train/clip/lora/bf16/b8"]["derived"]["mfu_analytic"] == pytest.approx(2.0)
+    assert by["train/clip/lora/bf16/b8"]["run"] == "2026-11-23T020000Z"
+    assert len(res["sources"]) == 3
     assert by["train/t5/lora/bf16/b64"]["median"] == pytest.approx(0.03)  # not the skip
     assert by["train/t5/lora/bf16/b64"]["ratios"]["speedup_vs_torch"] == pytest.approx(6.0)
     # MFU against the peak of the same device kind; both devices' peaks are kept.
     assert by["train/t5/lora/bf16/b64"]["derived"]["mfu_analytic"] == pytest.approx(1 / 3)
-    assert sum(m["name"] == "peak/matmul/bf16" for m in res["measurements"]) == 2
+    assert sum(m["name"] == "peak/matmul/bf16" for m in res["measurements"]) == 3
     assert by["train/t5/full/bf16/b64"]["error"]
     assert by["scaling/clip/lora/bf16/n2"]["ratios"]["scaling"] == 1.9
     assert {t["target"]: t["pass"] for t in res["targets"]}["scaling"] is True
