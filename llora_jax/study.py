@@ -226,8 +226,9 @@ def run_study_file(
 
 def _finetune_all(
     s, out: Path, tasks: list[str], cache: X.BackboneCache, exps: dict, methods: list[str]
-) -> dict:
-    """Fine-tune (or find finished) runs; pick the best learning rate per run on validation."""
+) -> tuple[dict, dict]:
+    """Fine-tune (or find finished) runs; pick the best learning rate per run on validation.
+    Returns ({(method, seed, task): run dir}, {(method, task): learning rate})."""
     chosen: dict = {}
     given = s.get("learning_rate_choice", {}) or {}
     chosen_lr: dict = {
