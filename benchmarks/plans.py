@@ -1,4 +1,5 @@
-"""What a run measures: the presets (tiny, quick, default, full, issue8, issue8b, issue8c)
+"""What a run measures: the presets (tiny, quick, default, full, issue8, issue8b, issue8c) and
+their overrides.
 
 ``default`` is about 9 minutes on one H100, compilation included (a T5-base train step
 alone compiles for ~100 s): run it as two commands of ~5 minutes (``--only
