@@ -482,6 +482,8 @@ def _disentangle(s, results, method, seed, members, done, cache_path, compute=Tr
                 grid,
                 n_examples=int(s.disentangle_examples),
                 batch_size=int(s.get("eval_batch_size", 64)),
+                # The fusion search's chunk: its compiled grid programs serve here too.
+                chunk=int(s.get("eval_chunk", 8)),
             )
             done[key] = {"grid": grid, "xi": xi.tolist(), "mean_xi": float(np.mean(xi))}
             _save_cache(done, cache_path)
