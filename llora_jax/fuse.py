@@ -47,7 +47,7 @@ class Member:
         return float(self.tv.meta["metrics"][f"{prefix}/{self.exp.primary_metric}"])
 
     def grid(self, batch_size: int, chunk: int) -> E.GridEvaluator:
-        # Not cached on the member: fusion and disentanglement ask for different chunks.
+        # Not cached on the member: callers may ask for different chunks.
         return shared_evaluator(self.exp.tm, self.exp.spec, batch_size, chunk)
 
 
@@ -100,11 +100,14 @@ def _primary(member: Member, preds: np.ndarray, split: str) -> float:
     return float(member.exp.metric_fn(preds, arr)[member.exp.primary_metric])
 
 
-def _scores(members, base, phi0, vectors, rows, split, bs, chunk) -> np.ndarray:
-    """(K, n_tasks) primary scores of each row's merged model on each member's split."""
+def _scores(members, base, phi0, vectors, rows, split, bs, chunk, stacks=None) -> np.ndarray:
+    """(K, n_tasks) primary scores of each row's merged model on each member's split.
+
+    ``stacks``: a dict kept by a caller that scores the same ``vectors`` many times
+    (LoraHub), so they are stacked on the device once, not once per call."""
     lam = np.asarray([r for _, r in rows], np.float32)
     out = np.zeros((len(rows), len(members)))
-    stacks: dict = {}  # one device copy of the vectors per evaluator, not one per member
+    stacks = {} if stacks is None else stacks  # one device copy per evaluator, not per member
     for j, m in enumerate(members):
         ev = m.grid(bs, chunk)
         if id(ev) not in stacks:
@@ -170,15 +173,17 @@ def _record(members, tasks, hparams, val_scores, test_scores) -> dict:
 
 def _lorahub(members, taus, base, phi0, bs, chunk, budget, seed) -> dict:
     tasks = [m.task for m in members]
+    stacks: dict = {}  # the same vectors in every evaluation: stacked once
 
     def objective(w: np.ndarray) -> float:
-        val = _scores(members, base, phi0, taus, [({}, list(w))], "validation", bs, chunk)[0]
+        row = [({}, list(w))]
+        val = _scores(members, base, phi0, taus, row, "validation", bs, chunk, stacks)[0]
         return 1.0 - float(np.mean(val))
 
     _, weights, _ = fusion.lorahub(taus, objective, budget=budget, seed=seed)
     row = ({f"w_{t}": float(w) for t, w in zip(tasks, weights)}, list(map(float, weights)))
-    val = _scores(members, base, phi0, taus, [row], "validation", bs, chunk)[0]
-    test = _scores(members, base, phi0, taus, [row], "test", bs, chunk)[0]
+    val = _scores(members, base, phi0, taus, [row], "validation", bs, chunk, stacks)[0]
+    test = _scores(members, base, phi0, taus, [row], "test", bs, chunk, stacks)[0]
     return _record(members, tasks, row[0], val, test)
 
 

@@ -47,29 +47,7 @@ def fused_attention(
     probabilities to the value dtype: the reference code's numerics.
     """
     if impl == "cudnn":
-        # jax's cuDNN path turns the mask into a bias and checks that a bias spans the full
-        # (T, S) (broadcasting over batch and heads only); the bias goes in the input dtype,
-        # with huge negatives clamped to jax's bf16-safe value.
-        t0, s0 = q.shape[1], k.shape[1]
-        t, s = t0 + t0 % 2, s0 + s0 % 2
-        full = lambda a, t=t0, s=s0: jnp.broadcast_to(a, (*a.shape[:2], t, s))  # noqa: E731
-        if (t, s) != (t0, s0):
-            # With a bias (a mask becomes one) jax's cuDNN path needs even lengths when
-            # training (ViT-B/16: 197 tokens): pad one query row / key column, mask the
-            # padded key out and drop the padded query's output below.
-            rows = lambda a, n: jnp.pad(a, ((0, 0), (0, n - a.shape[1]), (0, 0), (0, 0)))  # noqa: E731
-            q, k, v = rows(q, t), rows(k, s), rows(v, s)
-            grow = ((0, 0), (0, 0), (0, t - t0), (0, s - s0))
-            keys = jnp.arange(s)[None, None, None, :] < s0
-            mask = keys if mask is None else jnp.pad(full(mask), grow, constant_values=True) & keys
-            bias = None if bias is None else jnp.pad(full(bias), grow)
-        full = lambda a, t=t, s=s: jnp.broadcast_to(a, (*a.shape[:2], t, s))  # noqa: E731
-        mask = None if mask is None else full(mask)
-        bias = None if bias is None else full(jnp.maximum(bias, _CUDNN_NEG)).astype(q.dtype)
-        out = jax.nn.dot_product_attention(
-            q, k, v, bias=bias, mask=mask, scale=scale, implementation="cudnn"
-        )
-        return out[:, :t0]
+        return _cudnn_attention(q, k, v, bias, mask, scale)
     return jax.nn.dot_product_attention(
         q,
         k,
@@ -79,6 +57,36 @@ def fused_attention(
         scale=scale,
         implementation=None if impl == "auto" else impl,
     )
+
+
+def _spanning(a: jax.Array, t: int, s: int) -> jax.Array:
+    """A (B|1, N|1, T|1, S|1) bias or mask broadcast over the full (T, S)."""
+    return jnp.broadcast_to(a, (*a.shape[:2], t, s))
+
+
+def _cudnn_attention(q, k, v, bias, mask, scale: float) -> jax.Array:
+    """The cuDNN flash kernel. jax's cuDNN path turns a mask into a bias and checks that a
+    bias spans the full (T, S) (broadcasting over batch and heads only); the bias goes in the
+    input dtype, huge negatives clamped to jax's bf16-safe value. With a bias, training needs
+    even lengths (ViT-B/16 has 197 tokens): an odd length gets one padded query row and key
+    column, the padded key masked out and the padded query's output dropped."""
+    t0, s0 = q.shape[1], k.shape[1]
+    t, s = t0 + t0 % 2, s0 + s0 % 2
+    if (t, s) != (t0, s0):
+        rows = lambda a, n: jnp.pad(a, ((0, 0), (0, n - a.shape[1]), (0, 0), (0, 0)))  # noqa: E731
+        q, k, v = rows(q, t), rows(k, s), rows(v, s)
+        grow = ((0, 0), (0, 0), (0, t - t0), (0, s - s0))
+        keys = jnp.arange(s)[None, None, None, :] < s0
+        if mask is not None:
+            keys = jnp.pad(_spanning(mask, t0, s0), grow, constant_values=True) & keys
+        mask = keys
+        bias = None if bias is None else jnp.pad(_spanning(bias, t0, s0), grow)
+    mask = None if mask is None else _spanning(mask, t, s)
+    bias = None if bias is None else _spanning(jnp.maximum(bias, _CUDNN_NEG), t, s).astype(q.dtype)
+    out = jax.nn.dot_product_attention(
+        q, k, v, bias=bias, mask=mask, scale=scale, implementation="cudnn"
+    )
+    return out[:, :t0]
 
 
 def with_attention_impl(module: Any, impl: str) -> Any:
