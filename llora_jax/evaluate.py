@@ -1,9 +1,11 @@
 """Evaluation: predictions of one model, and of whole grids of merged models at once.
 
 ``predict`` runs one model over a dataset in fixed-size batches (the last one
-padded, padding dropped from the result). ``predict_grid`` evaluates K merged
-models — φ0 + Σ_i λ_ki τ_i for a (K, n) coefficient matrix — in one compiled
-program: the models are vmapped, chunked with ``lax.map`` to bound memory.
+padded, padding dropped from the result; token inputs sorted by length and
+each batch trimmed to its longest row). ``predict_grid`` evaluates K merged
+models — φ0 + Σ_i λ_ki τ_i for a (K, n) coefficient matrix — with one compiled
+program: ``chunk`` models vmapped per call, every call dispatched before the
+first result is read back.
 For ``l_lora_model`` task vectors the outputs are exactly linear in λ, so
 ``predict_grid_linear`` needs one forward pass and one JVP per task vector,
 then only a contraction for any number of merges.
@@ -25,16 +27,56 @@ from llora_jax import model as M
 PyTree = Any
 
 
-def iterate_batches(arrays: dict[str, np.ndarray], batch_size: int):
-    """Yield fixed-size batches in order; the last is padded and carries weight 0 there."""
+# Padded token sequences of an encoder input: trimmed together to a batch's longest row.
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def iterate_batches(arrays: dict[str, np.ndarray], batch_size: int, trim: bool = False):
+    """Yield fixed-size batches in order; the last is padded and carries weight 0 there.
+
+    ``trim``: cut the padded token sequences (``SEQUENCE_KEYS``, right-padded, with an
+    ``attention_mask``) of each batch to the smallest power of two (at least 16, at most
+    the stored length) that holds its longest row. Exact for models that mask padding;
+    sort the examples by length first (``by_length``) so that batches are short.
+    """
     n = len(next(iter(arrays.values())))
-    for start in range(0, n, batch_size):
+    width = _trim_widths(arrays, batch_size) if trim else None
+    for b, start in enumerate(range(0, n, batch_size)):
         idx = np.arange(start, min(start + batch_size, n))
         pad = batch_size - len(idx)
         full = np.concatenate([idx, np.full(pad, idx[-1])]) if pad else idx
         batch = {k: np.asarray(v)[full] for k, v in arrays.items()}
+        if width is not None:
+            batch.update({k: batch[k][:, : width[b]] for k in SEQUENCE_KEYS if k in batch})
         batch["weight"] = np.concatenate([np.ones(len(idx)), np.zeros(pad)]).astype(np.float32)
         yield batch, len(idx)
+
+
+def _trim_widths(arrays: dict[str, np.ndarray], batch_size: int) -> list[int] | None:
+    mask = arrays.get("attention_mask")
+    if mask is None or np.ndim(mask) != 2:
+        return None
+    mask = np.asarray(mask)
+    stored = mask.shape[1]
+    if any(np.shape(arrays[k])[:2] != mask.shape for k in SEQUENCE_KEYS if k in arrays):
+        return None
+    # The last nonzero position + 1 of each row (0 for an all-padding row).
+    ends = np.where(mask.any(1), stored - np.argmax(mask[:, ::-1] > 0, axis=1), 0)
+    out = []
+    for start in range(0, len(mask), batch_size):
+        need = int(ends[start : start + batch_size].max())
+        out.append(min(stored, max(16, 1 << max(need - 1, 0).bit_length())))
+    return out
+
+
+def by_length(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """(arrays sorted shortest first, the inverse permutation) — or (arrays, None) when
+    they hold no padded token sequences. ``preds[..., inverse]`` restores the order."""
+    mask = arrays.get("attention_mask")
+    if mask is None or np.ndim(mask) != 2:
+        return arrays, None
+    order = np.argsort(np.asarray(mask).sum(1), kind="stable")
+    return {k: np.asarray(v)[order] for k, v in arrays.items()}, np.argsort(order)
 
 
 def _frozen(tm: M.TaskModel, phi0: PyTree | None) -> dict:
@@ -78,10 +120,42 @@ def predict(
     """Predictions of one model for every example of ``arrays`` (in order)."""
     fn = predict_fn or make_predict_fn(tm, spec)
     frozen = _frozen(tm, phi0)
+    batches, inverse = device_batches(arrays, batch_size)
     # Every batch is dispatched before any result is read back: the device never waits
     # for the host between batches.
-    outs = [(fn(trainable, frozen, batch), n) for batch, n in iterate_batches(arrays, batch_size)]
-    return np.concatenate([np.asarray(o)[:n] for o, n in outs])
+    outs = [(fn(trainable, frozen, batch), n) for batch, n in batches]
+    return _restore(np.concatenate([np.asarray(o)[:n] for o, n in outs]), inverse)
+
+
+_BATCHES: dict = {}
+_BATCHES_MAX = 64
+
+
+def device_batches(arrays: dict[str, np.ndarray], batch_size: int) -> tuple[list, Any]:
+    """([(batch on the device, n valid rows)], inverse order or None) for ``arrays``.
+
+    Token inputs are sorted by length and each batch trimmed to its longest row
+    (``iterate_batches(trim=True)``): short sentences cost short programs. The batches
+    of the last few datasets stay on the device, so a merge search that scores many
+    models on one validation split transfers and sorts it once.
+    """
+    key = (id(arrays), batch_size)
+    hit = _BATCHES.get(key)
+    if hit is not None and hit[0] is arrays:
+        return hit[1], hit[2]
+    ordered, inverse = by_length(arrays)
+    batches = [
+        (jax.device_put(b), n) for b, n in iterate_batches(ordered, batch_size, trim=True)
+    ]
+    if len(_BATCHES) >= _BATCHES_MAX:
+        _BATCHES.pop(next(iter(_BATCHES)))
+    _BATCHES[key] = (arrays, batches, inverse)  # holds ``arrays``: its id stays unique
+    return batches, inverse
+
+
+def _restore(preds: np.ndarray, inverse: np.ndarray | None) -> np.ndarray:
+    """Predictions (..., N) back in the dataset's order."""
+    return preds if inverse is None else preds[..., inverse]
 
 
 def merged_trainable(base: PyTree, taus: PyTree, lambdas: jax.Array) -> PyTree:
@@ -96,32 +170,20 @@ def merged_trainable(base: PyTree, taus: PyTree, lambdas: jax.Array) -> PyTree:
 _merged_trainable = jax.jit(merged_trainable)
 
 
-def _chunked(fn: Callable, xs: PyTree, k: int, chunk: int) -> jax.Array:
-    """fn vmapped over the leading axis of xs (size k), ``chunk`` at a time under lax.map."""
-    pad = (-k) % chunk
-    xs = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]), xs)
-    xs = jax.tree.map(lambda x: x.reshape(-1, chunk, *x.shape[1:]), xs)
-    out = jax.lax.map(jax.vmap(fn), xs)
-    return out.reshape(-1, *out.shape[2:])[:k]
+def make_grid_predict_fn(tm: M.TaskModel, spec: M.AdapterSpec) -> Callable:
+    """jit(base, taus, lambdas (C, n), frozen, batch) -> predictions (C, B).
 
-
-def make_grid_predict_fn(tm: M.TaskModel, spec: M.AdapterSpec, chunk: int) -> Callable:
-    """jit(base, taus, lambdas (K, n), frozen, batch) -> predictions (K, B).
-
-    ``base`` is φ0 for adapters (θ0 restricted to what trained for ``full``).
-    Models are evaluated ``chunk`` at a time (vmap inside lax.map) so memory
-    stays bounded while the whole grid is one compiled program.
+    ``base`` is φ0 for adapters (θ0 restricted to what trained for ``full``). The C
+    merged models are vmapped; ``GridEvaluator`` calls it one chunk of C models at a
+    time, so memory stays bounded and grids of any size share one compiled program.
     """
 
-    def grid(base, taus, lambdas, frozen, batch):
-        def one(lam):
-            trainable = merged_trainable(base, taus, lam)
-            out = M.forward(_bind(tm, frozen), spec, trainable, frozen["phi0"], batch)
-            return tm.predict(out, batch)
+    def one(base, taus, lam, frozen, batch):
+        trainable = merged_trainable(base, taus, lam)
+        out = M.forward(_bind(tm, frozen), spec, trainable, frozen["phi0"], batch)
+        return tm.predict(out, batch)
 
-        return _chunked(one, lambdas, lambdas.shape[0], min(chunk, lambdas.shape[0]))
-
-    return jax.jit(grid)
+    return jax.jit(jax.vmap(one, in_axes=(None, None, 0, None, None)))
 
 
 def predict_grid(
@@ -201,7 +263,7 @@ class GridEvaluator:
         self.tm, self.spec, self.batch_size, self.chunk = tm, spec, batch_size, chunk
         self.linear = spec.method == "l_lora_model" if linear is None else linear
         self._fn = (
-            make_linear_grid_fn(tm, spec) if self.linear else make_grid_predict_fn(tm, spec, chunk)
+            make_linear_grid_fn(tm, spec) if self.linear else make_grid_predict_fn(tm, spec)
         )
 
     def stack(self, taus: list[PyTree]) -> PyTree:
@@ -236,25 +298,34 @@ class GridEvaluator:
         if isinstance(taus, (list, tuple)) and lambdas.shape[1] != len(taus):
             raise ValueError(f"lambdas must have shape (K, {len(taus)}), got {lambdas.shape}")
         k = lambdas.shape[0]
-        if k == 1 and not self.linear:
-            # One model: the plain predict program (a vmapped grid of one costs ~1.5× it).
+        if k == 1:
+            # One model: the plain predict program (a vmapped grid of one costs ~1.5× it;
+            # the linear shortcut one JVP per vector, the plain l_lora_model forward one).
             row = np.zeros(n_stack, np.float32)
             row[: lambdas.shape[1]] = lambdas[0]
             merged = _merged_trainable(base, stacked, jnp.asarray(row))
             model = tm or self.tm
             return predict(model, self.spec, merged, phi0, arrays, self.batch_size)[None]
-        # Pad the grid to a multiple of the chunk (what lax.map computes anyway) and to a
-        # power of two below it, so grids of different sizes share compiled programs.
-        k_pad = -(-k // self.chunk) * self.chunk if k > self.chunk else min(_bucket(k), self.chunk)
+        # The linear shortcut takes the whole grid in one call (its cost is one forward
+        # and one JVP per vector, whatever K); the direct path takes ``chunk`` models per
+        # call. K is padded (to a power of two, or a multiple of the chunk) so that grids of
+        # different sizes share compiled programs.
+        if self.linear:
+            step = k_pad = _bucket(k)
+        else:
+            step = min(_bucket(k), self.chunk)
+            k_pad = -(-k // step) * step
         lam = np.zeros((k_pad, n_stack), np.float32)
         lam[:k, : lambdas.shape[1]] = lambdas
-        lam = jnp.asarray(lam)
+        lams = [jnp.asarray(lam[i : i + step]) for i in range(0, k_pad, step)]
         frozen = _frozen(tm or self.tm, base if self.linear else phi0)
+        batches, inverse = device_batches(arrays, self.batch_size)
         outs = [
-            (self._fn(base, stacked, lam, frozen, batch), n)
-            for batch, n in iterate_batches(arrays, self.batch_size)
+            [(self._fn(base, stacked, lm, frozen, batch), n) for lm in lams]
+            for batch, n in batches
         ]  # all dispatched before the first read-back
-        return np.concatenate([np.asarray(o)[:k, :n] for o, n in outs], axis=1)
+        cols = [np.concatenate([np.asarray(o)[:, :n] for o, n in row])[:k] for row in outs]
+        return _restore(np.concatenate(cols, axis=1), inverse)
 
 
 def _bucket(n: int) -> int:

@@ -441,11 +441,13 @@ def _fusion(s, results, method, seed, members, tasks, done, cache_path, compute=
                 jobs.append((f, sub))
     grids = dict(s.get("fusion_grids", {}))
     bar = tqdm(jobs, desc=f"fusion {method} seed {seed}", disable=not s.get("progress", True))
+    spent: dict[str, float] = {}
     for name, sub in bar:
         key = f"fusion|{method}|{seed}|{name}|{F.subset_key(sub)}"
         if key not in done and not compute:
             continue
         if key not in done:
+            t0 = time.perf_counter()
             grid = grids.get(name)
             done[key] = F.fuse_subset(
                 [members[t] for t in sub],
@@ -457,9 +459,14 @@ def _fusion(s, results, method, seed, members, tasks, done, cache_path, compute=
                 seed=int(seed),
             )
             _save_cache(done, cache_path)
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
         results["fusion"].setdefault(method, {}).setdefault(name, {}).setdefault(
             F.subset_key(sub), {}
         )[str(seed)] = done[key]
+    if spent:
+        for name, sec in spent.items():
+            results["timings_s"][f"fusion/{method}/seed{seed}/{name}"] = sec
+        _log(f"{method} seed {seed} fusion: " + ", ".join(f"{k} {v:.0f} s" for k, v in spent.items()))
 
 
 def _disentangle(s, results, method, seed, members, done, cache_path, compute=True) -> None:

@@ -52,3 +52,52 @@ def test_padded_head_gives_the_same_loss_gradients_and_predictions(tmp_path):
         np.asarray(M.argmax_predict({"logits": z1}, batch)),
         np.asarray(M.argmax_predict({"logits": z0}, batch)),
     )
+
+
+def test_length_sorted_trimmed_evaluation_equals_full_width(tmp_path):
+    """Evaluation sorts token inputs by length and trims each batch to its longest row
+    (a power of two ≥ 16): the logits of every row equal the full-width (64) forward's,
+    and predictions come back in the dataset's order."""
+    from llora_jax import evaluate as E
+
+    words = "a fine film dull and slow the best of year not good at all".split()
+    rng = np.random.default_rng(0)
+    # Lengths from 1 to 40 words in a shuffled order: batches of 4 need widths 16..64.
+    sents = [" ".join(rng.choice(words, size=n)) for n in rng.permutation(np.arange(1, 41))]
+    path = TM.tiny_bert(tmp_path / "bert", words)
+    bb, tok = hf.load_backbone(path), hf.load_tokenizer(path)
+    spec = get_task("sst2")
+    tm = TE.task_model(bb, tok, spec)
+    arrays = TE.encode_examples(
+        tok, spec, {"sentence": sents, "label": [i % 2 for i in range(len(sents))]}, max_len=64
+    )
+    ad = M.AdapterSpec("lora", LoraConfig(rank=2, alpha=4.0, targets=bert.DEFAULT_LORA_TARGETS))
+    trainable, phi0 = M.init_trainable(tm, ad, jax.random.key(0))
+    trainable = jax.tree.map(
+        lambda x: x + 0.3 * jnp.sin(jnp.arange(x.size)).reshape(x.shape), trainable
+    )
+    logits = jax.jit(lambda b: M.forward(tm, ad, trainable, phi0, b)["logits"])
+    full = np.asarray(logits(arrays))
+    ordered, inverse = E.by_length(arrays)
+    lengths = ordered["attention_mask"].sum(1)
+    assert np.all(np.diff(lengths) >= 0) and lengths[-1] > 32
+    widths = []
+    for b, n in E.iterate_batches(ordered, 4, trim=True):
+        w = b["input_ids"].shape[1]
+        widths.append(w)
+        assert b["attention_mask"].shape[1] == b["token_type_ids"].shape[1] == w
+        assert w >= b["attention_mask"].sum(1).max() and w in (16, 32, 64)
+    assert widths[0] == 16 and widths[-1] == 64  # trimmed, and never beyond the stored 64
+    trimmed = np.concatenate(
+        [np.asarray(logits(b))[:n] for b, n in E.iterate_batches(ordered, 4, trim=True)]
+    )[inverse]
+    np.testing.assert_allclose(trimmed, full, rtol=1e-5, atol=1e-5)
+    preds = E.predict(tm, ad, trainable, phi0, arrays, batch_size=4)
+    np.testing.assert_array_equal(preds, full.argmax(-1))
+    # Without an attention mask nothing is sorted or trimmed.
+    plain = {"x": np.arange(6)}
+    assert E.by_length(plain)[1] is None
+    assert [b["x"].tolist() for b, _ in E.iterate_batches(plain, 4, trim=True)] == [
+        [0, 1, 2, 3],
+        [4, 5, 5, 5],
+    ]
