@@ -14,6 +14,7 @@ then only a contraction for any number of merges.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -118,13 +119,28 @@ def predict(
     predict_fn: Callable | None = None,
 ) -> np.ndarray:
     """Predictions of one model for every example of ``arrays`` (in order)."""
+    return predict_async(tm, spec, trainable, phi0, arrays, batch_size, predict_fn)()
+
+
+def predict_async(
+    tm: M.TaskModel,
+    spec: M.AdapterSpec,
+    trainable: PyTree,
+    phi0: PyTree | None,
+    arrays: dict[str, np.ndarray],
+    batch_size: int = 64,
+    predict_fn: Callable | None = None,
+) -> Callable[[], np.ndarray]:
+    """``predict``, dispatched: returns a function that reads the predictions back.
+
+    Every batch is dispatched before any result is read back, so the device never
+    waits for the host between batches (nor between models, for a caller that starts
+    several before reading any)."""
     fn = predict_fn or make_predict_fn(tm, spec)
     frozen = _frozen(tm, phi0)
     batches, inverse = device_batches(arrays, batch_size)
-    # Every batch is dispatched before any result is read back: the device never waits
-    # for the host between batches.
     outs = [(fn(trainable, frozen, batch), n) for batch, n in batches]
-    return _restore(np.concatenate([np.asarray(o)[:n] for o, n in outs]), inverse)
+    return lambda: _restore(np.concatenate([np.asarray(o)[:n] for o, n in outs]), inverse)
 
 
 _BATCHES: dict = {}
@@ -274,9 +290,9 @@ class GridEvaluator:
         nothing to a merge. The linear shortcut is not padded (each vector costs a JVP).
         """
         pad = 0 if self.linear else _bucket(len(taus)) - len(taus)
-        taus = list(taus) + [jax.tree.map(jnp.zeros_like, taus[0])] * pad
-        # jnp.stack: vectors already on the device (fusion results) stay there.
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *taus)
+        # One compiled program per stack size (eagerly, one small compile per leaf shape);
+        # vectors already on the device (fusion results) stay there.
+        return _stack(list(taus), pad)
 
     def predict(
         self,
@@ -290,6 +306,19 @@ class GridEvaluator:
         """``taus``: a list of task vectors, or ``stack(list)`` to reuse one stack across
         calls; ``tm``: the task model whose frozen weights and head to use (default: the
         evaluator's own); any task model with the same functions and shapes fits."""
+        return self.start(base, phi0, taus, lambdas, arrays, tm)()
+
+    def start(
+        self,
+        base: PyTree,
+        phi0: PyTree | None,
+        taus: list[PyTree] | PyTree,
+        lambdas: np.ndarray,
+        arrays: dict[str, np.ndarray],
+        tm: M.TaskModel | None = None,
+    ) -> Callable[[], np.ndarray]:
+        """``predict``, dispatched: returns a function that reads the (K, N) predictions
+        back. Start several (e.g. one per task of a merge) before reading any."""
         stacked = self.stack(taus) if isinstance(taus, (list, tuple)) else taus
         n_stack = jax.tree.leaves(stacked)[0].shape[0]
         lambdas = np.asarray(lambdas, np.float32)
@@ -305,7 +334,8 @@ class GridEvaluator:
             row[: lambdas.shape[1]] = lambdas[0]
             merged = _merged_trainable(base, stacked, jnp.asarray(row))
             model = tm or self.tm
-            return predict(model, self.spec, merged, phi0, arrays, self.batch_size)[None]
+            get = predict_async(model, self.spec, merged, phi0, arrays, self.batch_size)
+            return lambda: get()[None]
         # The linear shortcut takes the whole grid in one call (its cost is one forward
         # and one JVP per vector, whatever K); the direct path takes ``chunk`` models per
         # call. K is padded (to a power of two, or a multiple of the chunk) so that grids of
@@ -324,8 +354,21 @@ class GridEvaluator:
             [(self._fn(base, stacked, lm, frozen, batch), n) for lm in lams]
             for batch, n in batches
         ]  # all dispatched before the first read-back
-        cols = [np.concatenate([np.asarray(o)[:, :n] for o, n in row])[:k] for row in outs]
-        return _restore(np.concatenate(cols, axis=1), inverse)
+
+        def get() -> np.ndarray:
+            cols = [np.concatenate([np.asarray(o)[:, :n] for o, n in row])[:k] for row in outs]
+            return _restore(np.concatenate(cols, axis=1), inverse)
+
+        return get
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _stack(taus: list[PyTree], pad: int) -> PyTree:
+    """Task vectors stacked on a leading axis, then ``pad`` zero vectors."""
+    return jax.tree.map(
+        lambda *xs: jnp.concatenate([jnp.stack(xs), jnp.zeros((pad, *xs[0].shape), xs[0].dtype)]),
+        *taus,
+    )
 
 
 def _bucket(n: int) -> int:

@@ -16,6 +16,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from llora_jax import evaluate as E
@@ -77,21 +78,37 @@ def _groups(name: str, grid: Sequence[dict]) -> list[tuple[dict, list[dict]]]:
     return list(out.values())
 
 
+_MERGES: dict = {}
+
+
+def merge(name: str, taus: list[PyTree], **hparams: Any) -> PyTree:
+    """``fusion.get(name)(taus, **hparams)`` as one compiled program over the whole tree.
+
+    The hyper-parameters are static (one program per setting and number of tasks). Run
+    eagerly, a method is hundreds of small per-leaf operations, each compiled for its
+    own shape; a study that merges every subset would spend minutes compiling them.
+    """
+    key = (name, tuple(sorted((k, repr(v)) for k, v in hparams.items())))
+    if key not in _MERGES:
+        fn = fusion.get(name)
+        _MERGES[key] = jax.jit(lambda ts: fn(ts, **hparams))
+    return _MERGES[key](list(taus))
+
+
 def candidates(name: str, taus: list[PyTree], grid: Sequence[dict]):
     """Yield (vectors, rows) where rows = [(hparams, coefficients over vectors)]."""
-    fn = fusion.get(name)
     for fixed, entries in _groups(name, grid):
         if name == "average":
-            yield [fn(taus)], [({}, [1.0])]
+            yield [merge(name, taus)], [({}, [1.0])]
         elif name in _SCALED and all("lam" in e for e in entries):
-            m = fn(taus, **fixed, lam=1.0)
+            m = merge(name, taus, **fixed, lam=1.0)
             yield [m], [(e, [float(e["lam"])]) for e in entries]
         elif name == "isolation" and all("lam" in e for e in entries):
-            core = fn(taus, **fixed, lam=0.0)
-            rest = T.sub(fn(taus, **fixed, lam=1.0), core)
+            core = merge(name, taus, **fixed, lam=0.0)
+            rest = T.sub(merge(name, taus, **fixed, lam=1.0), core)
             yield [core, rest], [(e, [1.0, float(e["lam"])]) for e in entries]
         else:  # any other registered method: one merged vector per entry
-            vecs = [fn(taus, **e) for e in entries]
+            vecs = [merge(name, taus, **e) for e in entries]
             yield vecs, [(e, list(np.eye(len(vecs))[i])) for i, e in enumerate(entries)]
 
 
@@ -108,12 +125,15 @@ def _scores(members, base, phi0, vectors, rows, split, bs, chunk, stacks=None) -
     lam = np.asarray([r for _, r in rows], np.float32)
     out = np.zeros((len(rows), len(members)))
     stacks = {} if stacks is None else stacks  # one device copy per evaluator, not per member
-    for j, m in enumerate(members):
+    pending = []
+    for m in members:
         ev = m.grid(bs, chunk)
         if id(ev) not in stacks:
             stacks[id(ev)] = ev.stack(vectors)
-        preds = ev.predict(base, phi0, stacks[id(ev)], lam, m.exp.arrays[split], m.exp.tm)
-        out[:, j] = [_primary(m, p, split) for p in preds]
+        pending.append(ev.start(base, phi0, stacks[id(ev)], lam, m.exp.arrays[split], m.exp.tm))
+    # Every task's evaluation is dispatched before the first is read back.
+    for j, (m, get) in enumerate(zip(members, pending)):
+        out[:, j] = [_primary(m, p, split) for p in get()]
     return out
 
 
@@ -180,7 +200,8 @@ def _lorahub(members, taus, base, phi0, bs, chunk, budget, seed) -> dict:
         val = _scores(members, base, phi0, taus, row, "validation", bs, chunk, stacks)[0]
         return 1.0 - float(np.mean(val))
 
-    _, weights, _ = fusion.lorahub(taus, objective, budget=budget, seed=seed)
+    # Scored from the weights: the merged τ itself is never needed here.
+    _, weights, _ = fusion.lorahub(taus, objective, budget=budget, seed=seed, merge=False)
     row = ({f"w_{t}": float(w) for t, w in zip(tasks, weights)}, list(map(float, weights)))
     val = _scores(members, base, phi0, taus, [row], "validation", bs, chunk, stacks)[0]
     test = _scores(members, base, phi0, taus, [row], "test", bs, chunk, stacks)[0]

@@ -210,3 +210,24 @@ def test_stsb_constant_predictions_score_zero_correlation():
     varied = TE.metrics(spec, np.arange(12) % n, arrays)
     ref = np.corrcoef(TE.bin_centres(spec)[np.arange(12) % n], arrays["score"])[0, 1]
     assert varied["pearson"] == pytest.approx(ref)
+
+
+@pytest.mark.parametrize(
+    "name,hp",
+    [
+        ("average", {}),
+        ("task_arithmetic", {"lam": 0.7}),
+        ("ties", {"k": 0.5, "lam": 1.0}),
+        ("dare", {"p": 0.3, "lam": 1.0, "base": "task_arithmetic", "key": 0}),
+        ("isolation", {"p": 0.1, "lam": 0.4}),
+    ],
+)
+def test_compiled_merge_equals_the_eager_fusion_function(name, hp):
+    from llora_jax import fusion
+
+    taus = [m.tv.tau for m in _members(n=3)]
+    got = F.merge(name, taus, **hp)
+    want = fusion.get(name)(taus, **hp)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    assert F.merge(name, taus[:2], **hp) is not None  # another task count: its own program

@@ -268,6 +268,11 @@ def test_lorahub_quadratic_optimum_and_bounds():
     _, _, h1 = fusion.lorahub(taus, lambda w: float(np.sum(w**2)), budget=15, seed=3)
     _, _, h2 = fusion.lorahub(taus, lambda w: float(np.sum(w**2)), budget=15, seed=3)
     assert [h["loss"] for h in h1] == [h["loss"] for h in h2]
+    # merge=False: the same search, no merged vector built.
+    none, w3, h3 = fusion.lorahub(
+        taus, lambda w: float(np.sum(w**2)), budget=15, seed=3, merge=False
+    )
+    assert none is None and [h["loss"] for h in h3] == [h["loss"] for h in h1]
 
 
 # ---------------------------------------------------------------- analysis

@@ -54,9 +54,12 @@ def lorahub(
     budget: int = 40,
     seed: int = 0,
     optimizer: str = "NGOpt",
-) -> tuple[PyTree, np.ndarray, list[dict]]:
+    merge: bool = True,
+) -> tuple[PyTree | None, np.ndarray, list[dict]]:
     """Search one coefficient per task; returns (merged τ, best weights, history).
 
+    ``merge=False`` skips building the merged τ (None is returned in its place): a caller
+    that evaluates merges from the weights alone needs only ``best weights``.
     ``history`` has one dict per evaluation, in order: ``weights`` (n,),
     ``objective`` (the raw value) and ``loss`` (objective + l1 term, what is
     minimised). A NaN objective counts as +inf.
@@ -101,4 +104,5 @@ def lorahub(
 
     best = min(range(len(history)), key=lambda i: history[i]["loss"])
     best_w = history[best]["weights"].copy()
-    return weighted(taus, best_w.astype(np.float32)), best_w, history
+    merged = weighted(taus, best_w.astype(np.float32)) if merge else None
+    return merged, best_w, history
