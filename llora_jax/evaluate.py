@@ -144,7 +144,8 @@ def predict_async(
 
 
 _BATCHES: dict = {}
-_BATCHES_MAX = 64
+_BATCHES_MAX = 32  # datasets kept on the device
+_BATCHES_MAX_BYTES = 256 << 20  # larger datasets (e.g. image test sets) are not kept
 
 
 def device_batches(arrays: dict[str, np.ndarray], batch_size: int) -> tuple[list, Any]:
@@ -152,8 +153,9 @@ def device_batches(arrays: dict[str, np.ndarray], batch_size: int) -> tuple[list
 
     Token inputs are sorted by length and each batch trimmed to its longest row
     (``iterate_batches(trim=True)``): short sentences cost short programs. The batches
-    of the last few datasets stay on the device, so a merge search that scores many
-    models on one validation split transfers and sorts it once.
+    of the last few datasets (up to 256 MB each) stay on the device, so a merge search
+    that scores many models on one validation split transfers and sorts it once; the
+    arrays are treated as immutable.
     """
     key = (id(arrays), batch_size)
     hit = _BATCHES.get(key)
@@ -163,6 +165,8 @@ def device_batches(arrays: dict[str, np.ndarray], batch_size: int) -> tuple[list
     batches = [
         (jax.device_put(b), n) for b, n in iterate_batches(ordered, batch_size, trim=True)
     ]
+    if sum(np.asarray(v).nbytes for v in arrays.values()) > _BATCHES_MAX_BYTES:
+        return batches, inverse
     if len(_BATCHES) >= _BATCHES_MAX:
         _BATCHES.pop(next(iter(_BATCHES)))
     _BATCHES[key] = (arrays, batches, inverse)  # holds ``arrays``: its id stays unique

@@ -94,6 +94,11 @@ def test_length_sorted_trimmed_evaluation_equals_full_width(tmp_path):
     np.testing.assert_allclose(trimmed, full, rtol=1e-5, atol=1e-5)
     preds = E.predict(tm, ad, trainable, phi0, arrays, batch_size=4)
     np.testing.assert_array_equal(preds, full.argmax(-1))
+    # A dataset evaluated again reuses its sorted, trimmed batches already on the device.
+    first, inv = E.device_batches(arrays, 4)
+    again, inv2 = E.device_batches(arrays, 4)
+    assert again is first and inv2 is inv and len(first) == 10
+    assert [b["input_ids"].shape[1] for b, _ in first] == widths
     # Without an attention mask nothing is sorted or trimmed.
     plain = {"x": np.arange(6)}
     assert E.by_length(plain)[1] is None
