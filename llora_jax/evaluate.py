@@ -53,11 +53,16 @@ def iterate_batches(arrays: dict[str, np.ndarray], batch_size: int, trim: bool =
         yield batch, len(idx)
 
 
-def _trim_widths(arrays: dict[str, np.ndarray], batch_size: int) -> list[int] | None:
+def _token_mask(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The (N, L) attention mask of padded token inputs, or None (e.g. images)."""
     mask = arrays.get("attention_mask")
-    if mask is None or np.ndim(mask) != 2:
+    return None if mask is None or np.ndim(mask) != 2 else np.asarray(mask)
+
+
+def _trim_widths(arrays: dict[str, np.ndarray], batch_size: int) -> list[int] | None:
+    mask = _token_mask(arrays)
+    if mask is None:
         return None
-    mask = np.asarray(mask)
     stored = mask.shape[1]
     if any(np.shape(arrays[k])[:2] != mask.shape for k in SEQUENCE_KEYS if k in arrays):
         return None
@@ -73,10 +78,10 @@ def _trim_widths(arrays: dict[str, np.ndarray], batch_size: int) -> list[int] | 
 def by_length(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """(arrays sorted shortest first, the inverse permutation) — or (arrays, None) when
     they hold no padded token sequences. ``preds[..., inverse]`` restores the order."""
-    mask = arrays.get("attention_mask")
-    if mask is None or np.ndim(mask) != 2:
+    mask = _token_mask(arrays)
+    if mask is None:
         return arrays, None
-    order = np.argsort(np.asarray(mask).sum(1), kind="stable")
+    order = np.argsort(mask.sum(1), kind="stable")
     return {k: np.asarray(v)[order] for k, v in arrays.items()}, np.argsort(order)
 
 
@@ -119,25 +124,16 @@ def predict(
     predict_fn: Callable | None = None,
 ) -> np.ndarray:
     """Predictions of one model for every example of ``arrays`` (in order)."""
-    return predict_async(tm, spec, trainable, phi0, arrays, batch_size, predict_fn)()
+    fn = predict_fn or make_predict_fn(tm, spec)
+    return _dispatch(fn, trainable, _frozen(tm, phi0), arrays, batch_size)()
 
 
-def predict_async(
-    tm: M.TaskModel,
-    spec: M.AdapterSpec,
-    trainable: PyTree,
-    phi0: PyTree | None,
-    arrays: dict[str, np.ndarray],
-    batch_size: int = 64,
-    predict_fn: Callable | None = None,
-) -> Callable[[], np.ndarray]:
-    """``predict``, dispatched: returns a function that reads the predictions back.
+def _dispatch(fn: Callable, trainable, frozen, arrays, batch_size: int) -> Callable[[], np.ndarray]:
+    """Run ``fn`` on every batch; returns a function that reads the predictions back.
 
     Every batch is dispatched before any result is read back, so the device never
     waits for the host between batches (nor between models, for a caller that starts
     several before reading any)."""
-    fn = predict_fn or make_predict_fn(tm, spec)
-    frozen = _frozen(tm, phi0)
     batches, inverse = device_batches(arrays, batch_size)
     outs = [(fn(trainable, frozen, batch), n) for batch, n in batches]
     return lambda: _restore(np.concatenate([np.asarray(o)[:n] for o, n in outs]), inverse)
@@ -162,10 +158,8 @@ def device_batches(arrays: dict[str, np.ndarray], batch_size: int) -> tuple[list
     if hit is not None and hit[0] is arrays:
         return hit[1], hit[2]
     ordered, inverse = by_length(arrays)
-    batches = [
-        (jax.device_put(b), n) for b, n in iterate_batches(ordered, batch_size, trim=True)
-    ]
-    if sum(np.asarray(v).nbytes for v in arrays.values()) > _BATCHES_MAX_BYTES:
+    batches = [(jax.device_put(b), n) for b, n in iterate_batches(ordered, batch_size, trim=True)]
+    if sum(np.asarray(v).nbytes for v in ordered.values()) > _BATCHES_MAX_BYTES:
         return batches, inverse
     if len(_BATCHES) >= _BATCHES_MAX:
         _BATCHES.pop(next(iter(_BATCHES)))
@@ -269,7 +263,8 @@ class GridEvaluator:
 
     ``predict(base, phi0, taus, lambdas, arrays)`` -> predictions (K, N) of
     base + Σ λ_ki τ_i; ``l_lora_model`` task vectors take the exact linear
-    shortcut. jit caches one executable per distinct (K, n) shape.
+    shortcut. One executable per (chunk, stack size, batch width): grids of
+    any K share it.
     """
 
     def __init__(
@@ -282,9 +277,7 @@ class GridEvaluator:
     ):
         self.tm, self.spec, self.batch_size, self.chunk = tm, spec, batch_size, chunk
         self.linear = spec.method == "l_lora_model" if linear is None else linear
-        self._fn = (
-            make_linear_grid_fn(tm, spec) if self.linear else make_grid_predict_fn(tm, spec)
-        )
+        self._fn = make_linear_grid_fn(tm, spec) if self.linear else make_grid_predict_fn(tm, spec)
 
     def stack(self, taus: list[PyTree]) -> PyTree:
         """Task vectors stacked on a leading axis and moved to the device once.
@@ -298,19 +291,9 @@ class GridEvaluator:
         # vectors already on the device (fusion results) stay there.
         return _stack(list(taus), pad)
 
-    def predict(
-        self,
-        base: PyTree,
-        phi0: PyTree | None,
-        taus: list[PyTree] | PyTree,
-        lambdas: np.ndarray,
-        arrays: dict[str, np.ndarray],
-        tm: M.TaskModel | None = None,
-    ) -> np.ndarray:
-        """``taus``: a list of task vectors, or ``stack(list)`` to reuse one stack across
-        calls; ``tm``: the task model whose frozen weights and head to use (default: the
-        evaluator's own); any task model with the same functions and shapes fits."""
-        return self.start(base, phi0, taus, lambdas, arrays, tm)()
+    def predict(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        """``start(...)()``: the (K, N) predictions, read back."""
+        return self.start(*args, **kwargs)()
 
     def start(
         self,
@@ -321,8 +304,13 @@ class GridEvaluator:
         arrays: dict[str, np.ndarray],
         tm: M.TaskModel | None = None,
     ) -> Callable[[], np.ndarray]:
-        """``predict``, dispatched: returns a function that reads the (K, N) predictions
-        back. Start several (e.g. one per task of a merge) before reading any."""
+        """Dispatch the K merged models base + Σ λ_ki τ_i; returns a function that reads
+        their (K, N) predictions back. Start several (e.g. one per task of a merge) before
+        reading any.
+
+        ``taus``: a list of task vectors, or ``stack(list)`` to reuse one stack across
+        calls; ``tm``: the task model whose frozen weights and head to use (default: the
+        evaluator's own); any task model with the same functions and shapes fits."""
         stacked = self.stack(taus) if isinstance(taus, (list, tuple)) else taus
         n_stack = jax.tree.leaves(stacked)[0].shape[0]
         lambdas = np.asarray(lambdas, np.float32)
@@ -338,7 +326,8 @@ class GridEvaluator:
             row[: lambdas.shape[1]] = lambdas[0]
             merged = _merged_trainable(base, stacked, jnp.asarray(row))
             model = tm or self.tm
-            get = predict_async(model, self.spec, merged, phi0, arrays, self.batch_size)
+            fn = make_predict_fn(model, self.spec)
+            get = _dispatch(fn, merged, _frozen(model, phi0), arrays, self.batch_size)
             return lambda: get()[None]
         # The linear shortcut takes the whole grid in one call (its cost is one forward
         # and one JVP per vector, whatever K); the direct path takes ``chunk`` models per
@@ -355,8 +344,7 @@ class GridEvaluator:
         frozen = _frozen(tm or self.tm, base if self.linear else phi0)
         batches, inverse = device_batches(arrays, self.batch_size)
         outs = [
-            [(self._fn(base, stacked, lm, frozen, batch), n) for lm in lams]
-            for batch, n in batches
+            [(self._fn(base, stacked, lm, frozen, batch), n) for lm in lams] for batch, n in batches
         ]  # all dispatched before the first read-back
 
         def get() -> np.ndarray:

@@ -463,10 +463,12 @@ def _fusion(s, results, method, seed, members, tasks, done, cache_path, compute=
         results["fusion"].setdefault(method, {}).setdefault(name, {}).setdefault(
             F.subset_key(sub), {}
         )[str(seed)] = done[key]
+    for name, sec in spent.items():
+        results["timings_s"][f"fusion/{method}/seed{seed}/{name}"] = sec
     if spent:
-        for name, sec in spent.items():
-            results["timings_s"][f"fusion/{method}/seed{seed}/{name}"] = sec
-        _log(f"{method} seed {seed} fusion: " + ", ".join(f"{k} {v:.0f} s" for k, v in spent.items()))
+        _log(
+            f"{method} seed {seed} fusion: " + ", ".join(f"{k} {v:.0f} s" for k, v in spent.items())
+        )
 
 
 def _disentangle(s, results, method, seed, members, done, cache_path, compute=True) -> None:

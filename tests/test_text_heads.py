@@ -82,7 +82,7 @@ def test_length_sorted_trimmed_evaluation_equals_full_width(tmp_path):
     lengths = ordered["attention_mask"].sum(1)
     assert np.all(np.diff(lengths) >= 0) and lengths[-1] > 32
     widths = []
-    for b, n in E.iterate_batches(ordered, 4, trim=True):
+    for b, _ in E.iterate_batches(ordered, 4, trim=True):
         w = b["input_ids"].shape[1]
         widths.append(w)
         assert b["attention_mask"].shape[1] == b["token_type_ids"].shape[1] == w
