@@ -74,11 +74,13 @@ def fuse_runs(runs: Sequence[str], methods: Sequence[str], out: Path) -> Path:
     by_task = {m.task: m for m in members}
     res["fusion"] = {mode: {}}
     for name in methods:
-        for sub in F.subsets(list(by_task)):
-            r = F.fuse_subset([by_task[t] for t in sub], name)
-            res["fusion"][mode].setdefault(name, {})[F.subset_key(sub)] = {seed: r}
+        found = F.fuse_subsets(
+            list(by_task.values()), name, F.subsets(list(by_task)), progress=True
+        )
+        for key, r in found.items():
+            res["fusion"][mode].setdefault(name, {})[key] = {seed: r}
             print(
-                f"{name:16s} {F.subset_key(sub):30s} avg test {r['avg_test']:.4f} "
+                f"{name:16s} {key:30s} avg test {r['avg_test']:.4f} "
                 f"normalized {r['avg_normalized']:.4f}  {r['hparams']}"
             )
     return _write(res, out)

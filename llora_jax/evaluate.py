@@ -289,7 +289,7 @@ class GridEvaluator:
         pad = 0 if self.linear else _bucket(len(taus)) - len(taus)
         # One compiled program per stack size (eagerly, one small compile per leaf shape);
         # vectors already on the device (fusion results) stay there.
-        return _stack(list(taus), pad)
+        return stack_vectors(list(taus), pad)
 
     def predict(self, *args: Any, **kwargs: Any) -> np.ndarray:
         """``start(...)()``: the (K, N) predictions, read back."""
@@ -355,7 +355,7 @@ class GridEvaluator:
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _stack(taus: list[PyTree], pad: int) -> PyTree:
+def stack_vectors(taus: list[PyTree], pad: int = 0) -> PyTree:
     """Task vectors stacked on a leading axis, then ``pad`` zero vectors."""
     return jax.tree.map(
         lambda *xs: jnp.concatenate([jnp.stack(xs), jnp.zeros((pad, *xs[0].shape), xs[0].dtype)]),

@@ -429,40 +429,43 @@ def _save_cache(done: dict, path: Path) -> None:
 
 
 def _fusion(s, results, method, seed, members, tasks, done, cache_path, compute=True) -> None:
-    from tqdm.auto import tqdm
-
     max_size = int(s.get("max_subset", 0)) or None
     which = dict(s.get("fusion_subsets", {}))
-    jobs = []
-    for f in s.fusion:
-        for sub in F.subsets(tasks, 2, max_size):
-            kind = which.get(f, "all")
-            if kind == "all" or len(sub) == len(tasks) or (kind == "pairs+full" and len(sub) == 2):
-                jobs.append((f, sub))
     grids = dict(s.get("fusion_grids", {}))
-    bar = tqdm(jobs, desc=f"fusion {method} seed {seed}", disable=not s.get("progress", True))
     spent: dict[str, float] = {}
-    for name, sub in bar:
-        key = f"fusion|{method}|{seed}|{name}|{F.subset_key(sub)}"
-        if key not in done and not compute:
-            continue
-        if key not in done:
+    for name in s.fusion:
+        kind = which.get(name, "all")
+        subs = [
+            sub
+            for sub in F.subsets(tasks, 2, max_size)
+            if kind == "all" or len(sub) == len(tasks) or (kind == "pairs+full" and len(sub) == 2)
+        ]
+        keys = {sub: f"fusion|{method}|{seed}|{name}|{F.subset_key(sub)}" for sub in subs}
+        todo = [sub for sub in subs if keys[sub] not in done]
+        if todo and compute:
             t0 = time.perf_counter()
             grid = grids.get(name)
-            done[key] = F.fuse_subset(
-                [members[t] for t in sub],
+            # Every subset of the method at once (one grid per task and setting group).
+            found = F.fuse_subsets(
+                [members[t] for t in tasks],
                 name,
+                todo,
                 grid=list(grid) if grid is not None else None,
                 batch_size=int(s.get("eval_batch_size", 64)),
                 chunk=int(s.get("eval_chunk", 8)),
                 lorahub_budget=int(s.get("lorahub_budget", 40)),
                 seed=int(seed),
+                progress=bool(s.get("progress", True)),
             )
+            for sub in todo:
+                done[keys[sub]] = found[F.subset_key(sub)]
             _save_cache(done, cache_path)
-            spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
-        results["fusion"].setdefault(method, {}).setdefault(name, {}).setdefault(
-            F.subset_key(sub), {}
-        )[str(seed)] = done[key]
+            spent[name] = time.perf_counter() - t0
+        for sub in subs:
+            if keys[sub] in done:
+                results["fusion"].setdefault(method, {}).setdefault(name, {}).setdefault(
+                    F.subset_key(sub), {}
+                )[str(seed)] = done[keys[sub]]
     for name, sec in spent.items():
         results["timings_s"][f"fusion/{method}/seed{seed}/{name}"] = sec
     if spent:

@@ -103,16 +103,83 @@ def test_every_grid_method_runs_and_records_choice():
             assert got["hparams"] in grid, name
 
 
-def test_isolation_decomposition_equals_direct_merge():
+@pytest.mark.parametrize(
+    "name,fixed,entries",
+    [
+        ("average", {}, [{}]),
+        ("task_arithmetic", {}, [{"lam": 0.3}, {"lam": 0.9}]),
+        ("ties", {"k": 0.4}, [{"k": 0.4, "lam": 0.6}]),
+        ("isolation", {"p": 0.2}, [{"p": 0.2, "lam": 0.35}]),
+        (
+            "dare",
+            {"p": 0.3, "key": 1, "base": "ties", "k": 0.5},
+            [{"p": 0.3, "key": 1, "base": "ties", "k": 0.5}],
+        ),
+    ],
+)
+def test_candidates_of_every_subset_equal_the_direct_merge(name, fixed, entries):
+    """Each subset's candidate rows over the shared stack are the method's merge of it."""
     from llora_jax import fusion
 
-    members = _members(n=3)
-    taus = [m.tv.tau for m in members]
-    ((vecs, rows),) = list(F.candidates("isolation", taus, [{"p": 0.2, "lam": 0.35}]))
-    merged = T.weighted_sum(vecs, np.asarray(rows[0][1], np.float32))
-    direct = fusion.isolation(taus, p=0.2, lam=0.35)
-    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(direct)):
+    taus = [m.tv.tau for m in _members(n=3)]
+    index = [[0, 1], [0, 2], [1, 2], [0, 1, 2], [2]]
+    for vecs, rows in F.candidates(name, taus, index, fixed, entries):
+        for ix, subset_rows in zip(index, rows):
+            assert [hp for hp, _ in subset_rows] == entries
+            for hp, coef in subset_rows:
+                got = jax.tree.map(lambda v: sum(c * v[j] for j, c in coef.items()), vecs)
+                want = fusion.get(name)([taus[i] for i in ix], **hp)
+                for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+def test_dare_candidates_draw_each_tasks_mask_once_for_all_subsets():
+    from llora_jax import fusion
+
+    taus = [m.tv.tau for m in _members(n=3)]
+    hp = {"p": 0.5, "key": 3, "base": "task_arithmetic", "lam": 0.8}
+    fixed = {k: v for k, v in hp.items() if k != "lam"}
+    ((vecs, rows),) = F.candidates("dare", taus, [[0, 1, 2], [0, 2]], fixed, [hp])
+    dropped = fusion.drop_and_rescale(taus, fusion.random_masks(taus, 0.5, 3), 0.5)
+    for ix, ((_, coef),) in zip([[0, 1, 2], [0, 2]], rows):
+        got = jax.tree.map(lambda v: sum(c * v[j] for j, c in coef.items()), vecs)
+        want = fusion.task_arithmetic([dropped[i] for i in ix], 0.8)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    full = fusion.dare(taus, 0.5, 3, lam=0.8)  # the full set: exactly fusion.dare
+    got = jax.tree.map(lambda v: sum(c * v[j] for j, c in rows[0][0][1].items()), vecs)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(full)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name,grid",
+    [
+        ("average", None),
+        ("task_arithmetic", [{"lam": lam} for lam in (0.2, 0.6, 1.0)]),
+        ("ties", [{"k": k, "lam": lam} for k in (0.3, 1.0) for lam in (0.5, 1.0)]),
+        ("isolation", [{"p": 0.2, "lam": lam} for lam in (0.0, 0.5)]),
+        ("lorahub", None),
+    ],
+)
+def test_all_subsets_at_once_equal_one_subset_at_a_time(name, grid):
+    """The batched search over every subset chooses and scores as subset-by-subset runs."""
+    members = _members(n=3)
+    subs = F.subsets([m.task for m in members])
+    kw = dict(grid=grid, batch_size=8, lorahub_budget=6)
+    together = F.fuse_subsets(members, name, subs, **kw)
+    assert set(together) == {F.subset_key(s) for s in subs}
+    for sub in subs:
+        alone = F.fuse_subset([m for m in members if m.task in sub], name, **kw)
+        got = together[F.subset_key(sub)]
+        assert got["hparams"] == pytest.approx(alone["hparams"]), sub
+        assert got["val"] == pytest.approx(alone["val"]), sub
+        assert got["test"] == pytest.approx(alone["test"]), sub
+
+
+def test_fuse_subsets_refuses_a_subset_with_an_unknown_task():
+    with pytest.raises(ValueError, match="unknown: \\['t9'\\]"):
+        F.fuse_subsets(_members(n=2), "average", [["t0", "t9"]])
 
 
 def test_incompatible_vectors_are_refused():
@@ -183,17 +250,17 @@ def test_an_undefined_validation_score_never_wins_the_selection(monkeypatch):
     members = _members(n=2)
     grid = [{"lam": 0.0}, {"lam": 0.5}, {"lam": 1.0}]
     calls = []
-    orig = F._scores
+    orig = F._evaluate
 
     def spy(*args, **kw):
         out = orig(*args, **kw)
-        if args[5] == "validation":
-            out = out.copy()
-            out[0] = np.nan  # the first grid row (λ = 0) has an undefined score
+        if args[-1] == "validation":
+            out = [v.copy() for v in out]
+            out[0][0] = np.nan  # the first grid row (λ = 0) has an undefined score
             calls.append(out)
         return out
 
-    monkeypatch.setattr(F, "_scores", spy)
+    monkeypatch.setattr(F, "_evaluate", spy)
     got = F.fuse_subset(members, "task_arithmetic", grid=grid, batch_size=8)
     assert calls and got["hparams"]["lam"] != 0.0
 

@@ -19,10 +19,10 @@ from llora_jax.fusion._common import COARSE_LAMBDA_GRID, LAMBDA_GRID, check_taus
 from llora_jax.fusion.analysis import cosine_matrix, lora_delta_w, mean_off_diagonal
 from llora_jax.fusion.average import average
 from llora_jax.fusion.dare import dare, drop_and_rescale, random_masks
-from llora_jax.fusion.isolation import core_masks, core_overlap, isolation
-from llora_jax.fusion.lorahub import lorahub
+from llora_jax.fusion.isolation import core_masks, core_overlap, isolation, isolation_subsets
+from llora_jax.fusion.lorahub import LorahubSearch, lorahub
 from llora_jax.fusion.task_arithmetic import task_arithmetic, weighted
-from llora_jax.fusion.ties import ties
+from llora_jax.fusion.ties import ties, ties_subsets
 
 FUSION_METHODS: dict[str, Callable] = {
     "average": average,
@@ -108,13 +108,16 @@ __all__ = [
     "task_arithmetic",
     "weighted",
     "ties",
+    "ties_subsets",
     "dare",
     "random_masks",
     "drop_and_rescale",
     "isolation",
+    "isolation_subsets",
     "core_masks",
     "core_overlap",
     "lorahub",
+    "LorahubSearch",
     "cosine_matrix",
     "mean_off_diagonal",
     "lora_delta_w",

@@ -139,3 +139,30 @@ def topk_masks(taus: Sequence[PyTree], frac: float, name: str = "k") -> list[PyT
             jax.tree.map(lambda x, i=i: topk_keep(jnp.asarray(x)[None], thr[i : i + 1])[0], tau)
         )
     return masks
+
+
+def subset_masks(masks: Any, n: int) -> jax.Array:
+    """Boolean (S, n) subset masks, checked: row s selects the tasks of subset s."""
+    m = jnp.asarray(masks)
+    if m.ndim != 2 or m.shape[1] != n:
+        raise ValueError(f"subset masks must have shape (n_subsets, {n}), got {tuple(m.shape)}")
+    return m.astype(bool)
+
+
+def per_subset(fn: Any, taus: Sequence[PyTree], masks: Any, batch_size: int) -> Any:
+    """``fn(x_masked)`` for every subset, mapped over the subset masks ``batch_size`` at a time.
+
+    ``fn`` takes one tree of stacked leaves (n, *shape), in the accumulation dtype, where the
+    tasks outside the subset are zero; outputs are stacked on a leading subset axis.
+    """
+    stacked = jax.tree.map(lambda *xs: stack_leaves(xs), *taus)
+    masks = subset_masks(masks, len(taus))
+
+    def one(mask):
+        return fn(
+            jax.tree.map(
+                lambda x: jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0), stacked
+            )
+        )
+
+    return jax.lax.map(one, masks, batch_size=batch_size)

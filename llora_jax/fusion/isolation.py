@@ -24,7 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llora_jax.fusion._common import PyTree, check_taus, stack_leaves, topk_keep, topk_thresholds
+from llora_jax.fusion._common import (
+    PyTree,
+    check_taus,
+    per_subset,
+    stack_leaves,
+    topk_keep,
+    topk_thresholds,
+)
 from llora_jax.fusion._common import topk_masks as _topk_masks
 
 
@@ -48,13 +55,24 @@ def core_overlap(taus: Sequence[PyTree], p: float) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
-def isolation_leaf(x: jax.Array, thresholds: jax.Array, lam: Any) -> jax.Array:
-    """Isolation merge of one stacked leaf x (n, *shape)."""
+def isolation_parts(x: jax.Array, thresholds: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(core, rest) of one stacked leaf x (n, *shape); its isolation merge is core + λ·rest.
+
+    core: the owner's value where some task claims the element, else 0; rest: Σ_i τ_i
+    where no task claims it, else 0 (disjoint supports, so the sum is exact).
+    """
     core = topk_keep(x, thresholds)
     score = jnp.where(core, jnp.abs(x), -1.0)
     owner = jnp.argmax(score, axis=0)  # first maximum: lowest task index on ties
     owned = jnp.take_along_axis(x, owner[None], axis=0)[0]
-    return jnp.where(core.any(0), owned, lam * x.sum(0))
+    claimed = core.any(0)
+    return jnp.where(claimed, owned, 0), jnp.where(claimed, 0, x.sum(0))
+
+
+def isolation_leaf(x: jax.Array, thresholds: jax.Array, lam: Any) -> jax.Array:
+    """Isolation merge of one stacked leaf x (n, *shape)."""
+    core, rest = isolation_parts(x, thresholds)
+    return core + lam * rest
 
 
 def isolation(taus: Sequence[PyTree], p: float, lam: Any) -> PyTree:
@@ -66,3 +84,25 @@ def isolation(taus: Sequence[PyTree], p: float, lam: Any) -> PyTree:
         return isolation_leaf(stack_leaves(xs), thr, lam).astype(xs[0].dtype)
 
     return jax.tree.map(leaf, *taus)
+
+
+def isolation_subsets(
+    taus: Sequence[PyTree], masks: Any, p: float, batch_size: int = 8
+) -> tuple[PyTree, PyTree]:
+    """(core, rest) of many subsets of ``taus`` at once, each stacked on a leading axis (S, ...).
+
+    ``masks`` (S, n) is boolean; ``core[s] + λ · rest[s]`` equals
+    ``isolation([taus[i] for i in subset s], p, λ)`` for every λ (core sets are per task, so
+    a task outside the subset, set to zero, neither claims nor adds anything).
+    """
+    taus = check_taus(taus)
+    thr = topk_thresholds(taus, p, "p")
+    dtypes = jax.tree.map(lambda x: jnp.asarray(x).dtype, taus[0])
+
+    def parts(x):
+        pairs = jax.tree.map(
+            lambda v, dt: tuple(a.astype(dt) for a in isolation_parts(v, thr)), x, dtypes
+        )
+        return jax.tree.transpose(jax.tree.structure(x), jax.tree.structure((0, 0)), pairs)
+
+    return per_subset(parts, taus, masks, batch_size)

@@ -64,45 +64,108 @@ def lorahub(
     ``objective`` (the raw value) and ``loss`` (objective + l1 term, what is
     minimised). A NaN objective counts as +inf.
     """
-    import nevergrad as ng  # heavy import, only needed here
-
     taus = check_taus(taus)
-    n = len(taus)
-    if not bounds > 0:
-        raise ValueError(f"lorahub bounds must be > 0, got {bounds}")
-    if budget < 1:
-        raise ValueError(f"lorahub budget must be >= 1 evaluation, got {budget}")
-    if optimizer not in ng.optimizers.registry:
-        raise ValueError(f"unknown nevergrad optimizer {optimizer!r} (see ng.optimizers.registry)")
-    init = np.full(n, 1.0 / n)
-    if 1.0 / n > bounds:
-        init = np.full(n, float(bounds))
-    # "clipping": a proposal outside the box is evaluated at the nearest point inside it.
-    # (nevergrad's default "bouncing" reflects it, which trapped COBYLA, NGOpt's pick for
-    # small budgets, in a mirrored optimum in our tests.)
-    param = ng.p.Array(init=init).set_bounds(-bounds, bounds, method="clipping")
-    param.random_state = np.random.RandomState(seed)
-    opt = ng.optimizers.registry[optimizer](parametrization=param, budget=budget, num_workers=1)
-
-    history: list[dict] = []
+    search = LorahubSearch(
+        len(taus), bounds=bounds, l1=l1, budget=budget, seed=seed, optimizer=optimizer
+    )
     try:
+        while not search.done:
+            search.tell(float(objective(search.ask())))
+    finally:
+        search.close()
+    best_w = search.best_weights()
+    merged = weighted(taus, best_w.astype(np.float32)) if merge else None
+    return merged, best_w, search.history
+
+
+class LorahubSearch:
+    """One LoraHub search stepped by its caller: ``ask()`` weights, ``tell(objective)``.
+
+    The same sequential search as :func:`lorahub` (which runs one of these), for a caller
+    that runs many searches in lockstep — e.g. one per subset of tasks — and evaluates
+    their proposals together. Call ``close()`` when done (it stops the optimizer's thread;
+    the last ``tell`` of the budget does it too).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        bounds: float = 1.5,
+        l1: float = 0.05,
+        budget: int = 40,
+        seed: int = 0,
+        optimizer: str = "NGOpt",
+    ):
+        import nevergrad as ng  # heavy import, only needed here
+
+        if n < 1:
+            raise ValueError(f"lorahub needs at least one task vector, got {n}")
+        if not bounds > 0:
+            raise ValueError(f"lorahub bounds must be > 0, got {bounds}")
+        if budget < 1:
+            raise ValueError(f"lorahub budget must be >= 1 evaluation, got {budget}")
+        if optimizer not in ng.optimizers.registry:
+            raise ValueError(
+                f"unknown nevergrad optimizer {optimizer!r} (see ng.optimizers.registry)"
+            )
+        self.bounds, self.l1, self.budget = float(bounds), float(l1), int(budget)
+        init = np.full(n, 1.0 / n)
+        if 1.0 / n > bounds:
+            init = np.full(n, float(bounds))
+        # "clipping": a proposal outside the box is evaluated at the nearest point inside
+        # it. (nevergrad's default "bouncing" reflects it, which trapped COBYLA, NGOpt's
+        # pick for small budgets, in a mirrored optimum in our tests.)
+        param = ng.p.Array(init=init).set_bounds(-bounds, bounds, method="clipping")
+        param.random_state = np.random.RandomState(seed)
+        self._opt = ng.optimizers.registry[optimizer](
+            parametrization=param, budget=budget, num_workers=1
+        )
+        self._opt.suggest(init)
+        self._cand: Any = None
+        self.history: list[dict] = []
+
+    @property
+    def done(self) -> bool:
+        return len(self.history) >= self.budget
+
+    def ask(self) -> np.ndarray:
+        """The next weights to evaluate (n,), inside the bounds."""
+        if self.done:
+            raise RuntimeError("this LoraHub search has spent its budget")
+        if self._cand is not None:
+            raise RuntimeError("tell() the objective of the last ask() before asking again")
         with warnings.catch_warnings():
             # scipy's COBYLA (inside NGOpt) warns about nevergrad's tolerance setting.
             warnings.filterwarnings("ignore", message=".*RHOEND.*")
-            opt.suggest(init)
-            for _ in range(budget):
-                cand = opt.ask()
-                w = np.clip(np.asarray(cand.value, np.float64), -bounds, bounds)
-                raw = float(objective(w.copy()))
-                loss = raw + l1 * float(np.abs(w).sum())
-                if math.isnan(loss):
-                    loss = math.inf
-                opt.tell(cand, loss)
-                history.append({"weights": w, "objective": raw, "loss": loss})
-    finally:
-        _stop_threads(opt)
+            self._cand = self._opt.ask()
+        return np.clip(np.asarray(self._cand.value, np.float64), -self.bounds, self.bounds)
 
-    best = min(range(len(history)), key=lambda i: history[i]["loss"])
-    best_w = history[best]["weights"].copy()
-    merged = weighted(taus, best_w.astype(np.float32)) if merge else None
-    return merged, best_w, history
+    def tell(self, objective: float) -> None:
+        """The raw objective of the last asked weights (NaN counts as +inf)."""
+        if self._cand is None:
+            raise RuntimeError("ask() before tell()")
+        w = np.clip(np.asarray(self._cand.value, np.float64), -self.bounds, self.bounds)
+        raw = float(objective)
+        loss = raw + self.l1 * float(np.abs(w).sum())
+        if math.isnan(loss):
+            loss = math.inf
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*RHOEND.*")
+            self._opt.tell(self._cand, loss)
+        self._cand = None
+        self.history.append({"weights": w, "objective": raw, "loss": loss})
+        if self.done:
+            self.close()
+
+    def best_index(self) -> int:
+        """The evaluation with the lowest loss (the first one on a tie)."""
+        if not self.history:
+            raise RuntimeError("no evaluation told yet")
+        return min(range(len(self.history)), key=lambda i: self.history[i]["loss"])
+
+    def best_weights(self) -> np.ndarray:
+        return self.history[self.best_index()]["weights"].copy()
+
+    def close(self) -> None:
+        _stop_threads(self._opt)

@@ -20,7 +20,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from llora_jax.fusion._common import PyTree, check_taus, stack_leaves, topk_keep, topk_thresholds
+from llora_jax.fusion._common import (
+    PyTree,
+    check_taus,
+    per_subset,
+    stack_leaves,
+    topk_keep,
+    topk_thresholds,
+)
 
 # The paper's recommended setting: keep the top 20 %, λ = 1.
 DEFAULT_K = 0.2
@@ -47,3 +54,28 @@ def ties(taus: Sequence[PyTree], k: float = DEFAULT_K, lam: Any = DEFAULT_LAM) -
         return (lam * ties_leaf(stack_leaves(xs), thr)).astype(xs[0].dtype)
 
     return jax.tree.map(leaf, *taus)
+
+
+def ties_subsets(
+    taus: Sequence[PyTree],
+    masks: Any,
+    k: float = DEFAULT_K,
+    lam: Any = DEFAULT_LAM,
+    batch_size: int = 8,
+) -> PyTree:
+    """TIES merges of many subsets of ``taus`` at once, stacked on a leading axis (S, ...).
+
+    ``masks`` (S, n) is boolean; entry s equals ``ties([taus[i] for i in subset s], k, lam)``.
+    Trimming is per task (its threshold does not depend on the subset), and a task outside
+    the subset, set to zero, is never kept, so it counts neither in the elected sign nor in
+    the disjoint mean. ``batch_size`` subsets are merged at a time (memory: batch_size × n ×
+    the largest leaf).
+    """
+    taus = check_taus(taus)
+    thr = topk_thresholds(taus, k, "k")
+    dtypes = jax.tree.map(lambda x: jnp.asarray(x).dtype, taus[0])
+
+    def merge(x):
+        return jax.tree.map(lambda v, dt: (lam * ties_leaf(v, thr)).astype(dt), x, dtypes)
+
+    return per_subset(merge, taus, masks, batch_size)
