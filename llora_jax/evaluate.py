@@ -258,6 +258,11 @@ def predict_grid_linear(
     return ev.predict(phi0, phi0, taus, lambdas, arrays)
 
 
+# See GridEvaluator.stack_size. A zero vector costs a few multiply-adds per parameter and
+# model; another compiled grid program, seconds to a minute on a GPU.
+STACK_MULTIPLE = 64
+
+
 class GridEvaluator:
     """Evaluates merged models of one task model, reusing its compiled programs.
 
@@ -279,17 +284,18 @@ class GridEvaluator:
         self.linear = spec.method == "l_lora_model" if linear is None else linear
         self._fn = make_linear_grid_fn(tm, spec) if self.linear else make_grid_predict_fn(tm, spec)
 
-    def stack(self, taus: list[PyTree]) -> PyTree:
-        """Task vectors stacked on a leading axis and moved to the device once.
+    def stack_size(self, n: int) -> int:
+        """The stack that ``n`` task vectors take: the direct path pads it to a multiple of
+        ``STACK_MULTIPLE`` zero vectors (zero vectors add nothing to a merge), so grids over
+        any number of vectors — every fusion method of a study, the disentanglement grids —
+        share one compiled program; the linear shortcut, which pays one JVP per vector, is
+        not padded."""
+        return n if self.linear else -(-n // STACK_MULTIPLE) * STACK_MULTIPLE
 
-        The direct path pads the stack with zero vectors up to a power of two, so grids
-        over subsets of 2..n tasks share a few compiled programs; zero vectors add
-        nothing to a merge. The linear shortcut is not padded (each vector costs a JVP).
-        """
-        pad = 0 if self.linear else _bucket(len(taus)) - len(taus)
-        # One compiled program per stack size (eagerly, one small compile per leaf shape);
-        # vectors already on the device (fusion results) stay there.
-        return stack_vectors(list(taus), pad)
+    def stack(self, taus: list[PyTree]) -> PyTree:
+        """Task vectors stacked on a leading axis (padded: ``stack_size``), on the device."""
+        # One compiled program per stack size; vectors already on the device stay there.
+        return stack_vectors(list(taus), self.stack_size(len(taus)) - len(taus))
 
     def predict(self, *args: Any, **kwargs: Any) -> np.ndarray:
         """``start(...)()``: the (K, N) predictions, read back."""

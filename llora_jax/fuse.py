@@ -25,6 +25,8 @@ from llora_jax import evaluate as E
 from llora_jax import fusion
 from llora_jax import model as M
 from llora_jax.experiment import Experiment
+from llora_jax.fusion.dare import check_p as dare_check_p
+from llora_jax.fusion.lorahub import quiet as lorahub_quiet
 from llora_jax.task_vectors import TaskVector, check_compatible
 
 PyTree = Any
@@ -96,9 +98,9 @@ def merge(name: str, taus: list[PyTree], **hparams: Any) -> PyTree:
     return _program(fusion.get(name), **hparams)(list(taus))
 
 
-def _dropped(taus: list[PyTree], p: float, key: Any) -> PyTree:
+def _dropped(taus: list[PyTree], p: Any, key: Any) -> PyTree:
     """DARE's drop-and-rescale of every task vector, stacked (n, ...); task i's mask is the
-    one ``fusion.dare`` draws for position i."""
+    one ``fusion.dare`` draws for position i. ``p`` is traced: one program for every p."""
     out = fusion.drop_and_rescale(taus, fusion.random_masks(taus, p, key), p)
     return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
 
@@ -146,7 +148,8 @@ def candidates(
         and set(fixed) <= {"p", "key", "base"}
         and fixed.get("base", "task_arithmetic") == "task_arithmetic"
     ):
-        dropped = _program(_dropped, p=fixed["p"], key=fixed.get("key", 0))(taus)
+        dare_check_p(fixed["p"])  # p is traced below: checked here
+        dropped = _program(_dropped, key=fixed.get("key", 0))(taus, np.float32(fixed["p"]))
         return each_task(dropped, lambda e, ix: float(e["lam"]))
     if name == "ties" and scaled and set(fixed) <= {"k"}:
         merged = _program(fusion.ties_subsets, **fixed, lam=1.0)(taus, masks)
@@ -182,17 +185,30 @@ def _evaluate(members, subsets, base, phi0, bs, chunk, vectors, rows, split) -> 
     vectors those rows use; all tasks are dispatched before the first is read back.
     """
     n_vec = jax.tree.leaves(vectors)[0].shape[0]
-    pending = []
+    pending, padded = [], {}
     for t, m in enumerate(members):
         subs = [s for s, ix in enumerate(subsets) if t in ix and rows[s]]
         if not subs:
             continue
+        ev = m.grid(bs, chunk)
         used = sorted({j for s in subs for _, coef in rows[s] for j in coef})
-        lam = np.asarray(
-            [[coef.get(j, 0.0) for j in used] for s in subs for _, coef in rows[s]], np.float32
-        )
-        vecs = vectors if len(used) == n_vec else _take(vectors, np.asarray(used))
-        get = m.grid(bs, chunk).start(base, phi0, vecs, lam, m.exp.arrays[split], m.exp.tm)
+        size = ev.stack_size(len(used))  # padded: one compiled program for every grid
+        col = {j: q for q, j in enumerate(used)}
+        lam = np.zeros((sum(len(rows[s]) for s in subs), size), np.float32)
+        for r, coef in enumerate(coef for s in subs for _, coef in rows[s]):
+            for j, c in coef.items():
+                lam[r, col[j]] = c
+        if used == list(range(n_vec)) and size == n_vec:
+            vecs = vectors
+        elif used == list(range(n_vec)) and size in padded:  # every task's: padded once
+            vecs = padded[size]
+        else:
+            index = np.zeros(size, np.int32)
+            index[: len(used)] = used
+            vecs = _take(vectors, index, np.arange(size) < len(used))
+            if used == list(range(n_vec)):
+                padded[size] = vecs
+        get = ev.start(base, phi0, vecs, lam, m.exp.arrays[split], m.exp.tm)
         pending.append((t, subs, get))
     out = [np.full((len(r), len(ix)), np.nan) for r, ix in zip(rows, subsets)]
     for t, subs, get in pending:
@@ -204,9 +220,27 @@ def _evaluate(members, subsets, base, phi0, bs, chunk, vectors, rows, split) -> 
     return out
 
 
+def _rows_axis(mask: jax.Array, like: jax.Array) -> jax.Array:
+    return mask.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
 @jax.jit
-def _take(vectors: PyTree, index: jax.Array) -> PyTree:
-    return jax.tree.map(lambda v: v[index], vectors)
+def _take(vectors: PyTree, index: jax.Array, keep: jax.Array) -> PyTree:
+    """vectors[index], with zero vectors where ``keep`` is False."""
+    return jax.tree.map(lambda v: jnp.where(_rows_axis(keep, v), v[index], 0), vectors)
+
+
+@jax.jit
+def _combine(vectors: PyTree, coef: jax.Array) -> PyTree:
+    """(S, ...) merged vectors Σ_j coef[s, j] vectors[j]."""
+    return jax.tree.map(
+        lambda v: jnp.tensordot(coef, v.astype(jnp.float32), axes=1).astype(v.dtype), vectors
+    )
+
+
+@jax.jit
+def _replace(old: PyTree, new: PyTree, which: jax.Array) -> PyTree:
+    return jax.tree.map(lambda a, b: jnp.where(_rows_axis(which, a), b, a), old, new)
 
 
 def _base(members: Sequence[Member]) -> tuple[PyTree, PyTree | None]:
@@ -281,33 +315,31 @@ def fuse_subsets(
 
 
 def _search(evaluate, index, taus, name, groups, bar) -> list[tuple]:
-    """Validation selection over the groups; then test scores of each subset's choice."""
-    best: list = [None] * len(index)  # (mean val, (group, candidate), row, val scores)
-    for g, (fixed, entries) in enumerate(groups):
-        for c, (vectors, rows) in enumerate(candidates(name, taus, index, fixed, entries)):
+    """Validation selection over the groups; then test scores of each subset's choice.
+
+    Each subset's best merged vector so far is kept on the device (S, ...), so the test
+    split is scored once, in one grid per task, whatever group each choice came from."""
+    n_sub = len(index)
+    best: list = [None] * n_sub  # (mean val, row, val scores)
+    chosen = None  # (S, ...): the merged vector of each subset's best row
+    for fixed, entries in groups:
+        for vectors, rows in candidates(name, taus, index, fixed, entries):
             val = evaluate(vectors, rows, "validation")
+            coef = np.zeros((n_sub, jax.tree.leaves(vectors)[0].shape[0]), np.float32)
+            better = np.zeros(n_sub, bool)
             for s, v in enumerate(val):
                 means = np.nan_to_num(v.mean(axis=1), nan=-np.inf)  # undefined never wins
                 k = int(np.argmax(means))
                 if best[s] is None or means[k] > best[s][0]:
-                    best[s] = (float(means[k]), (g, c), rows[s][k], v[k])
+                    best[s] = (float(means[k]), rows[s][k], v[k])
+                    better[s] = True
+                    for j, c in rows[s][k][1].items():
+                        coef[s, j] = c
+            new = _combine(vectors, coef)
+            chosen = new if chosen is None else _replace(chosen, new, better)
         bar.update()
-    tests: list = [None] * len(index)
-    for g, (fixed, entries) in enumerate(groups):  # rebuilt: one group's vectors at a time
-        chosen = [s for s in range(len(index)) if best[s][1][0] == g]
-        if not chosen:
-            continue
-        for c, (vectors, _) in enumerate(candidates(name, taus, index, fixed, entries)):
-            rows = [
-                [best[s][2]] if s in chosen and best[s][1][1] == c else []
-                for s in range(len(index))
-            ]
-            if any(rows):
-                test = evaluate(vectors, rows, "test")
-                for s in range(len(index)):
-                    if rows[s]:
-                        tests[s] = test[s][0]
-    return [(b[2][0], b[3], t) for b, t in zip(best, tests)]
+    test = evaluate(chosen, [[({}, {s: 1.0})] for s in range(n_sub)], "test")
+    return [(b[1][0], b[2], t[0]) for b, t in zip(best, test)]
 
 
 def _record(members, tasks, hparams, val_scores, test_scores) -> dict:
@@ -334,13 +366,16 @@ def _lorahub(evaluate, members, index, taus, budget, seed, bar) -> list[tuple]:
     searches = [fusion.LorahubSearch(len(ix), budget=budget, seed=seed) for ix in index]
     scores: list[list[np.ndarray]] = [[] for _ in index]
     try:
-        for _ in range(budget):
-            rows = [[({}, dict(zip(ix, map(float, x.ask()))))] for ix, x in zip(index, searches)]
-            val = evaluate(vectors, rows, "validation")
-            for x, v, kept in zip(searches, val, scores):
-                x.tell(1.0 - float(np.mean(v[0])))
-                kept.append(v[0])
-            bar.update()
+        with lorahub_quiet():
+            for _ in range(budget):
+                rows = [
+                    [({}, dict(zip(ix, map(float, x.ask()))))] for ix, x in zip(index, searches)
+                ]
+                val = evaluate(vectors, rows, "validation")
+                for x, v, kept in zip(searches, val, scores):
+                    x.tell(1.0 - float(np.mean(v[0])))
+                    kept.append(v[0])
+                bar.update()
     finally:
         for x in searches:
             x.close()

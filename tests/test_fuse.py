@@ -103,6 +103,10 @@ def test_every_grid_method_runs_and_records_choice():
             assert got["hparams"] in grid, name
 
 
+def _row_vector(vecs, coef):
+    return jax.tree.map(lambda v: sum(c * v[j] for j, c in coef.items()), vecs)
+
+
 @pytest.mark.parametrize(
     "name,fixed,entries",
     [
@@ -127,7 +131,7 @@ def test_candidates_of_every_subset_equal_the_direct_merge(name, fixed, entries)
         for ix, subset_rows in zip(index, rows):
             assert [hp for hp, _ in subset_rows] == entries
             for hp, coef in subset_rows:
-                got = jax.tree.map(lambda v: sum(c * v[j] for j, c in coef.items()), vecs)
+                got = _row_vector(vecs, coef)
                 want = fusion.get(name)([taus[i] for i in ix], **hp)
                 for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
                     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
@@ -142,12 +146,12 @@ def test_dare_candidates_draw_each_tasks_mask_once_for_all_subsets():
     ((vecs, rows),) = F.candidates("dare", taus, [[0, 1, 2], [0, 2]], fixed, [hp])
     dropped = fusion.drop_and_rescale(taus, fusion.random_masks(taus, 0.5, 3), 0.5)
     for ix, ((_, coef),) in zip([[0, 1, 2], [0, 2]], rows):
-        got = jax.tree.map(lambda v: sum(c * v[j] for j, c in coef.items()), vecs)
+        got = _row_vector(vecs, coef)
         want = fusion.task_arithmetic([dropped[i] for i in ix], 0.8)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
     full = fusion.dare(taus, 0.5, 3, lam=0.8)  # the full set: exactly fusion.dare
-    got = jax.tree.map(lambda v: sum(c * v[j] for j, c in rows[0][0][1].items()), vecs)
+    got = _row_vector(vecs, rows[0][0][1])
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(full)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 

@@ -4,9 +4,11 @@ Each element of each τ_i is dropped (set to 0) with probability p and the
 survivors are rescaled by 1/(1−p), so E[τ̃_i] = τ_i; the rescaled task vectors
 are then merged by a base method (task arithmetic or TIES, ...).
 
-Randomness is explicit: task i, leaf j (in path order) uses the key
-``fold_in(fold_in(key, i), j)``, so :func:`random_masks` reproduces exactly the
-masks that :func:`dare` drew.
+Randomness is explicit: task i draws one mask over its whole flattened vector (leaves
+in path order, as ``tree.to_vector``) with the key ``fold_in(key, i)``, so
+:func:`random_masks` reproduces exactly the masks that :func:`dare` drew. (All tasks
+are drawn by one random-number program: one draw per leaf would compile one program
+per leaf shape, tens of seconds for a transformer's adapters.)
 """
 
 from __future__ import annotations
@@ -33,32 +35,35 @@ def _as_key(key: Any) -> jax.Array:
     return key
 
 
-def _check_p(p: Any) -> None:
+def check_p(p: Any) -> None:
+    """Raise ValueError unless the drop probability p (a number) is in [0, 1)."""
     if np.isscalar(p) and not 0.0 <= float(p) < 1.0:
         raise ValueError(f"DARE drop probability p must be in [0, 1), got {p}")
 
 
 def random_masks(taus: Sequence[PyTree], p: Any, key: Any) -> list[PyTree]:
-    """Per task, a boolean tree: True = element kept (probability 1 − p)."""
+    """Per task, a boolean tree: True = element kept (probability 1 − p; p may be traced)."""
     taus = check_taus(taus)
-    _check_p(p)
+    check_p(p)
     key = _as_key(key)
+    leaves, treedef = jax.tree.flatten(taus[0])
+    sizes = [int(np.prod(np.shape(x))) for x in leaves]
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(len(taus)))
+    flat = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - p, (sum(sizes),)))(keys)
+    cuts = np.cumsum(sizes)[:-1]
     masks = []
-    for i, tau in enumerate(taus):
-        ki = jax.random.fold_in(key, i)
-        leaves, treedef = jax.tree.flatten(tau)
-        kept = [
-            jax.random.bernoulli(jax.random.fold_in(ki, j), 1.0 - p, jnp.shape(x))
-            for j, x in enumerate(leaves)
-        ]
-        masks.append(jax.tree.unflatten(treedef, kept))
+    for row in flat:
+        parts = jnp.split(row, cuts)
+        masks.append(
+            jax.tree.unflatten(treedef, [m.reshape(np.shape(x)) for m, x in zip(parts, leaves)])
+        )
     return masks
 
 
 def drop_and_rescale(taus: Sequence[PyTree], masks: Sequence[PyTree], p: Any) -> list[PyTree]:
     """τ̃_i = mask_i · τ_i / (1 − p) for given boolean masks (same trees as ``taus``)."""
     taus = check_taus(taus)
-    _check_p(p)
+    check_p(p)
     if len(masks) != len(taus):
         raise ValueError(f"got {len(masks)} masks for {len(taus)} task vectors")
 

@@ -13,9 +13,10 @@ once per evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -69,13 +70,23 @@ def lorahub(
         len(taus), bounds=bounds, l1=l1, budget=budget, seed=seed, optimizer=optimizer
     )
     try:
-        while not search.done:
-            search.tell(float(objective(search.ask())))
+        with quiet():
+            while not search.done:
+                search.tell(float(objective(search.ask())))
     finally:
         search.close()
     best_w = search.best_weights()
     merged = weighted(taus, best_w.astype(np.float32)) if merge else None
     return merged, best_w, search.history
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Wrap a whole search loop: scipy's COBYLA (inside NGOpt) warns about nevergrad's
+    tolerance setting from the optimizer's own thread, at any step."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*RHOEND.*")
+        yield
 
 
 class LorahubSearch:
@@ -84,7 +95,7 @@ class LorahubSearch:
     The same sequential search as :func:`lorahub` (which runs one of these), for a caller
     that runs many searches in lockstep — e.g. one per subset of tasks — and evaluates
     their proposals together. Call ``close()`` when done (it stops the optimizer's thread;
-    the last ``tell`` of the budget does it too).
+    the last ``tell`` of the budget does it too), and wrap the loop in :func:`quiet`.
     """
 
     def __init__(
@@ -135,10 +146,7 @@ class LorahubSearch:
             raise RuntimeError("this LoraHub search has spent its budget")
         if self._cand is not None:
             raise RuntimeError("tell() the objective of the last ask() before asking again")
-        with warnings.catch_warnings():
-            # scipy's COBYLA (inside NGOpt) warns about nevergrad's tolerance setting.
-            warnings.filterwarnings("ignore", message=".*RHOEND.*")
-            self._cand = self._opt.ask()
+        self._cand = self._opt.ask()
         return np.clip(np.asarray(self._cand.value, np.float64), -self.bounds, self.bounds)
 
     def tell(self, objective: float) -> None:
@@ -150,9 +158,7 @@ class LorahubSearch:
         loss = raw + self.l1 * float(np.abs(w).sum())
         if math.isnan(loss):
             loss = math.inf
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*RHOEND.*")
-            self._opt.tell(self._cand, loss)
+        self._opt.tell(self._cand, loss)
         self._cand = None
         self.history.append({"weights": w, "objective": raw, "loss": loss})
         if self.done:
