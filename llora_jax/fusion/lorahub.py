@@ -147,13 +147,14 @@ class LorahubSearch:
         if self._cand is not None:
             raise RuntimeError("tell() the objective of the last ask() before asking again")
         self._cand = self._opt.ask()
-        return np.clip(np.asarray(self._cand.value, np.float64), -self.bounds, self.bounds)
+        self._w = np.clip(np.asarray(self._cand.value, np.float64), -self.bounds, self.bounds)
+        return self._w.copy()
 
     def tell(self, objective: float) -> None:
         """The raw objective of the last asked weights (NaN counts as +inf)."""
         if self._cand is None:
             raise RuntimeError("ask() before tell()")
-        w = np.clip(np.asarray(self._cand.value, np.float64), -self.bounds, self.bounds)
+        w = self._w
         raw = float(objective)
         loss = raw + self.l1 * float(np.abs(w).sum())
         if math.isnan(loss):
