@@ -42,6 +42,7 @@ def disentanglement_error(
     G = len(g)
     joint = np.stack(np.meshgrid(g, g, indexing="ij"), axis=-1).reshape(-1, 2)  # (G², 2)
     zeros = np.zeros_like(g)
+    zero = np.flatnonzero(g == 0.0)
     base, phi0 = _base([m1, m2])
     taus = [m1.tv.tau, m2.tv.tau]
     xi = np.zeros((G, G))
@@ -52,7 +53,10 @@ def disentanglement_error(
         arr = _take(m.exp.arrays[split], n_examples)
         ev = m.grid(batch_size, chunk)
         pj = ev.predict(base, phi0, taus, joint, arr, m.exp.tm).reshape(G, G, -1)
-        ps = ev.predict(base, phi0, taus, single, arr, m.exp.tm)  # (G, N)
+        if zero.size:  # the single models are the joint grid's row or column at λ = 0
+            ps = pj[:, zero[0]] if axis == 0 else pj[zero[0]]
+        else:
+            ps = ev.predict(base, phi0, taus, single, arr, m.exp.tm)  # (G, N)
         ref = ps[:, None, :] if axis == 0 else ps[None, :, :]
         xi += np.mean(pj != ref, axis=-1)
     return xi

@@ -1,8 +1,9 @@
 """Evaluation: predictions of one model, and of whole grids of merged models at once.
 
 ``predict`` runs one model over a dataset in fixed-size batches (the last one
-padded, padding dropped from the result; token inputs sorted by length and
-each batch trimmed to its longest row). ``predict_grid`` evaluates K merged
+padded, padding dropped from the result; token inputs packed several to a row
+for models that support it, else sorted by length and each batch trimmed to its
+longest row). ``predict_grid`` evaluates K merged
 models — φ0 + Σ_i λ_ki τ_i for a (K, n) coefficient matrix — with one compiled
 program: ``chunk`` models vmapped per call, every call dispatched before the
 first result is read back.
@@ -24,6 +25,7 @@ import numpy as np
 
 from llora_jax import adapters as ad
 from llora_jax import model as M
+from llora_jax import packing
 
 PyTree = Any
 
@@ -125,18 +127,20 @@ def predict(
 ) -> np.ndarray:
     """Predictions of one model for every example of ``arrays`` (in order)."""
     fn = predict_fn or make_predict_fn(tm, spec)
-    return _dispatch(fn, trainable, _frozen(tm, phi0), arrays, batch_size)()
+    return _dispatch(fn, trainable, _frozen(tm, phi0), arrays, batch_size, tm.packable)()
 
 
-def _dispatch(fn: Callable, trainable, frozen, arrays, batch_size: int) -> Callable[[], np.ndarray]:
+def _dispatch(
+    fn: Callable, trainable, frozen, arrays, batch_size: int, pack: bool = False
+) -> Callable[[], np.ndarray]:
     """Run ``fn`` on every batch; returns a function that reads the predictions back.
 
     Every batch is dispatched before any result is read back, so the device never
     waits for the host between batches (nor between models, for a caller that starts
     several before reading any)."""
-    batches, inverse = device_batches(arrays, batch_size)
-    outs = [(fn(trainable, frozen, batch), n) for batch, n in batches]
-    return lambda: _restore(np.concatenate([np.asarray(o)[:n] for o, n in outs]), inverse)
+    batches, n = device_batches(arrays, batch_size, pack)
+    outs = [(fn(trainable, frozen, batch), slots) for batch, slots in batches]
+    return lambda: gather([(np.asarray(o), s) for o, s in outs], n)
 
 
 _BATCHES: dict = {}
@@ -144,32 +148,60 @@ _BATCHES_MAX = 32  # datasets kept on the device
 _BATCHES_MAX_BYTES = 256 << 20  # larger datasets (e.g. image test sets) are not kept
 
 
-def device_batches(arrays: dict[str, np.ndarray], batch_size: int) -> tuple[list, Any]:
-    """([(batch on the device, n valid rows)], inverse order or None) for ``arrays``.
+def device_batches(
+    arrays: dict[str, np.ndarray], batch_size: int, pack: bool = False
+) -> tuple[list[tuple[dict, np.ndarray]], int]:
+    """([(batch on the device, slots)], N) for the N examples of ``arrays``.
 
-    Token inputs are sorted by length and each batch trimmed to its longest row
-    (``iterate_batches(trim=True)``): short sentences cost short programs. The batches
-    of the last few datasets (up to 256 MB each) stay on the device, so a merge search
-    that scores many models on one validation split transfers and sorts it once; the
-    arrays are treated as immutable.
+    ``slots`` holds the dataset position of each of the batch's predictions (-1 =
+    padding); ``gather`` puts predictions back in the dataset's order. With ``pack``
+    (a model whose readout takes packed rows, ``TaskModel.packable``), right-padded token
+    inputs are packed several to a row of the stored width (``llora_jax.packing``), and a
+    batch is ``batch_size`` packed rows: one program shape for every dataset, and about
+    the real tokens' cost. Otherwise token inputs are sorted by length and each batch
+    trimmed to its longest row (``iterate_batches(trim=True)``). The batches of the last
+    few datasets (up to 256 MB each) stay on the device, so a merge search that scores
+    many models on one validation split transfers and packs it once; the arrays are
+    treated as immutable.
     """
-    key = (id(arrays), batch_size)
+    key = (id(arrays), batch_size, pack)
     hit = _BATCHES.get(key)
     if hit is not None and hit[0] is arrays:
         return hit[1], hit[2]
-    ordered, inverse = by_length(arrays)
-    batches = [(jax.device_put(b), n) for b, n in iterate_batches(ordered, batch_size, trim=True)]
-    if sum(np.asarray(v).nbytes for v in ordered.values()) > _BATCHES_MAX_BYTES:
-        return batches, inverse
+    n = len(next(iter(arrays.values())))
+    lengths = packing.lengths_if_packable(arrays) if pack else None
+    if lengths is not None:
+        host = list(packing.packed_batches(packing.pack(arrays, lengths), batch_size))
+    else:
+        ordered, inverse = by_length(arrays)
+        order = np.arange(n) if inverse is None else np.argsort(inverse)
+        host = []
+        for start, (b, k) in zip(
+            range(0, n, batch_size), iterate_batches(ordered, batch_size, trim=True)
+        ):
+            slots = np.full(batch_size, -1, np.int64)
+            slots[:k] = order[start : start + k]
+            host.append((b, slots))
+    batches = [(jax.device_put(b), slots) for b, slots in host]
+    if sum(np.asarray(v).nbytes for v in arrays.values()) > _BATCHES_MAX_BYTES:
+        return batches, n
     if len(_BATCHES) >= _BATCHES_MAX:
         _BATCHES.pop(next(iter(_BATCHES)))
-    _BATCHES[key] = (arrays, batches, inverse)  # holds ``arrays``: its id stays unique
-    return batches, inverse
+    _BATCHES[key] = (arrays, batches, n)  # holds ``arrays``: its id stays unique
+    return batches, n
 
 
-def _restore(preds: np.ndarray, inverse: np.ndarray | None) -> np.ndarray:
-    """Predictions (..., N) back in the dataset's order."""
-    return preds if inverse is None else preds[..., inverse]
+def gather(outs: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
+    """Predictions (..., N) in the dataset's order from per-batch outputs (..., *slots.shape)
+    and their ``slots`` (``device_batches``)."""
+    first, slots0 = outs[0]
+    lead = first.shape[: first.ndim - slots0.ndim]
+    out = np.zeros((*lead, n), first.dtype)
+    for o, slots in outs:
+        flat = slots.reshape(-1)
+        keep = flat >= 0
+        out[..., flat[keep]] = o.reshape(*lead, -1)[..., keep]
+    return out
 
 
 def merged_trainable(base: PyTree, taus: PyTree, lambdas: jax.Array) -> PyTree:
@@ -333,7 +365,9 @@ class GridEvaluator:
             merged = _merged_trainable(base, stacked, jnp.asarray(row))
             model = tm or self.tm
             fn = make_predict_fn(model, self.spec)
-            get = _dispatch(fn, merged, _frozen(model, phi0), arrays, self.batch_size)
+            get = _dispatch(
+                fn, merged, _frozen(model, phi0), arrays, self.batch_size, model.packable
+            )
             return lambda: get()[None]
         # The linear shortcut takes the whole grid in one call (its cost is one forward
         # and one JVP per vector, whatever K); the direct path takes ``chunk`` models per
@@ -347,15 +381,17 @@ class GridEvaluator:
         lam = np.zeros((k_pad, n_stack), np.float32)
         lam[:k, : lambdas.shape[1]] = lambdas
         lams = [jnp.asarray(lam[i : i + step]) for i in range(0, k_pad, step)]
-        frozen = _frozen(tm or self.tm, base if self.linear else phi0)
-        batches, inverse = device_batches(arrays, self.batch_size)
+        model = tm or self.tm
+        frozen = _frozen(model, base if self.linear else phi0)
+        batches, n = device_batches(arrays, self.batch_size, model.packable)
         outs = [
-            [(self._fn(base, stacked, lm, frozen, batch), n) for lm in lams] for batch, n in batches
+            ([self._fn(base, stacked, lm, frozen, batch) for lm in lams], slots)
+            for batch, slots in batches
         ]  # all dispatched before the first read-back
 
         def get() -> np.ndarray:
-            cols = [np.concatenate([np.asarray(o)[:, :n] for o, n in row])[:k] for row in outs]
-            return _restore(np.concatenate(cols, axis=1), inverse)
+            rows = [(np.concatenate([np.asarray(o) for o in row])[:k], s) for row, s in outs]
+            return gather(rows, n)
 
         return get
 

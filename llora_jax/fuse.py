@@ -208,11 +208,13 @@ def _evaluate(members, subsets, base, phi0, bs, chunk, vectors, rows, split) -> 
             vecs = _take(vectors, index, np.arange(size) < len(used))
             if used == list(range(n_vec)):
                 padded[size] = vecs
-        get = ev.start(base, phi0, vecs, lam, m.exp.arrays[split], m.exp.tm)
-        pending.append((t, subs, get))
+        # Identical rows (e.g. λ = 0 of every subset: the base model) are evaluated once.
+        uniq, again = np.unique(lam, axis=0, return_inverse=True)
+        get = ev.start(base, phi0, vecs, uniq, m.exp.arrays[split], m.exp.tm)
+        pending.append((t, subs, get, again.reshape(-1)))
     out = [np.full((len(r), len(ix)), np.nan) for r, ix in zip(rows, subsets)]
-    for t, subs, get in pending:
-        preds = iter(get())
+    for t, subs, get, again in pending:
+        preds = iter(get()[again])
         for s in subs:
             j = list(subsets[s]).index(t)
             for k in range(len(rows[s])):

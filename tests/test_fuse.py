@@ -181,6 +181,25 @@ def test_all_subsets_at_once_equal_one_subset_at_a_time(name, grid):
         assert got["test"] == pytest.approx(alone["test"]), sub
 
 
+def test_identical_candidates_are_evaluated_once(monkeypatch):
+    """λ = 0 is the base model in every subset: each task's grid evaluates it once (and
+    the search still equals the subset-by-subset one, above)."""
+    members = _members(n=3)
+    asked = []
+    start = E.GridEvaluator.start
+
+    def spy(self, base, phi0, taus, lambdas, *a, **k):
+        asked.append(np.asarray(lambdas))
+        return start(self, base, phi0, taus, lambdas, *a, **k)
+
+    monkeypatch.setattr(E.GridEvaluator, "start", spy)
+    grid = [{"lam": lam} for lam in (0.0, 0.5, 1.0)]
+    F.fuse_subsets(members, "task_arithmetic", F.subsets(["t0", "t1", "t2"]), grid=grid)
+    validation = asked[:3]  # one grid per task; each task is in 3 subsets × 3 λ = 9 rows
+    assert [len(lam) for lam in validation] == [7, 7, 7]  # 3 subsets' λ = 0 rows: one
+    assert all(len(np.unique(lam, axis=0)) == len(lam) for lam in validation)
+
+
 def test_fuse_subsets_refuses_a_subset_with_an_unknown_task():
     with pytest.raises(ValueError, match="unknown: \\['t9'\\]"):
         F.fuse_subsets(_members(n=2), "average", [["t0", "t9"]])
@@ -192,12 +211,14 @@ def test_incompatible_vectors_are_refused():
 
 
 @pytest.mark.parametrize("method", ["lora", "l_lora_model"])
-def test_disentanglement_grid_equals_direct_loop(method):
+@pytest.mark.parametrize("grid", [(-1.0, 0.0, 1.5), (-1.0, 0.5, 1.5)])
+def test_disentanglement_grid_equals_direct_loop(method, grid):
+    """With 0 in the grid the single models come from the joint grid; without, apart."""
     m1, m2 = _members(method)
-    grid = (-1.0, 0.0, 1.5)
     xi = disentanglement_error(m1, m2, grid, n_examples=16, batch_size=8, chunk=4)
     assert xi.shape == (3, 3)
-    assert xi[1, 1] == 0.0  # ξ(0, 0) = 0
+    if 0.0 in grid:
+        assert xi[1, 1] == 0.0  # ξ(0, 0) = 0
     phi0 = m1.tv.phi0
     fn = E.make_predict_fn(m1.exp.tm, m1.exp.spec)
 

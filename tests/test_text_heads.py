@@ -1,5 +1,7 @@
 """Label-description heads padded to a common class count change nothing but their shape."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,13 +94,15 @@ def test_length_sorted_trimmed_evaluation_equals_full_width(tmp_path):
         [np.asarray(logits(b))[:n] for b, n in E.iterate_batches(ordered, 4, trim=True)]
     )[inverse]
     np.testing.assert_allclose(trimmed, full, rtol=1e-5, atol=1e-5)
-    preds = E.predict(tm, ad, trainable, phi0, arrays, batch_size=4)
+    unpacked = dataclasses.replace(tm, packable=False)  # text heads pack by default
+    preds = E.predict(unpacked, ad, trainable, phi0, arrays, batch_size=4)
     np.testing.assert_array_equal(preds, full.argmax(-1))
     # A dataset evaluated again reuses its sorted, trimmed batches already on the device.
-    first, inv = E.device_batches(arrays, 4)
-    again, inv2 = E.device_batches(arrays, 4)
-    assert again is first and inv2 is inv and len(first) == 10
+    first, n = E.device_batches(arrays, 4)
+    again, n2 = E.device_batches(arrays, 4)
+    assert again is first and n == n2 == 40 and len(first) == 10
     assert [b["input_ids"].shape[1] for b, _ in first] == widths
+    assert sorted(np.concatenate([s for _, s in first]).tolist()) == list(range(40))
     # Without an attention mask nothing is sorted or trimmed.
     plain = {"x": np.arange(6)}
     assert E.by_length(plain)[1] is None

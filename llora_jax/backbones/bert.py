@@ -255,7 +255,10 @@ class BertModel(nn.Module):
         token_type_ids: jax.Array | None = None,
         position_ids: jax.Array | None = None,
         deterministic: bool = True,
+        segment_ids: jax.Array | None = None,
     ):
+        """``segment_ids`` (B, L), for packed inputs (``llora_jax.packing``): tokens attend
+        only within their segment (0 = padding); pass each segment's own ``position_ids``."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
@@ -267,8 +270,12 @@ class BertModel(nn.Module):
             input_ids, token_type_ids, position_ids, deterministic
         )
         # (B, 1, 1, L) boolean mask over keys (the attention turns it into HF's additive bias
-        # on its reference path).
-        keep = attention_mask[:, None, None, :].astype(bool)
+        # on its reference path); packed rows: (B, 1, L, L), block-diagonal by segment.
+        if segment_ids is None:
+            keep = attention_mask[:, None, None, :].astype(bool)
+        else:
+            q, k = segment_ids[:, None, :, None], segment_ids[:, None, None, :]
+            keep = (q == k) & (k > 0)
         x = BertEncoder(self.cfg, **kw, name="encoder")(x, keep, deterministic)
         if not self.add_pooling_layer:
             return x

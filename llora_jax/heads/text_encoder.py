@@ -126,17 +126,39 @@ def readout(call: Any, batch: dict, head: dict, train: bool) -> dict:
     A module-level function (no closure): task models of different tasks share it,
     so their compiled programs are shared too.
     """
-    hidden = call(
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["token_type_ids"],
-        deterministic=not train,
-    )
-    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-    emb = bert.l2_normalize(bert.mean_pool(hidden, batch["attention_mask"]))
+    if "segment_ids" in batch:
+        emb = _packed_embeddings(call, batch, train)
+    else:
+        hidden = call(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["token_type_ids"],
+            deterministic=not train,
+        )
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        emb = bert.l2_normalize(bert.mean_pool(hidden, batch["attention_mask"]))
     logits = head["scale"] * emb @ head["classes"].T.astype(emb.dtype)
     # Padding rows (pad_classes) can never win and add exactly 0 to the softmax.
     return {"logits": jnp.where(head["valid"], logits, jnp.asarray(-1e9, logits.dtype))}
+
+
+def _packed_embeddings(call: Any, batch: dict, train: bool) -> jnp.ndarray:
+    """(R, S, H) sentence embeddings of packed rows (``llora_jax.packing``): each segment
+    attends only to itself and is mean-pooled over its own tokens."""
+    seg = batch["segment_ids"]
+    hidden = call(
+        batch["input_ids"],
+        seg > 0,
+        batch["token_type_ids"],
+        position_ids=batch["position_ids"],
+        segment_ids=seg,
+        deterministic=not train,
+    )
+    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    n_slots = batch["weight"].shape[-1]
+    member = (seg[..., None] == jnp.arange(1, n_slots + 1)).astype(jnp.float32)  # (R, L, S)
+    summed = jnp.einsum("rlh,rls->rsh", hidden.astype(jnp.float32), member)
+    return bert.l2_normalize(summed / jnp.maximum(member.sum(1), 1e-9)[..., None])
 
 
 def pad_classes(tm: M.TaskModel, n: int) -> M.TaskModel:
@@ -183,6 +205,7 @@ def task_model(
         head=head,
         base_model=str(backbone.source),
         full_ft_targets=(r"^encoder/",),
+        packable=True,
     )
 
 
