@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -184,6 +184,13 @@ def _evaluate(members, subsets, base, phi0, bs, chunk, vectors, rows, split) -> 
     One grid per task: every row of every subset that contains the task, over the stacked
     vectors those rows use; all tasks are dispatched before the first is read back.
     """
+    return _start_evaluation(members, subsets, base, phi0, bs, chunk, vectors, rows, split)()
+
+
+def _start_evaluation(
+    members, subsets, base, phi0, bs, chunk, vectors, rows, split
+) -> Callable[[], list[np.ndarray]]:
+    """``_evaluate``, dispatched: returns the function that reads back and scores."""
     n_vec = jax.tree.leaves(vectors)[0].shape[0]
     pending, padded = [], {}
     for t, m in enumerate(members):
@@ -212,14 +219,18 @@ def _evaluate(members, subsets, base, phi0, bs, chunk, vectors, rows, split) -> 
         uniq, again = np.unique(lam, axis=0, return_inverse=True)
         get = ev.start(base, phi0, vecs, uniq, m.exp.arrays[split], m.exp.tm)
         pending.append((t, subs, get, again.reshape(-1)))
-    out = [np.full((len(r), len(ix)), np.nan) for r, ix in zip(rows, subsets)]
-    for t, subs, get, again in pending:
-        preds = iter(get()[again])
-        for s in subs:
-            j = list(subsets[s]).index(t)
-            for k in range(len(rows[s])):
-                out[s][k, j] = _primary(members[t], next(preds), split)
-    return out
+
+    def finish() -> list[np.ndarray]:
+        out = [np.full((len(r), len(ix)), np.nan) for r, ix in zip(rows, subsets)]
+        for t, subs, get, again in pending:
+            preds = iter(get()[again])
+            for s in subs:
+                j = list(subsets[s]).index(t)
+                for k in range(len(rows[s])):
+                    out[s][k, j] = _primary(members[t], next(preds), split)
+        return out
+
+    return finish
 
 
 def _rows_axis(mask: jax.Array, like: jax.Array) -> jax.Array:
@@ -299,11 +310,13 @@ def fuse_subsets(
     index = [sorted(tasks.index(t) for t in sub) for sub in subsets]
     taus = [m.tv.tau for m in members]
     base, phi0 = _base(members)
-    evaluate = functools.partial(_evaluate, members, index, base, phi0, batch_size, chunk)
+    args = (members, index, base, phi0, batch_size, chunk)
+    evaluate = functools.partial(_evaluate, *args)
     if name == "lorahub":
         budget = lorahub_budget
         bar = tqdm(total=budget, desc=f"{name} ({len(index)} subsets)", disable=not progress)
-        found = _lorahub(evaluate, members, index, taus, budget, seed, bar)
+        start = functools.partial(_start_evaluation, *args)
+        found = _lorahub(start, members, index, taus, budget, seed, bar)
     else:
         groups = _groups(name, list(grid if grid is not None else fusion.hparam_grid(name)))
         bar = tqdm(total=len(groups), desc=f"{name} ({len(index)} subsets)", disable=not progress)
@@ -359,24 +372,38 @@ def _record(members, tasks, hparams, val_scores, test_scores) -> dict:
     }
 
 
-def _lorahub(evaluate, members, index, taus, budget, seed, bar) -> list[tuple]:
+def _lorahub(start, members, index, taus, budget, seed, bar) -> list[tuple]:
     """One LoraHub search per subset, run in lockstep: each round evaluates every search's
     proposal in one grid per task. Each search is still the sequential one of
-    ``fusion.lorahub`` (its own seeded optimizer, one proposal at a time)."""
+    ``fusion.lorahub`` (its own seeded optimizer, one proposal at a time).
+
+    The searches run in two interleaved halves: while the device evaluates one half's
+    proposals, the host tells the other half its scores and asks its next proposals
+    (nevergrad's optimizers cost host time comparable to the models' device time).
+    Every search sees the same sequence as alone, so the results do not change."""
     names = [m.task for m in members]
     vectors = E.stack_vectors(taus)
     searches = [fusion.LorahubSearch(len(ix), budget=budget, seed=seed) for ix in index]
     scores: list[list[np.ndarray]] = [[] for _ in index]
+    halves = [h for h in (range(0, len(index), 2), range(1, len(index), 2)) if len(h)]
+
+    def ask(half) -> Callable[[], list[np.ndarray]]:
+        rows: list[list[Row]] = [[] for _ in index]
+        for s in half:
+            rows[s] = [({}, dict(zip(index[s], map(float, searches[s].ask()))))]
+        return start(vectors, rows, "validation")
+
     try:
         with lorahub_quiet():
-            for _ in range(budget):
-                rows = [
-                    [({}, dict(zip(ix, map(float, x.ask()))))] for ix, x in zip(index, searches)
-                ]
-                val = evaluate(vectors, rows, "validation")
-                for x, v, kept in zip(searches, val, scores):
-                    x.tell(1.0 - float(np.mean(v[0])))
-                    kept.append(v[0])
+            pending = [ask(h) for h in halves]
+            for r in range(budget):
+                for i, half in enumerate(halves):
+                    val = pending[i]()
+                    for s in half:
+                        searches[s].tell(1.0 - float(np.mean(val[s][0])))
+                        scores[s].append(val[s][0])
+                    if r + 1 < budget:
+                        pending[i] = ask(half)
                 bar.update()
     finally:
         for x in searches:
@@ -384,7 +411,7 @@ def _lorahub(evaluate, members, index, taus, budget, seed, bar) -> list[tuple]:
     best = [x.best_index() for x in searches]
     weights = [x.history[b]["weights"] for x, b in zip(searches, best)]
     rows = [[({}, dict(zip(ix, map(float, w))))] for ix, w in zip(index, weights)]
-    test = evaluate(vectors, rows, "test")
+    test = start(vectors, rows, "test")()
     return [
         ({f"w_{names[i]}": float(wi) for i, wi in zip(ix, w)}, kept[b], t[0])
         for ix, w, kept, b, t in zip(index, weights, scores, best, test)
