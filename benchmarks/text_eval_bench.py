@@ -108,7 +108,7 @@ def bench_eval(rec: C.Recorder, exps: dict, variants: dict, k: int, repeats: int
     for name, (pack, batch, chunk, attn) in variants.items():
         cfg = dict(pack=pack, batch=batch, chunk=chunk, attention=attn, k=k, tasks=len(exps))
 
-        def run():
+        def run(pack=pack, batch=batch, chunk=chunk, attn=attn):
             models = {t: _variant_model(e, pack, attn) for t, e in exps.items()}
             ev = E.GridEvaluator(models[next(iter(models))], spec, batch, chunk)
             stacked = ev.stack(taus)
