@@ -210,6 +210,52 @@ def evaluate_split(exp: Experiment, trainable: Any, phi0: Any, split: str, batch
     return exp.metric_fn(preds, arr)
 
 
+def _with_method(exp: Experiment, c: Any) -> Experiment:
+    """``exp`` (built for any method) with the adapter spec of config ``c``."""
+    lora = dataclasses.replace(exp.spec.lora, **_lora_fields(c))
+    return dataclasses.replace(exp, spec=M.AdapterSpec(c.method, lora))
+
+
+def _final_eval(exp: Experiment, c: Any) -> Callable[[Any, Any], dict]:
+    """(trainable, phi0) -> {"val/...": ..., "test/...": ...} at the end of a run."""
+    bs = int(c.eval_batch_size)
+
+    def final_eval(trainable, phi0):
+        out = {}
+        for split, prefix in (("validation", "val"), ("test", "test")):
+            for k, v in evaluate_split(exp, trainable, phi0, split, bs).items():
+                out[f"{prefix}/{k}"] = v
+            if exp.extra_eval is not None:
+                for k, v in exp.extra_eval(trainable, phi0, split).items():
+                    out[f"{prefix}/{k}"] = v
+        return out
+
+    return final_eval
+
+
+def _periodic_eval(exp: Experiment, c: Any) -> Callable[[Any, Any], dict]:
+    """(trainable, phi0) -> validation metrics every ``eval_every`` steps."""
+    bs = int(c.eval_batch_size)
+
+    def periodic(trainable, phi0):
+        return {
+            f"val/{k}": v for k, v in evaluate_split(exp, trainable, phi0, "validation", bs).items()
+        }
+
+    return periodic
+
+
+def _meta(exp: Experiment, c: Any) -> dict:
+    return {"task": exp.task, "model": c.model, "config": json.loads(c.to_json_best_effort())}
+
+
+def _write_config(c: Any, workdir: str | Path) -> Path:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(c.to_json_best_effort(indent=2, sort_keys=True))
+    return workdir
+
+
 def run_finetune(
     c: Any,
     workdir: str | Path,
@@ -224,32 +270,8 @@ def run_finetune(
     per task: data, tokenisation and heads do not depend on method, seed or rate).
     Returns the final metrics ({"val/...": ..., "test/...": ...}).
     """
-    if exp is None:
-        exp = build(c, cache)
-    else:
-        exp = dataclasses.replace(
-            exp, spec=M.AdapterSpec(c.method, dataclasses.replace(exp.spec.lora, **_lora_fields(c)))
-        )
-    bs = int(c.eval_batch_size)
-
-    def final_eval(trainable, phi0):
-        out = {}
-        for split, prefix in (("validation", "val"), ("test", "test")):
-            for k, v in evaluate_split(exp, trainable, phi0, split, bs).items():
-                out[f"{prefix}/{k}"] = v
-            if exp.extra_eval is not None:
-                for k, v in exp.extra_eval(trainable, phi0, split).items():
-                    out[f"{prefix}/{k}"] = v
-        return out
-
-    def periodic(trainable, phi0):
-        return {
-            f"val/{k}": v for k, v in evaluate_split(exp, trainable, phi0, "validation", bs).items()
-        }
-
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(c.to_json_best_effort(indent=2, sort_keys=True))
+    exp = build(c, cache) if exp is None else _with_method(exp, c)
+    workdir = _write_config(c, workdir)
     return TR.finetune(
         exp.tm,
         exp.spec,
@@ -257,8 +279,103 @@ def run_finetune(
         loop_config(c, progress),
         exp.arrays["train"],
         workdir,
-        evaluate=periodic,
-        final_eval=final_eval,
-        meta={"task": exp.task, "model": c.model, "config": json.loads(c.to_json_best_effort())},
+        evaluate=_periodic_eval(exp, c),
+        final_eval=_final_eval(exp, c),
+        meta=_meta(exp, c),
         mesh=mesh,
     )
+
+
+# Fields in which the runs of one group may differ (every other config field is shared).
+GROUP_FREE_FIELDS = ("task", "seed", "optim.learning_rate")
+
+
+def _flat_fields(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(_flat_fields(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def check_group_configs(configs: list[Any]) -> None:
+    """Refuse configs that differ in anything but task, seed and optim.learning_rate."""
+    if not configs:
+        raise ValueError("run_finetune_group: no configs given (an empty group)")
+    flat = [_flat_fields(json.loads(c.to_json_best_effort())) for c in configs]
+    for f in flat:
+        for name in GROUP_FREE_FIELDS:
+            f.pop(name, None)
+    missing = object()
+    for i, f in enumerate(flat[1:], 1):
+        for name in sorted(set(flat[0]) | set(f)):
+            a, b = flat[0].get(name, missing), f.get(name, missing)
+            if a != b:
+                show = lambda v: "(absent)" if v is missing else repr(v)  # noqa: E731
+                raise ValueError(
+                    f"configs of one group may differ only in {', '.join(GROUP_FREE_FIELDS)}; "
+                    f"field {name!r} differs: {show(a)} (config 0, task {configs[0].task}) vs "
+                    f"{show(b)} (config {i}, task {configs[i].task}). Fine-tune them in "
+                    "separate groups (or one at a time with run_finetune)"
+                )
+
+
+def run_finetune_group(
+    configs: list[Any],
+    workdirs: list[str | Path],
+    cache: BackboneCache | None = None,
+    progress: bool = True,
+    mesh: Any = None,
+    exps: list[Experiment] | None = None,
+) -> list[dict]:
+    """Fine-tune several runs at once (train_group.finetune_group); outputs as run_finetune.
+
+    The configs may differ only in task, seed and optim.learning_rate, and their task
+    models must share one backbone, readout and head shape (a study's padded text heads
+    do). ``exps``: already built experiments, one per config (as in run_finetune).
+    No Orbax checkpoints are written (``ckpt_every`` is ignored): a group is resumed
+    run by run, by skipping members whose task vector exists.
+    Returns every run's final metrics, in order.
+    """
+    from llora_jax import train_group as TG
+
+    check_group_configs(configs)
+    if len(workdirs) != len(configs) or (exps is not None and len(exps) != len(configs)):
+        raise ValueError(
+            f"run_finetune_group: {len(configs)} configs need as many workdirs "
+            f"(got {len(workdirs)}) and experiments (got {len(exps or configs)})"
+        )
+    cache = cache or BackboneCache()  # one backbone for every member
+    exps = [
+        build(c, cache) if e is None else _with_method(e, c)
+        for c, e in zip(configs, exps or [None] * len(configs))
+    ]
+    key = TG.group_key(exps[0].tm)
+    for c, e in zip(configs[1:], exps[1:]):
+        if TG.group_key(e.tm) != key or e.spec != exps[0].spec:
+            raise ValueError(
+                f"run_finetune_group: tasks {configs[0].task!r} and {c.task!r} do not share one "
+                "backbone, readout, adapter spec and head shape, so they cannot train in one "
+                "group; fine-tune them in separate groups"
+            )
+    oc, lc = TG.shared_configs(
+        [optim_config(c) for c in configs], [loop_config(c, progress) for c in configs]
+    )
+    members = [
+        TG.GroupMember(
+            workdir=Path(wd),
+            seed=int(c.seed),
+            learning_rate=float(c.optim.learning_rate),
+            head=e.tm.head,
+            train_arrays=e.arrays["train"],
+            final_eval=_final_eval(e, c),
+            evaluate=_periodic_eval(e, c),
+            meta=_meta(e, c),
+        )
+        for c, wd, e in zip(configs, workdirs, exps)
+    ]
+    TG.check_members(members)  # before anything is written
+    for c, wd in zip(configs, workdirs):
+        _write_config(c, wd)
+    return TG.finetune_group(exps[0].tm, exps[0].spec, oc, lc, members, mesh=mesh)

@@ -7,6 +7,10 @@ rates (the same sweep for every method; the best per run on validation),
 fusion methods and grids, pairs for disentanglement. The runner skips
 finished fine-tuning runs (re-running resumes), caches finished fusion
 results, and writes ``results.json`` + ``report.md`` + figures.
+
+Fine-tuning runs of one method train ``group_size`` at a time (train_group: one
+vmapped step over the runs, R batches per step): a small run alone leaves an
+accelerator idle between kernel launches. ``group_size`` 1 trains one run at a time.
 """
 
 from __future__ import annotations
@@ -46,7 +50,10 @@ def base_study(name: str, config: str, config_arg: str = "") -> Any:
     list of hparam dicts, absent = the method's default grid; fusion_subsets: name -> "all",
     "pairs+full" or "full"), max_subset (0 = all sizes), lorahub_budget, isolation_p, pairs,
     disentangle_grid, disentangle_examples, eval_batch_size, eval_chunk (merged models per
-    vmapped step when evaluating merge grids), progress.
+    vmapped step when evaluating merge grids), group_size (fine-tuning runs of one method
+    trained at once by one vmapped step, 12 = the text study's 6 tasks x 2 rates of its
+    sweep seed; 1 = one run at a time, the only path with Orbax mid-run checkpoints),
+    progress.
     """
     from ml_collections import ConfigDict
 
@@ -73,6 +80,7 @@ def base_study(name: str, config: str, config_arg: str = "") -> Any:
     s.disentangle_examples = 640
     s.eval_batch_size = 128
     s.eval_chunk = 8
+    s.group_size = 12  # fine-tuning runs trained at once (train_group); 1 = one at a time
     s.progress = True
     return s
 
@@ -228,7 +236,11 @@ def _finetune_all(
     s, out: Path, tasks: list[str], cache: X.BackboneCache, exps: dict, methods: list[str]
 ) -> tuple[dict, dict]:
     """Fine-tune (or find finished) runs; pick the best learning rate per run on validation.
-    Returns ({(method, seed, task): run dir}, {(method, task): learning rate})."""
+    Returns ({(method, seed, task): run dir}, {(method, task): learning rate}).
+
+    Per method two waves: first every run whose rate is known up front (the sweep seeds
+    try every rate; a given choice fixes it), then the other seeds' runs at the rate the
+    first sweep seed chose. Unfinished runs of a wave train ``group_size`` at a time."""
     chosen: dict = {}
     given = s.get("learning_rate_choice", {}) or {}
     chosen_lr: dict = {
@@ -242,38 +254,96 @@ def _finetune_all(
     first = [x for x in sweep_seeds if need_sweep or x in study_seeds]
     seeds = first + [x for x in study_seeds if x not in first]
     lrs_all = [float(x) for x in s.learning_rates]
-    n_swept = len(set(first) & set(sweep_seeds)) if need_sweep else 0
-    total = len(methods) * len(tasks) * (n_swept * len(lrs_all) + len(seeds) - n_swept)
-    i = 0
+
+    def known(method, seed, task):  # the rate(s) of this run need no other run's result
+        return (method, task) in given_keys or seed in sweep_seeds
+
+    total = sum(
+        len(lrs_all) if known(m, sd, t) and (m, t) not in given_keys else 1
+        for m in methods
+        for sd in seeds
+        for t in tasks
+    )
+    counter = [0]
     for method in methods:
-        for seed in seeds:
-            for task in tasks:
-                best = None
-                fixed = (method, task) in chosen_lr and (
-                    (method, task) in given_keys or seed not in sweep_seeds
+        for wave in (1, 2):  # 1: rates known up front; 2: rates chosen in wave 1
+            cells = [(sd, t) for sd in seeds for t in tasks if known(method, sd, t) == (wave == 1)]
+            plan = {
+                (sd, t): (
+                    [chosen_lr[(method, t)]] if wave == 2 or (method, t) in given_keys else lrs_all
                 )
-                lrs = [chosen_lr[(method, task)]] if fixed else lrs_all
+                for sd, t in cells
+            }
+            _train_wave(s, out, method, plan, cache, exps, counter, total)
+            for (sd, t), lrs in plan.items():
+                best = None
                 for lr in lrs:
-                    i += 1
-                    wd = out / "runs" / f"seed{seed}" / task / f"{method}-lr{lr:g}"
-                    if tv.is_task_vector(wd / "task_vector"):
-                        _log(f"({i}/{total}) {method} seed {seed} {task} lr {lr:g}: done, skipping")
-                    else:
-                        _log(f"({i}/{total}) fine-tuning {method} seed {seed} {task} lr {lr:g}")
-                        c = load_config(s.config, s.get("config_arg", ""), dict(s.overrides))
-                        c.task, c.method, c.seed = task, method, int(seed)
-                        c.optim.learning_rate = float(lr)
-                        X.run_finetune(
-                            c, wd, cache, progress=s.get("progress", True), exp=exps[task]
-                        )
+                    wd = _run_dir(out, method, sd, t, lr)
                     metrics = json.loads((wd / "metrics.json").read_text())
-                    score = _val_score(metrics, exps[task].primary_metric)
-                    if best is None or score > best[0]:
+                    score = _val_score(metrics, exps[t].primary_metric)
+                    if best is None or score > best[0]:  # ties: the first rate listed
                         best = (score, wd, lr)
-                chosen[(method, seed, task)] = best[1]
-                if not fixed and seed == sweep_seeds[0]:
-                    chosen_lr[(method, task)] = best[2]
+                chosen[(method, sd, t)] = best[1]
+                if wave == 1 and (method, t) not in given_keys and sd == sweep_seeds[0]:
+                    chosen_lr[(method, t)] = best[2]
     return chosen, chosen_lr
+
+
+def _run_dir(out: Path, method: str, seed: int, task: str, lr: float) -> Path:
+    return out / "runs" / f"seed{seed}" / task / f"{method}-lr{lr:g}"
+
+
+def _train_wave(s, out, method, plan: dict, cache, exps, counter: list, total: int) -> None:
+    """Fine-tune the unfinished runs of ``plan`` {(seed, task): [rates]}, group_size at a time.
+
+    Runs group only with runs whose task models share one compiled step (text heads are
+    padded to one shape, so every task of the text study can; T5 and CLIP readouts are
+    per task, so their groups hold one task's seeds and rates)."""
+    from llora_jax import train_group as TG
+
+    todo: dict[tuple, list] = {}
+    for (seed, task), lrs in plan.items():
+        for lr in lrs:
+            counter[0] += 1
+            run = (f"({counter[0]}/{total})", seed, task, lr, _run_dir(out, method, seed, task, lr))
+            if tv.is_task_vector(run[4] / "task_vector"):
+                _log(f"{run[0]} {method} seed {seed} {task} lr {lr:g}: done, skipping")
+            else:
+                todo.setdefault(TG.group_key(exps[task].tm), []).append(run)
+    size = max(int(s.get("group_size", 1)), 1)
+    progress = s.get("progress", True)
+    for runs in todo.values():
+        for k in range(0, len(runs), size):
+            group = runs[k : k + size]
+            configs = []
+            for _, seed, task, lr, _ in group:
+                c = load_config(s.config, s.get("config_arg", ""), dict(s.overrides))
+                c.task, c.method, c.seed = task, method, int(seed)
+                c.optim.learning_rate = float(lr)
+                configs.append(c)
+            if len(group) == 1:  # the one-run path (with its Orbax checkpoints, if any)
+                n, seed, task, lr, wd = group[0]
+                _log(f"{n} fine-tuning {method} seed {seed} {task} lr {lr:g}")
+                X.run_finetune(configs[0], wd, cache, progress=progress, exp=exps[task])
+                continue
+            _log(f"fine-tuning {method}: {len(group)} runs at once ({_describe(group)})")
+            X.run_finetune_group(
+                configs,
+                [g[4] for g in group],
+                cache,
+                progress=progress,
+                exps=[exps[g[2]] for g in group],
+            )
+
+
+def _describe(group: list) -> str:
+    """E.g. "seed 0: cola, mrpc at lr 0.0001, 0.001; seed 1: rte at lr 0.001" (a group's log)."""
+    parts = []
+    for seed in dict.fromkeys(g[1] for g in group):
+        tasks = dict.fromkeys(g[2] for g in group if g[1] == seed)
+        lrs = dict.fromkeys(f"{g[3]:g}" for g in group if g[1] == seed)
+        parts.append(f"seed {seed}: {', '.join(tasks)} at lr {', '.join(lrs)}")
+    return "; ".join(parts)
 
 
 def _val_score(metrics: dict, primary: str) -> float:

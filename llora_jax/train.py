@@ -321,12 +321,14 @@ def finetune(
     return metrics
 
 
-def _export(workdir, tm, spec, tau, phi0, metrics, lc, meta) -> None:
+def _export(workdir, tm, spec, tau, phi0, metrics, lc, meta, base_fingerprint=None) -> None:
+    """Write the task vector and metrics.json. ``base_fingerprint``: T.fingerprint(tm.params)
+    if already known (a group exports many runs of one backbone; hashing it takes ~0.1 s)."""
     cfg = spec.lora
     is_full = spec.method == "full"
     fields = dict(
         base_model=tm.base_model,
-        base_fingerprint=T.fingerprint(tm.params),
+        base_fingerprint=base_fingerprint or T.fingerprint(tm.params),
         adapter_kind="full" if is_full else "lora",
         mode=spec.method,
         task=meta.pop("task", "unknown"),

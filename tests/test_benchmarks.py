@@ -528,3 +528,34 @@ def test_batched_grid_predictions_equal_one_at_a_time(tiny_run):
         assert d["agreement_with_batched"] == 1.0, m["name"]
         assert d["distinct_prediction_rows"] > 1  # the merged models really differ
         assert d["extrapolated"] == (m["config"]["K"] > d["timed_models"])
+
+
+def test_text_eval_bench_on_the_real_data(tmp_path):
+    """The MiniLM text benchmark's tiny mode (tiny BERT, the shared data): every variant
+    and both fine-tuning forms are measured; packed rows compute fewer tokens than trimmed
+    ones and give the same predictions (float32 on a CPU)."""
+    from benchmarks import text_eval_bench as TXT
+    from tests import tiny_models as TM
+    from tests.conftest import data_dir
+
+    words = ["this", "is", "negative", "positive", "the", "two", "sentences", "mean", "a"]
+    path = TM.tiny_bert(tmp_path / "bert", words)
+    out = TXT.main(
+        [
+            "--tiny",
+            "--backbone",
+            str(path),
+            "--data",
+            str(data_dir()),
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    got = {m["name"]: m for m in json.loads(out.read_text())["measurements"]}
+    assert set(got) == {*TXT.TINY_VARIANTS, "train-single", "train-group-4"}
+    assert all(m["median"] is not None for m in got.values()), got
+    trimmed, packed = got["trimmed-b160-c12"]["derived"], got["packed-r32-c32"]["derived"]
+    assert packed["computed_tokens"] < trimmed["computed_tokens"]
+    assert packed["real_tokens"] == trimmed["real_tokens"]
+    assert packed["prediction_agreement_with_first_variant"] == 1.0
+    assert got["train-group-4"]["config"]["runs"] == 4

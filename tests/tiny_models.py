@@ -25,7 +25,8 @@ def words_of(texts: Iterable[str], limit: int = 2000) -> list[str]:
     return list(seen)
 
 
-def tiny_bert(path: Path, words: list[str], seed: int = 0) -> Path:
+def tiny_bert(path: Path, words: list[str], seed: int = 0, dropout: float = 0.1) -> Path:
+    """``dropout``: hidden and attention-probability dropout (HF's default 0.1; 0 = none)."""
     import torch
     import transformers
 
@@ -42,6 +43,8 @@ def tiny_bert(path: Path, words: list[str], seed: int = 0) -> Path:
         num_attention_heads=4,
         intermediate_size=64,
         max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     transformers.BertModel(cfg, add_pooling_layer=False).save_pretrained(path)
     return path
