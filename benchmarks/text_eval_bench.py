@@ -60,10 +60,11 @@ def _study(backbone: str, data: str | None, tiny: bool) -> Any:
 def experiments(s: Any) -> dict:
     from llora_jax import experiment as X
     from llora_jax import study
+    from llora_jax import study_finetune as SF
 
     cfg = study.load_config(s.config, s.get("config_arg", ""), dict(s.overrides))
     tasks = list(s.tasks) or study.discover_text_tasks(cfg.data.data_dir)
-    return study._experiments(s, tasks, X.BackboneCache())
+    return SF.experiments(s, tasks, X.BackboneCache())
 
 
 def random_vectors(exp: Any, n: int, seed: int = 0) -> tuple[Any, list]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.util
+import hashlib
 import json
 import os
 import platform
@@ -33,6 +33,9 @@ from llora_jax import experiment as X
 from llora_jax import fuse as F
 from llora_jax import fusion
 from llora_jax import task_vectors as tv
+from llora_jax import tree as T
+from llora_jax.study_finetune import _load_module, experiments, finetune_all, load_config
+from llora_jax.study_finetune import log as _log
 
 DEFAULT_FUSION = ("average", "task_arithmetic", "ties", "dare", "lorahub", "isolation")
 DEFAULT_GRID = tuple(round(-2.0 + 0.2 * i, 1) for i in range(21))
@@ -104,32 +107,6 @@ def tiny_study(s: Any, tasks: list[str], method: str, fusion: str, grid: list[di
     return s
 
 
-def _load_module(path: str | Path, name: str):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"study file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def load_config(path: str, arg: str = "", overrides: dict | None = None) -> Any:
-    """get_config(arg) of a config file, with dotted-key overrides applied."""
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # configs import configs.common
-    c = _load_module(path, "llora_config").get_config(arg or None)
-    for key, value in (overrides or {}).items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        if leaf not in node:
-            raise KeyError(f"config override {key!r}: no such field in {path}")
-        node[leaf] = value
-    return c
-
-
 def discover_text_tasks(data_dir: str | os.PathLike | None) -> list[str]:
     """Every task with a text/<task>/train.jsonl in the data directory."""
     from llora_jax.data.sources import resolve_data_dir
@@ -171,13 +148,6 @@ def _command() -> str:
         args[0] = "python -m llora_jax.main"
     cwd = os.getcwd() + os.sep
     return " ".join(a.replace(cwd, "") for a in args)
-
-
-_T0 = time.perf_counter()
-
-
-def _log(msg: str) -> None:
-    print(f"[study {(time.perf_counter() - _T0) / 60:5.1f} min] {msg}", flush=True)
 
 
 def parse_overrides(items: list[str]) -> tuple:
@@ -232,141 +202,6 @@ def run_study_file(
     return run_study(s, Path(out or s.get("out", f"runs/{s.name}")))
 
 
-def _finetune_all(
-    s, out: Path, tasks: list[str], cache: X.BackboneCache, exps: dict, methods: list[str]
-) -> tuple[dict, dict]:
-    """Fine-tune (or find finished) runs; pick the best learning rate per run on validation.
-    Returns ({(method, seed, task): run dir}, {(method, task): learning rate}).
-
-    Per method two waves: first every run whose rate is known up front (the sweep seeds
-    try every rate; a given choice fixes it), then the other seeds' runs at the rate the
-    first sweep seed chose. Unfinished runs of a wave train ``group_size`` at a time."""
-    chosen: dict = {}
-    given = s.get("learning_rate_choice", {}) or {}
-    chosen_lr: dict = {
-        (m, t): float(lr) for m, by_task in given.items() for t, lr in dict(by_task).items()
-    }
-    given_keys = set(chosen_lr)
-    sweep_seeds = [int(x) for x in s.get("lr_sweep_seeds", [])] or [int(x) for x in s.seeds]
-    # A sweep seed outside s.seeds is fine-tuned only to choose rates that are not given.
-    need_sweep = any((m, t) not in given_keys for m in methods for t in tasks)
-    study_seeds = [int(x) for x in s.seeds]
-    first = [x for x in sweep_seeds if need_sweep or x in study_seeds]
-    seeds = first + [x for x in study_seeds if x not in first]
-    lrs_all = [float(x) for x in s.learning_rates]
-
-    def known(method, seed, task):  # the rate(s) of this run need no other run's result
-        return (method, task) in given_keys or seed in sweep_seeds
-
-    total = sum(
-        len(lrs_all) if known(m, sd, t) and (m, t) not in given_keys else 1
-        for m in methods
-        for sd in seeds
-        for t in tasks
-    )
-    counter = [0]
-    for method in methods:
-        for wave in (1, 2):  # 1: rates known up front; 2: rates chosen in wave 1
-            cells = [(sd, t) for sd in seeds for t in tasks if known(method, sd, t) == (wave == 1)]
-            plan = {
-                (sd, t): (
-                    [chosen_lr[(method, t)]] if wave == 2 or (method, t) in given_keys else lrs_all
-                )
-                for sd, t in cells
-            }
-            _train_wave(s, out, method, plan, cache, exps, counter, total)
-            for (sd, t), lrs in plan.items():
-                best = None
-                for lr in lrs:
-                    wd = _run_dir(out, method, sd, t, lr)
-                    metrics = json.loads((wd / "metrics.json").read_text())
-                    score = _val_score(metrics, exps[t].primary_metric)
-                    if best is None or score > best[0]:  # ties: the first rate listed
-                        best = (score, wd, lr)
-                chosen[(method, sd, t)] = best[1]
-                if wave == 1 and (method, t) not in given_keys and sd == sweep_seeds[0]:
-                    chosen_lr[(method, t)] = best[2]
-    return chosen, chosen_lr
-
-
-def _run_dir(out: Path, method: str, seed: int, task: str, lr: float) -> Path:
-    return out / "runs" / f"seed{seed}" / task / f"{method}-lr{lr:g}"
-
-
-def _train_wave(s, out, method, plan: dict, cache, exps, counter: list, total: int) -> None:
-    """Fine-tune the unfinished runs of ``plan`` {(seed, task): [rates]}, group_size at a time.
-
-    Runs group only with runs whose task models share one compiled step (text heads are
-    padded to one shape, so every task of the text study can; T5 and CLIP readouts are
-    per task, so their groups hold one task's seeds and rates)."""
-    from llora_jax import train_group as TG
-
-    todo: dict[tuple, list] = {}
-    for (seed, task), lrs in plan.items():
-        for lr in lrs:
-            counter[0] += 1
-            run = (f"({counter[0]}/{total})", seed, task, lr, _run_dir(out, method, seed, task, lr))
-            if tv.is_task_vector(run[4] / "task_vector"):
-                _log(f"{run[0]} {method} seed {seed} {task} lr {lr:g}: done, skipping")
-            else:
-                todo.setdefault(TG.group_key(exps[task].tm), []).append(run)
-    size = max(int(s.get("group_size", 1)), 1)
-    progress = s.get("progress", True)
-    for runs in todo.values():
-        for k in range(0, len(runs), size):
-            group = runs[k : k + size]
-            configs = []
-            for _, seed, task, lr, _ in group:
-                c = load_config(s.config, s.get("config_arg", ""), dict(s.overrides))
-                c.task, c.method, c.seed = task, method, int(seed)
-                c.optim.learning_rate = float(lr)
-                configs.append(c)
-            if len(group) == 1:  # the one-run path (with its Orbax checkpoints, if any)
-                n, seed, task, lr, wd = group[0]
-                _log(f"{n} fine-tuning {method} seed {seed} {task} lr {lr:g}")
-                X.run_finetune(configs[0], wd, cache, progress=progress, exp=exps[task])
-                continue
-            _log(f"fine-tuning {method}: {len(group)} runs at once ({_describe(group)})")
-            X.run_finetune_group(
-                configs,
-                [g[4] for g in group],
-                cache,
-                progress=progress,
-                exps=[exps[g[2]] for g in group],
-            )
-
-
-def _describe(group: list) -> str:
-    """E.g. "seed 0: cola, mrpc at lr 0.0001, 0.001; seed 1: rte at lr 0.001" (a group's log)."""
-    parts = []
-    for seed in dict.fromkeys(g[1] for g in group):
-        tasks = dict.fromkeys(g[2] for g in group if g[1] == seed)
-        lrs = dict.fromkeys(f"{g[3]:g}" for g in group if g[1] == seed)
-        parts.append(f"seed {seed}: {', '.join(tasks)} at lr {', '.join(lrs)}")
-    return "; ".join(parts)
-
-
-def _val_score(metrics: dict, primary: str) -> float:
-    value = float(metrics.get(f"val/{primary}", metrics.get("val/accuracy", float("nan"))))
-    return value if value == value else float("-inf")  # NaN never wins
-
-
-def _experiments(s, tasks: list[str], cache: X.BackboneCache) -> dict[str, X.Experiment]:
-    from llora_jax.heads import text_encoder as TE
-
-    exps = {}
-    for task in tasks:
-        c = load_config(s.config, s.get("config_arg", ""), dict(s.overrides))
-        c.task = task
-        exps[task] = X.build(c, cache)
-    # Label-description heads padded to one class count: one compiled step for all tasks.
-    te = [t for t, e in exps.items() if e.tm.readout is TE.readout]
-    n = max((exps[t].tm.head["classes"].shape[0] for t in te), default=0)
-    for t in te:
-        exps[t] = dataclasses.replace(exps[t], tm=TE.pad_classes(exps[t].tm, n))
-    return exps
-
-
 def run_study(s: Any, out: Path) -> Path:
     """Run a whole study; returns the path of results.json."""
     out = Path(out).absolute()
@@ -376,7 +211,7 @@ def run_study(s: Any, out: Path) -> Path:
     tasks = list(s.tasks) or discover_text_tasks(data_dir)
     _log(f"{s.name}: tasks {tasks}, methods {list(s.methods)}, seeds {list(s.seeds)} -> {out}")
     cache = X.BackboneCache()
-    exps = _experiments(s, tasks, cache)  # fails early on missing data
+    exps = experiments(s, tasks, cache)  # fails early on missing data
 
     results: dict = {
         "study": s.name,
@@ -415,20 +250,22 @@ def run_study(s: Any, out: Path) -> Path:
     for method, seed, analyse in order:
         if not any(k[0] == method for k in chosen):
             t = time.perf_counter()
-            runs, lrs = _finetune_all(s, out, tasks, cache, exps, [method])
+            runs, lrs = finetune_all(s, out, tasks, cache, exps, [method])
             chosen.update(runs)
             for (m, task), lr in lrs.items():
                 if m == method:
                     results["learning_rate"].setdefault(m, {})[task] = lr
             results["timings_s"][f"finetune/{method}"] = time.perf_counter() - t
         t = time.perf_counter()
-        members = {}
+        members, fps = {}, {}
         for task in tasks:
             wd = chosen[(method, seed, task)]
             exp = dataclasses.replace(exps[task])
             exp.spec = X.M.AdapterSpec(method, exp.spec.lora)
+            loaded = tv.load(wd / "task_vector")
+            fps[task] = T.fingerprint(loaded.tau)
             # On the device once: every merge of the block reuses these arrays.
-            members[task] = F.Member(exp=exp, tv=tv.on_device(tv.load(wd / "task_vector")))
+            members[task] = F.Member(exp=exp, tv=tv.on_device(loaded))
             m = members[task].tv.meta["metrics"]
             results["single"].setdefault(method, {}).setdefault(task, {})[str(seed)] = {
                 "val": {k[4:]: v for k, v in m.items() if k.startswith("val/")},
@@ -439,8 +276,9 @@ def run_study(s: Any, out: Path) -> Path:
             )
         _interference(s, results, method, seed, members, tasks)
         compute = analyse and seed in analysis
-        _fusion(s, results, method, seed, members, tasks, done, cache_path, compute)
-        _disentangle(s, results, method, seed, members, done, cache_path, compute)
+        cached = _Cache(done, cache_path, fps)
+        _fusion(s, results, method, seed, members, tasks, cached, compute)
+        _disentangle(s, results, method, seed, members, cached, compute)
         if compute:
             results["timings_s"][f"analysis/{method}/seed{seed}"] = time.perf_counter() - t
             _log(f"{method} seed {seed}: analysis done in {time.perf_counter() - t:.0f} s")
@@ -498,7 +336,32 @@ def _save_cache(done: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _fusion(s, results, method, seed, members, tasks, done, cache_path, compute=True) -> None:
+class _Cache:
+    """Finished fusion and ξ results (``fusion_cache.json``), each tied to the task vectors it
+    was computed from: an entry of other vectors (e.g. runs fine-tuned again on another
+    machine after an interrupted study) is stale and computed again, never mixed in."""
+
+    def __init__(self, done: dict, path: Path, fingerprints: dict[str, str]):
+        self.done, self.path, self.fps = done, path, fingerprints
+
+    def vectors(self, tasks) -> str:
+        joined = "|".join(f"{t}={self.fps[t]}" for t in sorted(tasks))
+        return hashlib.sha256(joined.encode()).hexdigest()[:32]
+
+    def get(self, key: str, tasks) -> dict | None:
+        entry = self.done.get(key)
+        return entry if entry is not None and entry.get("vectors") == self.vectors(tasks) else None
+
+    def stale(self, keys_tasks) -> int:
+        return sum(k in self.done and self.get(k, ts) is None for k, ts in keys_tasks)
+
+    def put(self, items) -> None:
+        for key, tasks, entry in items:
+            self.done[key] = {**entry, "vectors": self.vectors(tasks)}
+        _save_cache(self.done, self.path)
+
+
+def _fusion(s, results, method, seed, members, tasks, cache: _Cache, compute=True) -> None:
     max_size = int(s.get("max_subset", 0)) or None
     which = dict(s.get("fusion_subsets", {}))
     grids = dict(s.get("fusion_grids", {}))
@@ -511,7 +374,10 @@ def _fusion(s, results, method, seed, members, tasks, done, cache_path, compute=
             if kind == "all" or len(sub) == len(tasks) or (kind == "pairs+full" and len(sub) == 2)
         ]
         keys = {sub: f"fusion|{method}|{seed}|{name}|{F.subset_key(sub)}" for sub in subs}
-        todo = [sub for sub in subs if keys[sub] not in done]
+        todo = [sub for sub in subs if cache.get(keys[sub], sub) is None]
+        stale = cache.stale((keys[sub], sub) for sub in todo)
+        if stale:
+            _log(f"{method} seed {seed} {name}: {stale} cached results are of other task vectors")
         if todo and compute:
             t0 = time.perf_counter()
             grid = grids.get(name)
@@ -527,15 +393,14 @@ def _fusion(s, results, method, seed, members, tasks, done, cache_path, compute=
                 seed=int(seed),
                 progress=bool(s.get("progress", True)),
             )
-            for sub in todo:
-                done[keys[sub]] = found[F.subset_key(sub)]
-            _save_cache(done, cache_path)
+            cache.put((keys[sub], sub, found[F.subset_key(sub)]) for sub in todo)
             spent[name] = time.perf_counter() - t0
         for sub in subs:
-            if keys[sub] in done:
+            entry = cache.get(keys[sub], sub)
+            if entry is not None:
                 results["fusion"].setdefault(method, {}).setdefault(name, {}).setdefault(
                     F.subset_key(sub), {}
-                )[str(seed)] = done[keys[sub]]
+                )[str(seed)] = entry
     for name, sec in spent.items():
         results["timings_s"][f"fusion/{method}/seed{seed}/{name}"] = sec
     if spent:
@@ -544,7 +409,7 @@ def _fusion(s, results, method, seed, members, tasks, done, cache_path, compute=
         )
 
 
-def _disentangle(s, results, method, seed, members, done, cache_path, compute=True) -> None:
+def _disentangle(s, results, method, seed, members, cache: _Cache, compute=True) -> None:
     from llora_jax.disentangle import disentanglement_error
 
     grid = [float(x) for x in s.disentangle_grid]
@@ -554,9 +419,10 @@ def _disentangle(s, results, method, seed, members, done, cache_path, compute=Tr
             continue
         pk = "+".join(pair)
         key = f"xi|{method}|{seed}|{pk}"
-        if key not in done and not compute:
+        entry = cache.get(key, pair)
+        if entry is None and not compute:
             continue
-        if key not in done:
+        if entry is None:
             _log(f"disentanglement {method} seed {seed} {pk} ({len(grid)}x{len(grid)})")
             xi = disentanglement_error(
                 members[pair[0]],
@@ -567,6 +433,7 @@ def _disentangle(s, results, method, seed, members, done, cache_path, compute=Tr
                 # The fusion search's chunk: its compiled grid programs serve here too.
                 chunk=int(s.get("eval_chunk", 8)),
             )
-            done[key] = {"grid": grid, "xi": xi.tolist(), "mean_xi": float(np.mean(xi))}
-            _save_cache(done, cache_path)
-        results["disentanglement"].setdefault(method, {}).setdefault(pk, {})[str(seed)] = done[key]
+            value = {"grid": grid, "xi": xi.tolist(), "mean_xi": float(np.mean(xi))}
+            cache.put([(key, pair, value)])
+            entry = cache.get(key, pair)
+        results["disentanglement"].setdefault(method, {}).setdefault(pk, {})[str(seed)] = entry

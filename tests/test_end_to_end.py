@@ -193,6 +193,22 @@ def test_study_runs_on_tasks_it_has_never_seen(tmp_path, words):
     # Re-running finds every fine-tuning run and every fusion result done.
     again = json.loads(study.run_study(s, tmp_path / "out").read_text())
     assert again["fusion"] == res["fusion"]
+    # A cached result of other task vectors (runs fine-tuned again, e.g. on another machine)
+    # is computed again, never reported.
+    cache = tmp_path / "out" / "fusion_cache.json"
+    entries = json.loads(cache.read_text())
+    key = next(k for k in entries if k.startswith("fusion|lora|0|task_arithmetic|"))
+    entries[key] = dict(entries[key], vectors="of other runs", avg_test=-1.0)
+    xi_key = next(k for k in entries if k.startswith("xi|lora|0|"))
+    entries[xi_key] = {k: v for k, v in entries[xi_key].items() if k != "vectors"}  # old format
+    cache.write_text(json.dumps(entries))
+    third = json.loads(study.run_study(s, tmp_path / "out").read_text())
+    assert third["fusion"] == res["fusion"]
+    assert third["disentanglement"] == res["disentanglement"]
+    assert (
+        json.loads(cache.read_text())[key]["vectors"]
+        == res["fusion"]["lora"]["task_arithmetic"]["paraphrase_pairs+reviews"]["0"]["vectors"]
+    )
     shutil.rmtree(tmp_path / "data")
 
 

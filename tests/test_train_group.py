@@ -15,6 +15,7 @@ import pytest
 from llora_jax import experiment as X
 from llora_jax import model as M
 from llora_jax import study
+from llora_jax import study_finetune as SF
 from llora_jax import task_vectors as tv
 from llora_jax import train as TR
 from llora_jax import train_group as TG
@@ -24,16 +25,19 @@ from tests import toy
 from tests.conftest import data_dir
 from tests.test_end_to_end import ROOT, words  # noqa: F401  (words: the vocabulary fixture)
 
-# stsb: 5 padded bins and an extra float "score" field. (Not sst2 or cola: the tiny
-# tokenizer maps every word to [UNK], so their two label descriptions embed identically
-# and nothing trains.)
+# stsb: 5 padded bins and an extra float "score" field.
 TASKS = ["stsb", "rte", "mrpc"]
 
 
 def _assert_trees_close(a, b, tol=1e-5):
+    """Equal up to float32 rounding. Adam divides by the gradient's own scale, so weights
+    whose gradients are rounding noise (~1e-10: some biases under full fine-tuning) move by
+    noise-driven steps of ~1e-5 in either direction; entries are compared to within 1e-3 of
+    the tree's largest entry (a wrong member's data, rate or start moves far more)."""
     assert jax.tree.structure(a) == jax.tree.structure(b)
+    scale = max(float(np.abs(np.asarray(y)).max()) for y in jax.tree.leaves(b))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=1e-3 * scale)
 
 
 def _max_abs(tree):
@@ -134,7 +138,7 @@ def off(tmp_path_factory, words):  # noqa: F811
     """A tiny BERT without dropout and its study's experiments (heads padded to one shape)."""
     path = TM.tiny_bert(tmp_path_factory.mktemp("bert") / "off", words, dropout=0.0)
     cache = X.BackboneCache()
-    return path, cache, study._experiments(_study(path, dropout=False), TASKS, cache)
+    return path, cache, SF.experiments(_study(path, dropout=False), TASKS, cache)
 
 
 def _study(path: Path, dropout: bool, **fields):
@@ -198,7 +202,7 @@ def test_group_equals_single_runs_without_dropout(tmp_path, off, method):
 def test_group_with_dropout_trains_and_exports(tmp_path, words):  # noqa: F811
     s = _study(TM.tiny_bert(tmp_path / "bert", words), dropout=True)  # HF's 0.1 dropout
     cache = X.BackboneCache()
-    exps = study._experiments(s, ["rte", "mrpc"], cache)
+    exps = SF.experiments(s, ["rte", "mrpc"], cache)
     runs = [("rte", 0, 1e-2), ("mrpc", 1, 1e-2)]
     wds = [tmp_path / "runs" / t for t, _, _ in runs]
     X.run_finetune_group(
@@ -238,14 +242,14 @@ def test_study_group_size_changes_nothing_but_speed(tmp_path, off, capsys):
     for size in (1, 3):
         s = _study(path, dropout=False, group_size=size, **fields)
         out = tmp_path / f"size{size}"
-        runs, lrs = study._finetune_all(s, out, tasks, cache, exps, ["lora"])
+        runs, lrs = SF.finetune_all(s, out, tasks, cache, exps, ["lora"])
         dirs = sorted(str(p.parent.relative_to(out)) for p in out.glob("runs/*/*/*/task_vector"))
         metrics = {d: json.loads((out / d / "metrics.json").read_text()) for d in dirs}
         got[size] = ({k: str(v.relative_to(out)) for k, v in runs.items()}, lrs, dirs, metrics)
         log = capsys.readouterr().out
         assert ("runs at once" in log) == (size > 1)
         # Re-running finds every run finished.
-        again = study._finetune_all(s, out, tasks, cache, exps, ["lora"])
+        again = SF.finetune_all(s, out, tasks, cache, exps, ["lora"])
         assert again == (runs, lrs)
         log = capsys.readouterr().out
         assert log.count("done, skipping") == len(dirs) == 6 and "fine-tuning" not in log

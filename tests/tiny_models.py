@@ -33,7 +33,10 @@ def tiny_bert(path: Path, words: list[str], seed: int = 0, dropout: float = 0.1)
     path.mkdir(parents=True, exist_ok=True)
     vocab = SPECIAL_BERT + [w for w in words if w not in SPECIAL_BERT]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    # transformers 5 ignores vocab_file= (every word became [UNK]); it takes the vocabulary.
+    tok = transformers.BertTokenizerFast(
+        vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True
+    )
     tok.save_pretrained(path)
     torch.manual_seed(seed)
     cfg = transformers.BertConfig(
