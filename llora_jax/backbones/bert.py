@@ -11,6 +11,7 @@ Parameter paths mirror HF: ``embeddings/{word,position,token_type}_embeddings/em
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Any
@@ -441,6 +442,10 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
+# Compiled whole (the module is static): run eagerly, each of its few hundred operations
+# compiles for its own shapes, 0.1-0.3 s each on a GPU host (a study builds one label head
+# per task with it).
+@functools.partial(jax.jit, static_argnums=0)
 def sentence_embedding(
     module: BertModel,
     params: dict,
