@@ -27,6 +27,9 @@ def get_study(arg=None):
         # A run takes seconds on a GPU: its task vector is the checkpoint (a re-run
         # skips finished runs), so no Orbax checkpoints are written.
         ("ckpt_every", 0),
+        # A run's final evaluation in the analysis' batch shape (32 packed rows, below):
+        # the two share one compiled predict program per method.
+        ("eval_batch_size", 32),
     )
     # One sweep for all methods (matched budgets), run on seed 0; the rate chosen there on
     # validation (per method and task) is reused for seeds 1 and 2.
@@ -73,6 +76,7 @@ def get_study(arg=None):
             ("log_every", 10),
             ("ckpt_every", 40),
             ("optim.warmup_steps", 8),
+            ("eval_batch_size", 16),  # = the analysis' (below): one predict program
         )
         s.fusion = ["task_arithmetic", "ties"]
         s.fusion_grids = {
