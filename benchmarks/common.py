@@ -213,8 +213,17 @@ class Recorder:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         body = {"measurements": self.items, "area_wall_s": self.area_wall_s}
-        tmp.write_text(json.dumps(body, indent=1, default=_json_default))
+        tmp.write_text(portable(json.dumps(body, indent=1, default=_json_default)))
         tmp.replace(self.path)
+
+
+def portable(text: str) -> str:
+    """``text`` without this machine's paths (result files are committed and shared): the
+    working directory's prefix dropped (tracebacks, commands), a device call's output
+    folder written ``$OUT``."""
+    text = text.replace(os.getcwd() + os.sep, "")
+    out = os.environ.get("OUT")
+    return text.replace(out.rstrip(os.sep) + os.sep, "$OUT/") if out else text
 
 
 def _json_default(x: Any) -> Any:
@@ -227,7 +236,7 @@ def _json_default(x: Any) -> Any:
 
 def dump(obj: Any, path: str | os.PathLike) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=1, default=_json_default))
+    Path(path).write_text(portable(json.dumps(obj, indent=1, default=_json_default)))
 
 
 def now_iso() -> str:

@@ -209,7 +209,8 @@ def run_study(s: Any, out: Path) -> Path:
     _compile_cache(out / ".jax_cache")
     data_dir = load_config(s.config, s.get("config_arg", ""), dict(s.overrides)).data.data_dir
     tasks = list(s.tasks) or discover_text_tasks(data_dir)
-    _log(f"{s.name}: tasks {tasks}, methods {list(s.methods)}, seeds {list(s.seeds)} -> {out}")
+    where = str(out).replace(os.getcwd() + os.sep, "")  # logs are shared: no machine paths
+    _log(f"{s.name}: tasks {tasks}, methods {list(s.methods)}, seeds {list(s.seeds)} -> {where}")
     cache = X.BackboneCache()
     exps = experiments(s, tasks, cache)  # fails early on missing data
 
