@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -146,6 +147,7 @@ def _dispatch(
 _BATCHES: dict = {}
 _BATCHES_MAX = 32  # datasets kept on the device
 _BATCHES_MAX_BYTES = 256 << 20  # larger datasets (e.g. image test sets) are not kept
+_BATCHES_LOCK = threading.Lock()
 
 
 def device_batches(
@@ -164,6 +166,11 @@ def device_batches(
     many models on one validation split transfers and packs it once; the arrays are
     treated as immutable.
     """
+    with _BATCHES_LOCK:  # a study fine-tunes in a thread while it evaluates merges
+        return _device_batches(arrays, batch_size, pack)
+
+
+def _device_batches(arrays, batch_size, pack):
     key = (id(arrays), batch_size, pack)
     hit = _BATCHES.get(key)
     if hit is not None and hit[0] is arrays:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,8 +26,10 @@ from llora_jax import evaluate as E
 from llora_jax import fusion
 from llora_jax import model as M
 from llora_jax.experiment import Experiment
+from llora_jax.fusion._common import keep_count, num_elements, thresholds_of_count
 from llora_jax.fusion.dare import check_p as dare_check_p
 from llora_jax.fusion.lorahub import quiet as lorahub_quiet
+from llora_jax.fusion.ties import DEFAULT_K as TIES_DEFAULT_K
 from llora_jax.task_vectors import TaskVector, check_compatible
 
 PyTree = Any
@@ -105,6 +108,11 @@ def _dropped(taus: list[PyTree], p: Any, key: Any) -> PyTree:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
 
 
+def _ties_of_count(taus: list[PyTree], masks: Any, m: Any) -> PyTree:
+    """``fusion.ties_subsets`` (λ = 1) keeping each task's ``m`` largest elements."""
+    return fusion.ties_subsets(taus, masks, thresholds=thresholds_of_count(taus, m))
+
+
 def _isolation_parts(taus: list[PyTree], masks: Any, p: float) -> PyTree:
     """Every subset's isolation core (S, ...), then its rest (S, ...), on one axis (2S, ...)."""
     core, rest = fusion.isolation_subsets(taus, masks, p)
@@ -152,7 +160,9 @@ def candidates(
         dropped = _program(_dropped, key=fixed.get("key", 0))(taus, np.float32(fixed["p"]))
         return each_task(dropped, lambda e, ix: float(e["lam"]))
     if name == "ties" and scaled and set(fixed) <= {"k"}:
-        merged = _program(fusion.ties_subsets, **fixed, lam=1.0)(taus, masks)
+        k = fixed.get("k", TIES_DEFAULT_K)
+        m = keep_count(k, num_elements(taus[0]), "k")  # traced: one program for every k
+        merged = _program(_ties_of_count)(taus, masks, np.int32(m))
         return [(merged, [[(e, {s: float(e["lam"])}) for e in entries] for s in range(n_sub)])]
     if name == "isolation" and scaled and set(fixed) == {"p"}:
         both = _program(_isolation_parts, **fixed)(taus, masks)
@@ -308,6 +318,7 @@ def fuse_subsets(
                 + (f" (unknown: {unknown})" if unknown else "")
             )
     index = [sorted(tasks.index(t) for t in sub) for sub in subsets]
+    TIMINGS["merge_s"] = 0.0
     taus = [m.tv.tau for m in members]
     base, phi0 = _base(members)
     args = (members, index, base, phi0, batch_size, chunk)
@@ -329,6 +340,11 @@ def fuse_subsets(
     return out
 
 
+# Seconds the last ``fuse_subsets`` spent building merged vectors (merge_s; the rest of its
+# time is evaluation and host work): read by the study's log.
+TIMINGS = {"merge_s": 0.0}
+
+
 def _search(evaluate, index, taus, name, groups, bar) -> list[tuple]:
     """Validation selection over the groups; then test scores of each subset's choice.
 
@@ -338,7 +354,11 @@ def _search(evaluate, index, taus, name, groups, bar) -> list[tuple]:
     best: list = [None] * n_sub  # (mean val, row, val scores)
     chosen = None  # (S, ...): the merged vector of each subset's best row
     for fixed, entries in groups:
-        for vectors, rows in candidates(name, taus, index, fixed, entries):
+        t0 = time.perf_counter()
+        built = candidates(name, taus, index, fixed, entries)
+        jax.block_until_ready([v for v, _ in built])
+        TIMINGS["merge_s"] += time.perf_counter() - t0
+        for vectors, rows in built:
             val = evaluate(vectors, rows, "validation")
             coef = np.zeros((n_sub, jax.tree.leaves(vectors)[0].shape[0]), np.float32)
             better = np.zeros(n_sub, bool)

@@ -11,6 +11,8 @@ results, and writes ``results.json`` + ``report.md`` + figures.
 Fine-tuning runs of one method train ``group_size`` at a time (train_group: one
 vmapped step over the runs, R batches per step): a small run alone leaves an
 accelerator idle between kernel launches. ``group_size`` 1 trains one run at a time.
+Fine-tuning runs in a thread, method after method, while the methods already trained are
+analysed: the device interleaves both, and compiles and host work overlap device work.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from llora_jax import fuse as F
 from llora_jax import fusion
 from llora_jax import task_vectors as tv
 from llora_jax import tree as T
-from llora_jax.study_finetune import _load_module, experiments, finetune_all, load_config
+from llora_jax.study_finetune import BackgroundFinetuning, _load_module, experiments, load_config
 from llora_jax.study_finetune import log as _log
 
 DEFAULT_FUSION = ("average", "task_arithmetic", "ties", "dare", "lorahub", "isolation")
@@ -248,44 +250,49 @@ def run_study(s: Any, out: Path) -> Path:
     order = [(m, seeds[0], True) for m in s.methods] + [(m, sd, False) for m, sd in rest]
     order += [(m, sd, True) for m, sd in rest if sd in analysis]
     chosen: dict = {}
-    for method, seed, analyse in order:
-        if not any(k[0] == method for k in chosen):
+    # Fine-tuning runs ahead in a thread (the next methods train while this one is analysed).
+    tuner = BackgroundFinetuning(s, out, tasks, cache, exps, list(s.methods))
+    try:
+        for method, seed, analyse in order:
+            if not any(k[0] == method for k in chosen):
+                runs, lrs, secs = tuner.result(method)
+                chosen.update(runs)
+                for (m, task), lr in lrs.items():
+                    if m == method:
+                        results["learning_rate"].setdefault(m, {})[task] = lr
+                # Wall seconds of the method's fine-tuning thread (overlapping other analyses).
+                results["timings_s"][f"finetune/{method}"] = secs
             t = time.perf_counter()
-            runs, lrs = finetune_all(s, out, tasks, cache, exps, [method])
-            chosen.update(runs)
-            for (m, task), lr in lrs.items():
-                if m == method:
-                    results["learning_rate"].setdefault(m, {})[task] = lr
-            results["timings_s"][f"finetune/{method}"] = time.perf_counter() - t
-        t = time.perf_counter()
-        members, fps = {}, {}
-        for task in tasks:
-            wd = chosen[(method, seed, task)]
-            exp = dataclasses.replace(exps[task])
-            exp.spec = X.M.AdapterSpec(method, exp.spec.lora)
-            loaded = tv.load(wd / "task_vector")
-            fps[task] = T.fingerprint(loaded.tau)
-            # On the device once: every merge of the block reuses these arrays.
-            members[task] = F.Member(exp=exp, tv=tv.on_device(loaded))
-            m = members[task].tv.meta["metrics"]
-            results["single"].setdefault(method, {}).setdefault(task, {})[str(seed)] = {
-                "val": {k[4:]: v for k, v in m.items() if k.startswith("val/")},
-                "test": {k[5:]: v for k, v in m.items() if k.startswith("test/")},
-            }
-            results["runs"].setdefault(method, {}).setdefault(task, {})[str(seed)] = str(
-                wd.relative_to(out)
-            )
-        _interference(s, results, method, seed, members, tasks)
-        compute = analyse and seed in analysis
-        cached = _Cache(done, cache_path, fps)
-        _fusion(s, results, method, seed, members, tasks, cached, compute)
-        _disentangle(s, results, method, seed, members, cached, compute)
-        if compute:
-            results["timings_s"][f"analysis/{method}/seed{seed}"] = time.perf_counter() - t
-            _log(f"{method} seed {seed}: analysis done in {time.perf_counter() - t:.0f} s")
-        # After every block (the report, with its figures, at the end): an interrupted
-        # study keeps it.
-        _write_results(results, out, report=False)
+            members, fps = {}, {}
+            for task in tasks:
+                wd = chosen[(method, seed, task)]
+                exp = dataclasses.replace(exps[task])
+                exp.spec = X.M.AdapterSpec(method, exp.spec.lora)
+                loaded = tv.load(wd / "task_vector")
+                fps[task] = T.fingerprint(loaded.tau)
+                # On the device once: every merge of the block reuses these arrays.
+                members[task] = F.Member(exp=exp, tv=tv.on_device(loaded))
+                m = members[task].tv.meta["metrics"]
+                results["single"].setdefault(method, {}).setdefault(task, {})[str(seed)] = {
+                    "val": {k[4:]: v for k, v in m.items() if k.startswith("val/")},
+                    "test": {k[5:]: v for k, v in m.items() if k.startswith("test/")},
+                }
+                results["runs"].setdefault(method, {}).setdefault(task, {})[str(seed)] = str(
+                    wd.relative_to(out)
+                )
+            _interference(s, results, method, seed, members, tasks)
+            compute = analyse and seed in analysis
+            cached = _Cache(done, cache_path, fps)
+            _fusion(s, results, method, seed, members, tasks, cached, compute)
+            _disentangle(s, results, method, seed, members, cached, compute)
+            if compute:
+                results["timings_s"][f"analysis/{method}/seed{seed}"] = time.perf_counter() - t
+                _log(f"{method} seed {seed}: analysis done in {time.perf_counter() - t:.0f} s")
+            # After every block (the report, with its figures, at the end): an interrupted
+            # study keeps it.
+            _write_results(results, out, report=False)
+    finally:
+        tuner.close()
     path, rep = _write_results(results, out)
     _log(f"results: {path}")
     _log(f"report:  {rep}")
@@ -367,6 +374,7 @@ def _fusion(s, results, method, seed, members, tasks, cache: _Cache, compute=Tru
     which = dict(s.get("fusion_subsets", {}))
     grids = dict(s.get("fusion_grids", {}))
     spent: dict[str, float] = {}
+    merging: dict[str, float] = {}  # of which building the merged vectors (compiles included)
     for name in s.fusion:
         kind = which.get(name, "all")
         subs = [
@@ -396,6 +404,8 @@ def _fusion(s, results, method, seed, members, tasks, cache: _Cache, compute=Tru
             )
             cache.put((keys[sub], sub, found[F.subset_key(sub)]) for sub in todo)
             spent[name] = time.perf_counter() - t0
+            if F.TIMINGS["merge_s"] >= 0.5:
+                merging[name] = F.TIMINGS["merge_s"]
         for sub in subs:
             entry = cache.get(keys[sub], sub)
             if entry is not None:
@@ -404,9 +414,15 @@ def _fusion(s, results, method, seed, members, tasks, cache: _Cache, compute=Tru
                 )[str(seed)] = entry
     for name, sec in spent.items():
         results["timings_s"][f"fusion/{method}/seed{seed}/{name}"] = sec
+    for name, sec in merging.items():
+        results["timings_s"][f"fusion/{method}/seed{seed}/{name}/merging"] = sec
     if spent:
         _log(
-            f"{method} seed {seed} fusion: " + ", ".join(f"{k} {v:.0f} s" for k, v in spent.items())
+            f"{method} seed {seed} fusion: "
+            + ", ".join(
+                f"{k} {v:.0f} s" + (f" (merging {merging[k]:.0f} s)" if k in merging else "")
+                for k, v in spent.items()
+            )
         )
 
 

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -56,15 +57,26 @@ def log(msg: str) -> None:
     print(f"[study {(time.perf_counter() - _T0) / 60:5.1f} min] {msg}", flush=True)
 
 
+class Stopped(Exception):
+    """Fine-tuning was asked to stop (``finetune_all(stop=...)``) before its next group."""
+
+
 def finetune_all(
-    s, out: Path, tasks: list[str], cache: X.BackboneCache, exps: dict, methods: list[str]
+    s,
+    out: Path,
+    tasks: list[str],
+    cache: X.BackboneCache,
+    exps: dict,
+    methods: list[str],
+    stop: threading.Event | None = None,
 ) -> tuple[dict, dict]:
     """Fine-tune (or find finished) runs; pick the best learning rate per run on validation.
     Returns ({(method, seed, task): run dir}, {(method, task): learning rate}).
 
     Per method two waves: first every run whose rate is known up front (the sweep seeds
     try every rate; a given choice fixes it), then the other seeds' runs at the rate the
-    first sweep seed chose. Unfinished runs of a wave train ``group_size`` at a time."""
+    first sweep seed chose. Unfinished runs of a wave train ``group_size`` at a time.
+    ``stop``: when set, raise ``Stopped`` before the next group (finished runs stay)."""
     chosen: dict = {}
     given = s.get("learning_rate_choice", {}) or {}
     chosen_lr: dict = {
@@ -98,7 +110,7 @@ def finetune_all(
                 )
                 for sd, t in cells
             }
-            train_wave(s, out, method, plan, cache, exps, counter, total)
+            train_wave(s, out, method, plan, cache, exps, counter, total, stop)
             for (sd, t), lrs in plan.items():
                 best = None
                 for lr in lrs:
@@ -117,7 +129,9 @@ def run_dir(out: Path, method: str, seed: int, task: str, lr: float) -> Path:
     return out / "runs" / f"seed{seed}" / task / f"{method}-lr{lr:g}"
 
 
-def train_wave(s, out, method, plan: dict, cache, exps, counter: list, total: int) -> None:
+def train_wave(
+    s, out, method, plan: dict, cache, exps, counter: list, total: int, stop=None
+) -> None:
     """Fine-tune the unfinished runs of ``plan`` {(seed, task): [rates]}, group_size at a time.
 
     Runs group only with runs whose task models share one compiled step (text heads are
@@ -138,6 +152,8 @@ def train_wave(s, out, method, plan: dict, cache, exps, counter: list, total: in
     progress = s.get("progress", True)
     for runs in todo.values():
         for k in range(0, len(runs), size):
+            if stop is not None and stop.is_set():
+                raise Stopped(f"fine-tuning {method} stopped")
             group = runs[k : k + size]
             configs = []
             for _, seed, task, lr, _ in group:
@@ -189,3 +205,45 @@ def experiments(s, tasks: list[str], cache: X.BackboneCache) -> dict[str, X.Expe
     for t in te:
         exps[t] = dataclasses.replace(exps[t], tm=TE.pad_classes(exps[t].tm, n))
     return exps
+
+
+class BackgroundFinetuning:
+    """Fine-tunes the methods one after another in a thread while the caller analyses the
+    ones already finished: the accelerator then runs one method's merge grids between
+    another's training steps, and each side's compiles and host work overlap the other's
+    device work. ``result(method)`` waits for a method and returns
+    ``(runs, learning rates, seconds)`` as ``finetune_all`` (an error in the thread is
+    raised there); ``close()`` stops the thread before its next group and waits for it."""
+
+    def __init__(self, s, out, tasks, cache, exps, methods: list[str]):
+        self._done: dict[str, tuple] = {}
+        self._ready = {m: threading.Event() for m in methods}
+        self._stop = threading.Event()
+        args = (s, out, tasks, cache, exps)
+        self._thread = threading.Thread(
+            target=self._run, args=(args, list(methods)), name="finetuning", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, args, methods) -> None:
+        try:
+            for m in methods:
+                t = time.perf_counter()
+                runs, lrs = finetune_all(*args, [m], stop=self._stop)
+                self._done[m] = (runs, lrs, time.perf_counter() - t)
+                self._ready[m].set()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+            for m in methods:
+                self._done.setdefault(m, e)
+                self._ready[m].set()
+
+    def result(self, method: str) -> tuple[dict, dict, float]:
+        self._ready[method].wait()
+        got = self._done[method]
+        if isinstance(got, BaseException):
+            raise RuntimeError(f"fine-tuning {method} failed: {got}") from got
+        return got
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()

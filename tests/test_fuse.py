@@ -137,6 +137,25 @@ def test_candidates_of_every_subset_equal_the_direct_merge(name, fixed, entries)
                     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
+def test_ties_candidates_share_one_program_for_every_k():
+    """The keep count is traced: every k (1.0 included, which keeps every nonzero element)
+    merges with one compiled program, and each equals ``fusion.ties`` of the subset."""
+    from llora_jax import fusion
+
+    taus = [m.tv.tau for m in _members(n=3)]
+    index = [[0, 1], [0, 1, 2]]
+    program = F._program(F._ties_of_count)
+    before = program._cache_size()
+    for k in (0.25, 0.5, 1.0):
+        entry = {"k": k, "lam": 0.7}
+        ((vecs, rows),) = F.candidates("ties", taus, index, {"k": k}, [entry])
+        for ix, ((_, coef),) in zip(index, rows):
+            want = fusion.ties([taus[i] for i in ix], k=k, lam=0.7)
+            for a, b in zip(jax.tree.leaves(_row_vector(vecs, coef)), jax.tree.leaves(want)):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    assert program._cache_size() - before <= 1
+
+
 def test_dare_candidates_draw_each_tasks_mask_once_for_all_subsets():
     from llora_jax import fusion
 

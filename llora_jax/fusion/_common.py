@@ -114,7 +114,15 @@ def topk_thresholds(taus: Sequence[PyTree], frac: float, name: str = "k") -> jax
     m = keep_count(frac, d, name)
     if m == d:
         return jnp.zeros((len(taus),), jnp.float32)
-    ths = [jnp.sort(jnp.abs(T.to_vector(t)).astype(jnp.float32))[d - m] for t in taus]
+    return thresholds_of_count(taus, m)
+
+
+def thresholds_of_count(taus: Sequence[PyTree], m: Any) -> jax.Array:
+    """Per task, its m-th largest |τ_i| element (n,); ``m`` (1..d) may be traced, so that one
+    compiled program serves every keep fraction (``keep_count`` gives m on the host)."""
+    d = num_elements(taus[0])
+    index = d - jnp.asarray(m, jnp.int32)
+    ths = [jnp.sort(jnp.abs(T.to_vector(t)).astype(jnp.float32))[index] for t in taus]
     return jnp.stack(ths)
 
 

@@ -62,6 +62,7 @@ def ties_subsets(
     k: float = DEFAULT_K,
     lam: Any = DEFAULT_LAM,
     batch_size: int = 8,
+    thresholds: Any = None,
 ) -> PyTree:
     """TIES merges of many subsets of ``taus`` at once, stacked on a leading axis (S, ...).
 
@@ -69,10 +70,11 @@ def ties_subsets(
     Trimming is per task (its threshold does not depend on the subset), and a task outside
     the subset, set to zero, is never kept, so it counts neither in the elected sign nor in
     the disjoint mean. ``batch_size`` subsets are merged at a time (memory: batch_size × n ×
-    the largest leaf).
+    the largest leaf). ``thresholds`` (n,): the trim thresholds, given instead of ``k``
+    (e.g. ``thresholds_of_count`` with a traced keep count: one program for every k).
     """
     taus = check_taus(taus)
-    thr = topk_thresholds(taus, k, "k")
+    thr = topk_thresholds(taus, k, "k") if thresholds is None else thresholds
     dtypes = jax.tree.map(lambda x: jnp.asarray(x).dtype, taus[0])
 
     def merge(x):
