@@ -85,7 +85,8 @@ report: install ## tables and figures from RESULTS=path/to/results.json (into it
 
 reproduce-text: install ## the MiniLM study on LLORA_DATA_DIR's text tasks (results in experiments/text_minilm/)
 	$(PY) -m llora_jax.main study --study=experiments/text_minilm/study.py --out=$(OUT)/text_minilm
-	cp $(OUT)/text_minilm/results.json $(OUT)/text_minilm/report.md $(OUT)/text_minilm/*.png experiments/text_minilm/
+	cp $(OUT)/text_minilm/results.json $(OUT)/text_minilm/results_summary.json \
+		$(OUT)/text_minilm/report.md $(OUT)/text_minilm/*.png experiments/text_minilm/
 
 reproduce-clip: install ## the paper's CLIP ViT-B/16 study (needs hub weights, tfds data, accelerators)
 	$(PY) -m llora_jax.main study --study=experiments/clip_vit_b16/study.py --out=$(OUT)/clip_vit_b16

@@ -343,6 +343,12 @@ def summarize(results: Mapping, baseline: str = "lora", linearized: str = "l_lor
     tasks = _ordered(results.get("tasks") or [], found_tasks)
     single_tasks = [t for t in tasks if t in found_tasks]
     summary = {k: results.get(k) for k in _HEADER_KEYS}
+    if not summary["timings"] and isinstance(results.get("timings_s"), Mapping):
+        # A study's wall seconds: fine-tuning per method and analysis per (method, seed); the
+        # per-fusion-method split stays in results.json.
+        summary["timings"] = {
+            k: v for k, v in results["timings_s"].items() if k.split("/")[0] != "fusion"
+        }
     summary.update(tasks=tasks, methods=methods, seeds=results.get("seeds"))
     summary["primary_metric"] = {
         t: _mapping(results.get("primary_metric"), "primary_metric").get(t) for t in tasks

@@ -441,3 +441,22 @@ def test_errors_are_clear(results, tmp_path):
     r["cosine"] = [1, 2]
     with pytest.raises(ValueError, match="cosine must be an object"):
         report.summarize(r)
+
+
+def test_study_timings_are_reported_without_the_fusion_split(results):
+    """A study writes ``timings_s`` (fine-tuning, analysis blocks, and each fusion method):
+    the report's timings table takes the first two and leaves the split in results.json."""
+    timings = {
+        "finetune/lora": 60.1,
+        "analysis/lora/seed0": 112.0,
+        "fusion/lora/seed0/ties": 18.0,
+        "fusion/lora/seed0/ties/merging": 4.0,
+    }
+    r = _with(results, timings=None, timings_s=timings)
+    s = report.summarize(r)
+    assert s["timings"] == {"finetune/lora": 60.1, "analysis/lora/seed0": 112.0}
+    md = report.render_markdown(s, {})
+    assert _table(md, "## Timings")[1:] == [
+        ["finetune/lora", "60.1"],
+        ["analysis/lora/seed0", "112.0"],
+    ]
