@@ -263,23 +263,7 @@ def run_study(s: Any, out: Path) -> Path:
                 # Wall seconds of the method's fine-tuning thread (overlapping other analyses).
                 results["timings_s"][f"finetune/{method}"] = secs
             t = time.perf_counter()
-            members, fps = {}, {}
-            for task in tasks:
-                wd = chosen[(method, seed, task)]
-                exp = dataclasses.replace(exps[task])
-                exp.spec = X.M.AdapterSpec(method, exp.spec.lora)
-                loaded = tv.load(wd / "task_vector")
-                fps[task] = T.fingerprint(loaded.tau)
-                # On the device once: every merge of the block reuses these arrays.
-                members[task] = F.Member(exp=exp, tv=tv.on_device(loaded))
-                m = members[task].tv.meta["metrics"]
-                results["single"].setdefault(method, {}).setdefault(task, {})[str(seed)] = {
-                    "val": {k[4:]: v for k, v in m.items() if k.startswith("val/")},
-                    "test": {k[5:]: v for k, v in m.items() if k.startswith("test/")},
-                }
-                results["runs"].setdefault(method, {}).setdefault(task, {})[str(seed)] = str(
-                    wd.relative_to(out)
-                )
+            members, fps = _members(out, tasks, exps, results, method, seed, chosen)
             _interference(s, results, method, seed, members, tasks)
             compute = analyse and seed in analysis
             cached = _Cache(done, cache_path, fps)
@@ -297,6 +281,29 @@ def run_study(s: Any, out: Path) -> Path:
     _log(f"results: {path}")
     _log(f"report:  {rep}")
     return path
+
+
+def _members(out, tasks, exps, results, method, seed, chosen) -> tuple[dict, dict]:
+    """The (method, seed) block's members {task: Member} and their task vectors' fingerprints;
+    records their single-task scores and run directories in ``results``."""
+    members, fps = {}, {}
+    for task in tasks:
+        wd = chosen[(method, seed, task)]
+        exp = dataclasses.replace(exps[task])
+        exp.spec = X.M.AdapterSpec(method, exp.spec.lora)
+        loaded = tv.load(wd / "task_vector")
+        fps[task] = T.fingerprint(loaded.tau)
+        # On the device once: every merge of the block reuses these arrays.
+        members[task] = F.Member(exp=exp, tv=tv.on_device(loaded))
+        m = members[task].tv.meta["metrics"]
+        results["single"].setdefault(method, {}).setdefault(task, {})[str(seed)] = {
+            "val": {k[4:]: v for k, v in m.items() if k.startswith("val/")},
+            "test": {k[5:]: v for k, v in m.items() if k.startswith("test/")},
+        }
+        results["runs"].setdefault(method, {}).setdefault(task, {})[str(seed)] = str(
+            wd.relative_to(out)
+        )
+    return members, fps
 
 
 def _write_results(results: dict, out: Path, report: bool = True) -> tuple[Path, Path | None]:

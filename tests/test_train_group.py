@@ -259,3 +259,43 @@ def test_study_group_size_changes_nothing_but_speed(tmp_path, off, capsys):
     for d, m in one[3].items():
         for k, v in m.items():
             assert three[3][d][k] == pytest.approx(v, abs=1e-5), (d, k)
+
+
+def test_background_finetuning_hands_over_results_errors_and_stops(monkeypatch):
+    """Methods are fine-tuned in order in the thread; a method's error reaches whoever waits
+    for it (and for every later method), earlier methods' results stay; close() sets the stop
+    event that finetune_all checks before each group."""
+    import threading
+
+    seen, stops = [], []
+
+    def fake(s, out, tasks, cache, exps, methods, stop=None):
+        (m,) = methods
+        seen.append(m)
+        stops.append(stop)
+        if m == "bad":
+            raise ValueError("no data for bad")
+        return {(m, 0, "t"): f"dir-{m}"}, {(m, "t"): 0.1}
+
+    monkeypatch.setattr(SF, "finetune_all", fake)
+    bg = SF.BackgroundFinetuning(None, None, ["t"], None, {}, ["lora", "bad", "never"])
+    runs, lrs, secs = bg.result("lora")
+    assert runs == {("lora", 0, "t"): "dir-lora"} and lrs == {("lora", "t"): 0.1} and secs >= 0
+    for m in ("bad", "never"):
+        with pytest.raises(RuntimeError, match="fine-tuning .* failed: no data for bad"):
+            bg.result(m)
+    bg.close()
+    assert seen == ["lora", "bad"]  # nothing after the failure
+    assert all(isinstance(x, threading.Event) and x.is_set() for x in stops)
+
+
+def test_finetune_all_stops_before_its_next_group(tmp_path, off):
+    import threading
+
+    path, cache, exps = off
+    s = _study(path, dropout=False, group_size=2, seeds=[0], learning_rates=[1e-2])
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(SF.Stopped):
+        SF.finetune_all(s, tmp_path, ["stsb", "rte"], cache, exps, ["lora"], stop=stop)
+    assert not list(tmp_path.glob("runs/*/*/*/task_vector"))
