@@ -40,7 +40,13 @@ VARIANTS: dict[str, tuple[bool, int, int, str]] = {
     "packed-r128-c8": (True, 128, 8, "auto"),
     "packed-r32-c32-cudnn": (True, 32, 32, "cudnn"),
     "trimmed-b160-c12-cudnn": (False, 160, 12, "cudnn"),
+    "packed-r32-c32-gelu-tanh": (True, 32, 32, "auto"),
+    "packed-r32-c32-relu": (True, 32, 32, "auto"),
 }
+# Speed ablations, not the model: the FFN activation swapped (MiniLM's is the exact erf
+# GELU). They say what the activation costs; their agreement with the first variant's
+# predictions says how far the swap moves the model.
+ACTIVATION = {"packed-r32-c32-gelu-tanh": "gelu_new", "packed-r32-c32-relu": "relu"}
 TINY_VARIANTS = {k: VARIANTS[k] for k in ("trimmed-b160-c12", "packed-r32-c32")}
 
 
@@ -91,14 +97,20 @@ def matmul_params(params: Any) -> int:
     return sum(int(np.size(v)) for k, v in flat.items() if "encoder" in k and k.endswith("kernel"))
 
 
-def _variant_model(exp: Any, pack: bool, attn: str) -> Any:
+def _variant_model(exp: Any, pack: bool, attn: str, act: str | None = None) -> Any:
     from llora_jax.backbones.attention import with_attention_impl
 
     module = exp.tm.module if attn == "auto" else with_attention_impl(exp.tm.module, attn)
+    if act is not None:
+        module = module.clone(cfg=dataclasses.replace(module.cfg, hidden_act=act))
     return dataclasses.replace(exp.tm, module=module, packable=pack)
 
 
-def bench_eval(rec: C.Recorder, exps: dict, variants: dict, k: int, repeats: int) -> None:
+def bench_eval(
+    rec: C.Recorder, exps: dict, variants: dict, k: int, repeats: int, profile: str = ""
+) -> None:
+    """``profile``: a directory for a ``jax.profiler`` trace of one more pass of the first
+    variant (after its timed passes: nothing compiles inside the trace)."""
     exp0 = next(iter(exps.values()))
     phi0, taus = random_vectors(exp0, 6)
     spec = dataclasses.replace(exp0.spec, method="lora")
@@ -109,8 +121,8 @@ def bench_eval(rec: C.Recorder, exps: dict, variants: dict, k: int, repeats: int
     for name, (pack, batch, chunk, attn) in variants.items():
         cfg = dict(pack=pack, batch=batch, chunk=chunk, attention=attn, k=k, tasks=len(exps))
 
-        def run(pack=pack, batch=batch, chunk=chunk, attn=attn):
-            models = {t: _variant_model(e, pack, attn) for t, e in exps.items()}
+        def run(pack=pack, batch=batch, chunk=chunk, attn=attn, act=ACTIVATION.get(name)):
+            models = {t: _variant_model(e, pack, attn, act) for t, e in exps.items()}
             ev = E.GridEvaluator(models[next(iter(models))], spec, batch, chunk)
             stacked = ev.stack(taus)
 
@@ -125,6 +137,9 @@ def bench_eval(rec: C.Recorder, exps: dict, variants: dict, k: int, repeats: int
             first = one_pass()
             first_s = time.perf_counter() - t0
             samples = C.time_repeated(one_pass, lambda x: x, warmup=0, repeats=repeats)
+            if profile and ref_preds is None:
+                with jax.profiler.trace(profile):
+                    one_pass()
             paid = sum(
                 int(np.prod(b["input_ids"].shape))
                 for e in exps.values()
@@ -236,6 +251,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--variants", default="", help="comma list (default: all)")
     ap.add_argument("--k", type=int, default=96, help="merged models per task")
     ap.add_argument("--steps", type=int, default=200, help="train steps per run")
+    ap.add_argument("--profile", default="", help="trace one pass of the first variant here")
     a = ap.parse_args(argv)
     dev = C.jax_device()
     out = Path(
@@ -248,7 +264,7 @@ def main(argv: list[str] | None = None) -> Path:
     chosen = {v: pool[v] for v in a.variants.split(",") if v} or pool
     only = set(a.only.split(","))
     if "eval" in only:
-        bench_eval(rec, exps, chosen, 4 if a.tiny else a.k, 1 if a.tiny else 3)
+        bench_eval(rec, exps, chosen, 4 if a.tiny else a.k, 1 if a.tiny else 3, a.profile)
     if "train" in only:
         bench_train(rec, s, exps, out.parent / (out.stem + "-runs"), 4 if a.tiny else a.steps)
     rec.flush()

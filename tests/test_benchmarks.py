@@ -549,13 +549,55 @@ def test_text_eval_bench_on_the_real_data(tmp_path):
             str(data_dir()),
             "--out",
             str(tmp_path / "r.json"),
+            "--profile",
+            str(tmp_path / "trace"),
         ]
     )
     got = {m["name"]: m for m in json.loads(out.read_text())["measurements"]}
     assert set(got) == {*TXT.TINY_VARIANTS, "train-single", "train-group-4"}
+    assert len(list((tmp_path / "trace").rglob("*.xplane.pb"))) == 1  # the first variant's
     assert all(m["median"] is not None for m in got.values()), got
     trimmed, packed = got["trimmed-b160-c12"]["derived"], got["packed-r32-c32"]["derived"]
     assert packed["computed_tokens"] < trimmed["computed_tokens"]
     assert packed["real_tokens"] == trimmed["real_tokens"]
     assert packed["prediction_agreement_with_first_variant"] == 1.0
     assert got["train-group-4"]["config"]["runs"] == 4
+
+
+def test_trace_summary_sums_device_kernels_only(tmp_path):
+    import gzip
+
+    from benchmarks import trace_summary as TS
+
+    meta = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/host:CPU"}},
+    ]
+    kernels = [("gemm", 30.0), ("gelu", 50.0), ("gemm", 20.0), ("host_only", 999.0)]
+    events = meta + [
+        {"ph": "X", "pid": 7 if n == "host_only" else 1, "tid": 1, "name": n, "dur": d}
+        for n, d in kernels
+    ]
+    run = tmp_path / "plugins" / "profile" / "x"
+    run.mkdir(parents=True)
+    with gzip.open(run / "vm.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    rows = TS.kernel_table(tmp_path)
+    assert [(n, c) for n, _, _, c in rows] == [("gemm", 2), ("gelu", 1)]
+    assert rows[0][1] == pytest.approx(0.05) and rows[0][2] == pytest.approx(0.5)
+    with pytest.raises(FileNotFoundError, match="no \\*.trace.json.gz"):
+        TS.kernel_table(tmp_path / "plugins" / "profile" / "none")
+
+
+def test_activation_bench_forms_are_gelu_to_float32_rounding_except_tanh(tmp_path):
+    from benchmarks import activation_bench as AB
+
+    out = AB.main(["--tokens", "64", "--repeats", "1", "--out", str(tmp_path / "a.json")])
+    err = {
+        m["name"]: m["derived"]["max_abs_error_float32_vs_exact"]
+        for m in json.loads(out.read_text())["measurements"]
+    }
+    assert set(err) == set(AB.FORMS)
+    assert err["erf by Abramowitz-Stegun 7.1.26"] < 2e-6
+    assert err["erf (jax.nn.gelu exact, as MiniLM)"] < 2e-6
+    assert 1e-4 < err["tanh approximation"] < 1e-3
