@@ -243,5 +243,6 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def command_line() -> str:
-    return " ".join([Path(sys.executable).name, "-m", "benchmarks.run", *sys.argv[1:]])
+def command_line(module: str = "benchmarks.run") -> str:
+    """The command that ran ``module`` with this process's arguments."""
+    return " ".join([Path(sys.executable).name, "-m", module, *sys.argv[1:]])

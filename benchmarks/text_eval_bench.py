@@ -121,7 +121,10 @@ def bench_eval(
     for name, (pack, batch, chunk, attn) in variants.items():
         cfg = dict(pack=pack, batch=batch, chunk=chunk, attention=attn, k=k, tasks=len(exps))
 
-        def run(pack=pack, batch=batch, chunk=chunk, attn=attn, act=ACTIVATION.get(name)):
+        act = ACTIVATION.get(name)
+        trace = profile if ref_preds is None else ""  # the first variant only
+
+        def run(pack=pack, batch=batch, chunk=chunk, attn=attn, act=act, trace=trace):
             models = {t: _variant_model(e, pack, attn, act) for t, e in exps.items()}
             ev = E.GridEvaluator(models[next(iter(models))], spec, batch, chunk)
             stacked = ev.stack(taus)
@@ -137,8 +140,8 @@ def bench_eval(
             first = one_pass()
             first_s = time.perf_counter() - t0
             samples = C.time_repeated(one_pass, lambda x: x, warmup=0, repeats=repeats)
-            if profile and ref_preds is None:
-                with jax.profiler.trace(profile):
+            if trace:
+                with jax.profiler.trace(trace):
                     one_pass()
             paid = sum(
                 int(np.prod(b["input_ids"].shape))
@@ -268,7 +271,7 @@ def main(argv: list[str] | None = None) -> Path:
     if "train" in only:
         bench_train(rec, s, exps, out.parent / (out.stem + "-runs"), 4 if a.tiny else a.steps)
     rec.flush()
-    meta = {"command": C.command_line().replace("benchmarks.run", "benchmarks.text_eval_bench")}
+    meta = {"command": C.command_line("benchmarks.text_eval_bench")}
     body = {"meta": {**meta, "date": C.now_iso(), "device": dev, "versions": rec.versions}}
     C.dump(body | {"measurements": rec.items}, out)
     print(f"{'variant':<28s} {'median s':>9s} {'first s':>8s} {'tok/real':>8s} {'TFLOP/s':>8s}")
