@@ -233,15 +233,18 @@ class BackgroundFinetuning:
                 self._done[m] = (runs, lrs, time.perf_counter() - t)
                 self._ready[m].set()
         except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
-            for m in methods:
-                self._done.setdefault(m, e)
-                self._ready[m].set()
+            e.add_note(f"(raised by the study's fine-tuning thread, fine-tuning {m})")
+            for x in methods:
+                self._done.setdefault(x, e)
+                self._ready[x].set()
 
     def result(self, method: str) -> tuple[dict, dict, float]:
+        """``method``'s (runs, learning rates, seconds); re-raises the thread's error, with
+        its own type and traceback, for the method that failed and every one after it."""
         self._ready[method].wait()
         got = self._done[method]
         if isinstance(got, BaseException):
-            raise RuntimeError(f"fine-tuning {method} failed: {got}") from got
+            raise got
         return got
 
     def close(self) -> None:

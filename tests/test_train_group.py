@@ -282,8 +282,9 @@ def test_background_finetuning_hands_over_results_errors_and_stops(monkeypatch):
     runs, lrs, secs = bg.result("lora")
     assert runs == {("lora", 0, "t"): "dir-lora"} and lrs == {("lora", "t"): 0.1} and secs >= 0
     for m in ("bad", "never"):
-        with pytest.raises(RuntimeError, match="fine-tuning .* failed: no data for bad"):
+        with pytest.raises(ValueError, match="no data for bad") as err:
             bg.result(m)
+        assert "fine-tuning thread, fine-tuning bad" in str(err.value.__notes__)
     bg.close()
     assert seen == ["lora", "bad"]  # nothing after the failure
     assert all(isinstance(x, threading.Event) and x.is_set() for x in stops)
