@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common as C
+from llora_jax.backbones import bert
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,25 +30,10 @@ def _exact_f32(y):
     return jax.nn.gelu(y32, approximate=False).astype(y.dtype)
 
 
-# Abramowitz & Stegun 7.1.26: erf(z) = 1 - t (a1 + a2 t + ... + a5 t^4) exp(-z^2) for z >= 0,
-# t = 1 / (1 + p z); its largest error is 1.5e-7, under float32's resolution of GELU.
-_AS_P = 0.3275911
-_AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
-
-
-def _gelu_as7126(y):
-    x = y.astype(jnp.float32)
-    z = jnp.abs(x) * (1 / math.sqrt(2.0))
-    t = 1 / (1 + _AS_P * z)
-    poly = t * (_AS_A[0] + t * (_AS_A[1] + t * (_AS_A[2] + t * (_AS_A[3] + t * _AS_A[4]))))
-    erf = jnp.sign(x) * (1 - poly * jnp.exp(-z * z))
-    return (0.5 * x * (1 + erf)).astype(y.dtype)
-
-
 FORMS = {
     "erf (jax.nn.gelu exact, as MiniLM)": lambda y: jax.nn.gelu(y, approximate=False),
     "erf computed in float32": _exact_f32,
-    "erf by Abramowitz-Stegun 7.1.26": _gelu_as7126,
+    "erf by Abramowitz-Stegun 7.1.26 (bert.gelu_erf)": bert.gelu_erf,
     "tanh approximation": lambda y: jax.nn.gelu(y, approximate=True),
     "none (the layer alone)": lambda y: y,
 }

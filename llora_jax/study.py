@@ -211,8 +211,9 @@ def run_study(s: Any, out: Path) -> Path:
     _compile_cache(out / ".jax_cache")
     data_dir = load_config(s.config, s.get("config_arg", ""), dict(s.overrides)).data.data_dir
     tasks = list(s.tasks) or discover_text_tasks(data_dir)
-    where = str(out).replace(os.getcwd() + os.sep, "")  # logs are shared: no machine paths
-    _log(f"{s.name}: tasks {tasks}, methods {list(s.methods)}, seeds {list(s.seeds)} -> {where}")
+    _log(
+        f"{s.name}: tasks {tasks}, methods {list(s.methods)}, seeds {list(s.seeds)} -> {_shown(out)}"
+    )
     cache = X.BackboneCache()
     exps = experiments(s, tasks, cache)  # fails early on missing data
 
@@ -278,8 +279,8 @@ def run_study(s: Any, out: Path) -> Path:
     finally:
         tuner.close()
     path, rep = _write_results(results, out)
-    _log(f"results: {path}")
-    _log(f"report:  {rep}")
+    _log(f"results: {_shown(path)}")
+    _log(f"report:  {_shown(rep)}")
     return path
 
 
@@ -304,6 +305,12 @@ def _members(out, tasks, exps, results, method, seed, chosen) -> tuple[dict, dic
             wd.relative_to(out)
         )
     return members, fps
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when inside it: logs are shared and
+    committed, so they carry no machine paths."""
+    return str(path).replace(os.getcwd() + os.sep, "")
 
 
 def _write_results(results: dict, out: Path, report: bool = True) -> tuple[Path, Path | None]:

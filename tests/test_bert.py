@@ -237,3 +237,26 @@ def test_real_minilm_matches_torch():
     b16 = hf.load_backbone(str(path), param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
     emb16 = np.asarray(embed(b16.module, b16.params, ids, mask, types))
     assert cosines(emb16, emb).min() >= 0.999
+
+
+def test_gelu_erf_is_the_exact_gelu_to_float32_rounding():
+    """HF's "gelu" (x·Φ(x), erf form): value and derivative against float64, and in bf16
+    the float64 value rounded once (float32 inside; jax's erf GELU on bf16 rounds each step
+    in bf16 and is further off)."""
+    import math
+
+    from llora_jax.backbones import bert
+
+    x = np.linspace(-10, 10, 20001)
+    phi = 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    pdf = np.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+    got = np.asarray(bert.gelu_erf(jnp.asarray(x, jnp.float32)), np.float64)
+    np.testing.assert_allclose(got, x * phi, rtol=0, atol=1e-6)
+    grad = jax.vmap(jax.grad(bert.gelu_erf))(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np.asarray(grad, np.float64), phi + x * pdf, rtol=0, atol=2e-6)
+    xb = jnp.asarray(np.random.default_rng(0).normal(0, 3, 4096), jnp.bfloat16)
+    assert bert.gelu_erf(xb).dtype == jnp.bfloat16
+    ours = np.asarray(bert.gelu_erf(xb), np.float64)
+    x64 = np.asarray(xb, np.float64)
+    exact = x64 * 0.5 * (1 + np.vectorize(math.erf)(x64 / math.sqrt(2)))
+    np.testing.assert_allclose(ours, exact, rtol=2**-8, atol=1e-7)  # 1 + erf cancels far left
