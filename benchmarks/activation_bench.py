@@ -31,9 +31,9 @@ def _exact_f32(y):
 
 
 FORMS = {
-    "erf (jax.nn.gelu exact, as MiniLM)": lambda y: jax.nn.gelu(y, approximate=False),
+    "erf (jax.nn.gelu exact, XLA erf)": lambda y: jax.nn.gelu(y, approximate=False),
     "erf computed in float32": _exact_f32,
-    "erf by Abramowitz-Stegun 7.1.26 (bert.gelu_erf)": bert.gelu_erf,
+    "erf by Abramowitz-Stegun 7.1.26 (bert.gelu_erf, MiniLM now)": bert.gelu_erf,
     "tanh approximation": lambda y: jax.nn.gelu(y, approximate=True),
     "none (the layer alone)": lambda y: y,
 }

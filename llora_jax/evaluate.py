@@ -27,6 +27,7 @@ import numpy as np
 from llora_jax import adapters as ad
 from llora_jax import model as M
 from llora_jax import packing
+from llora_jax import tree as T
 
 PyTree = Any
 
@@ -407,8 +408,7 @@ class GridEvaluator:
 def stack_vectors(taus: list[PyTree], pad: int = 0) -> PyTree:
     """Task vectors stacked on a leading axis, then ``pad`` zero vectors."""
     return jax.tree.map(
-        lambda *xs: jnp.concatenate([jnp.stack(xs), jnp.zeros((pad, *xs[0].shape), xs[0].dtype)]),
-        *taus,
+        lambda x: jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]), T.stack(taus)
     )
 
 

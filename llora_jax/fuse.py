@@ -25,6 +25,7 @@ import numpy as np
 from llora_jax import evaluate as E
 from llora_jax import fusion
 from llora_jax import model as M
+from llora_jax import tree as T
 from llora_jax.experiment import Experiment
 from llora_jax.fusion._common import keep_count, num_elements, thresholds_of_count
 from llora_jax.fusion.dare import check_p as dare_check_p
@@ -105,7 +106,7 @@ def _dropped(taus: list[PyTree], p: Any, key: Any) -> PyTree:
     """DARE's drop-and-rescale of every task vector, stacked (n, ...); task i's mask is the
     one ``fusion.dare`` draws for position i. ``p`` is traced: one program for every p."""
     out = fusion.drop_and_rescale(taus, fusion.random_masks(taus, p, key), p)
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
+    return T.stack(out)
 
 
 def _ties_of_count(taus: list[PyTree], masks: Any, m: Any) -> PyTree:
@@ -294,6 +295,7 @@ def fuse_subsets(
     lorahub_budget: int = 40,
     seed: int = 0,
     progress: bool = False,
+    timings: dict | None = None,
 ) -> dict[str, dict]:
     """For every subset of the members' tasks, choose ``name``'s hyper-parameters on
     validation and score the choice on test: {subset_key: record}.
@@ -302,6 +304,8 @@ def fuse_subsets(
     of every subset that contains it (one grid per group of settings that differ only in
     λ), so a study's 57 subsets of 6 tasks cost a few large dispatches, not thousands of
     small ones. ``subsets``: lists of task names (default: the one subset of all members).
+    ``timings``: a dict that receives "merging_s", the seconds spent building merged vectors
+    (compiles included; the rest is evaluation and host work).
     """
     from tqdm.auto import tqdm
 
@@ -318,7 +322,6 @@ def fuse_subsets(
                 + (f" (unknown: {unknown})" if unknown else "")
             )
     index = [sorted(tasks.index(t) for t in sub) for sub in subsets]
-    TIMINGS["merge_s"] = 0.0
     taus = [m.tv.tau for m in members]
     base, phi0 = _base(members)
     args = (members, index, base, phi0, batch_size, chunk)
@@ -331,7 +334,7 @@ def fuse_subsets(
     else:
         groups = _groups(name, list(grid if grid is not None else fusion.hparam_grid(name)))
         bar = tqdm(total=len(groups), desc=f"{name} ({len(index)} subsets)", disable=not progress)
-        found = _search(evaluate, index, taus, name, groups, bar)
+        found = _search(evaluate, index, taus, name, groups, bar, timings)
     bar.close()
     out = {}
     for sub, ix, (hp, val, test) in zip(subsets, index, found):
@@ -340,12 +343,7 @@ def fuse_subsets(
     return out
 
 
-# Seconds the last ``fuse_subsets`` spent building merged vectors (merge_s; the rest of its
-# time is evaluation and host work): read by the study's log.
-TIMINGS = {"merge_s": 0.0}
-
-
-def _search(evaluate, index, taus, name, groups, bar) -> list[tuple]:
+def _search(evaluate, index, taus, name, groups, bar, timings=None) -> list[tuple]:
     """Validation selection over the groups; then test scores of each subset's choice.
 
     Each subset's best merged vector so far is kept on the device (S, ...), so the test
@@ -353,11 +351,12 @@ def _search(evaluate, index, taus, name, groups, bar) -> list[tuple]:
     n_sub = len(index)
     best: list = [None] * n_sub  # (mean val, row, val scores)
     chosen = None  # (S, ...): the merged vector of each subset's best row
+    merging = 0.0
     for fixed, entries in groups:
         t0 = time.perf_counter()
         built = candidates(name, taus, index, fixed, entries)
         jax.block_until_ready([v for v, _ in built])
-        TIMINGS["merge_s"] += time.perf_counter() - t0
+        merging += time.perf_counter() - t0
         for vectors, rows in built:
             val = evaluate(vectors, rows, "validation")
             coef = np.zeros((n_sub, jax.tree.leaves(vectors)[0].shape[0]), np.float32)
@@ -373,6 +372,8 @@ def _search(evaluate, index, taus, name, groups, bar) -> list[tuple]:
             new = _combine(vectors, coef)
             chosen = new if chosen is None else _replace(chosen, new, better)
         bar.update()
+    if timings is not None:
+        timings["merging_s"] = merging
     test = evaluate(chosen, [[({}, {s: 1.0})] for s in range(n_sub)], "test")
     return [(b[1][0], b[2], t[0]) for b, t in zip(best, test)]
 

@@ -318,9 +318,23 @@ def _write_results(results: dict, out: Path, report: bool = True) -> tuple[Path,
 
     path = out / "results.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=float))
+    # Compact, floats to 7 significant digits (float32's; scores are computed no finer): a
+    # full study's file is 1.6 MB instead of 3.1. report.md and results_summary.json are
+    # the readable forms.
+    tmp.write_text(json.dumps(_significant(results), separators=(",", ":"), default=float))
     os.replace(tmp, path)
     return path, (R.write_report(results, out) if report else None)
+
+
+def _significant(x: Any) -> Any:
+    """``x`` with every float rounded to 7 significant digits (for results.json)."""
+    if isinstance(x, float):
+        return float(f"{x:.7g}")
+    if isinstance(x, dict):
+        return {k: _significant(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_significant(v) for v in x]
+    return x
 
 
 def _interference(s, results, method, seed, members, tasks) -> None:
@@ -403,7 +417,7 @@ def _fusion(s, results, method, seed, members, tasks, cache: _Cache, compute=Tru
             _log(f"{method} seed {seed} {name}: {stale} cached results are of other task vectors")
         if todo and compute:
             t0 = time.perf_counter()
-            grid = grids.get(name)
+            grid, split = grids.get(name), {}
             # Every subset of the method at once (one grid per task and setting group).
             found = F.fuse_subsets(
                 [members[t] for t in tasks],
@@ -415,11 +429,12 @@ def _fusion(s, results, method, seed, members, tasks, cache: _Cache, compute=Tru
                 lorahub_budget=int(s.get("lorahub_budget", 40)),
                 seed=int(seed),
                 progress=bool(s.get("progress", True)),
+                timings=split,
             )
             cache.put((keys[sub], sub, found[F.subset_key(sub)]) for sub in todo)
             spent[name] = time.perf_counter() - t0
-            if F.TIMINGS["merge_s"] >= 0.5:
-                merging[name] = F.TIMINGS["merge_s"]
+            if split.get("merging_s", 0.0) >= 0.5:
+                merging[name] = split["merging_s"]
         for sub in subs:
             entry = cache.get(keys[sub], sub)
             if entry is not None:

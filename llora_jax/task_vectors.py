@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from llora_jax import __version__
 from llora_jax import tree as T
@@ -266,8 +265,3 @@ def load_many(paths: Sequence[str | os.PathLike]) -> list[TaskVector]:
     tvs = [load(p) for p in paths]
     check_compatible(tvs)
     return tvs
-
-
-def stack(taus: Sequence[PyTree]) -> PyTree:
-    """Stack task vectors on a new leading axis (for vmapped merge grids)."""
-    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *taus)

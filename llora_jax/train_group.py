@@ -126,10 +126,6 @@ def check_members(members: Sequence[GroupMember]) -> None:
             )
 
 
-def _stack(trees: Sequence[PyTree]) -> PyTree:
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
 def _take(tree: PyTree, i: int) -> PyTree:
     return jax.tree.map(lambda x: x[i], tree)
 
@@ -243,13 +239,13 @@ def finetune_group(
         TR.init_state(t, TR.make_optimizer(dataclasses.replace(oc, learning_rate=m.learning_rate)))
         for (t, _), m in zip(starts, members)
     ]
-    state = jax.device_put(_stack(states), repl)
+    state = jax.device_put(T.stack(states), repl)
     del states
     frozen = jax.device_put(
         {
             "params": tm.params,
-            "head": _stack([m.head for m in members]) if members[0].head is not None else None,
-            "phi0": None if phi0s[0] is None else _stack(phi0s),
+            "head": T.stack([m.head for m in members]) if members[0].head is not None else None,
+            "phi0": None if phi0s[0] is None else T.stack(phi0s),
         },
         repl,
     )

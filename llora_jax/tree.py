@@ -124,6 +124,11 @@ def zeros_like(a: PyTree) -> PyTree:
     return jax.tree.map(jnp.zeros_like, a)
 
 
+def stack(trees: list[PyTree]) -> PyTree:
+    """The trees stacked leaf by leaf on a new leading axis (n, ...)."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
 def weighted_sum(trees: list[PyTree], weights: Any) -> PyTree:
     """Σ_i w_i · tree_i; ``weights`` may be a traced array (used inside vmap)."""
     if not trees:
