@@ -58,41 +58,41 @@ test: install-test ## install, then run the whole test suite
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: install ## install, then run the quick study (3 tasks, LoRA vs L-LoRA) and print its report path
-	$(PY) -m llora_jax.main study --study=experiments/text_minilm/study.py --study_arg=demo \
+	$(PY) -m llora_jax.cli study --study=experiments/text_minilm/study.py --study_arg=demo \
 		--out=$(OUT)/demo
 
 finetune: install ## fine-tune one task: MODEL=minilm|t5|clip[.py:arg] TASK=... METHOD=full|lora|l_lora|l_lora_model
 	@test -n "$(TASK)" || (echo "set TASK=<task>, e.g. make finetune MODEL=minilm TASK=sst2 METHOD=l_lora"; exit 2)
-	$(PY) -m llora_jax.main finetune --config=configs/$(MODEL_NAME).py$(if $(findstring :,$(MODEL)),:$(lastword $(subst :, ,$(MODEL))),) \
+	$(PY) -m llora_jax.cli finetune --config=configs/$(MODEL_NAME).py$(if $(findstring :,$(MODEL)),:$(lastword $(subst :, ,$(MODEL))),) \
 		--config.task=$(TASK) --config.method=$(METHOD) --workdir=$(WORKDIR) $(ARGS)
 
 finetune-all: install ## fine-tune every task of TASKS=a,b,c with METHOD into $(OUT)/<model>/<task>/<method>
 	@test -n "$(TASKS)" || (echo "set TASKS=a,b,c"; exit 2)
-	$(PY) -m llora_jax.main finetune-all --config=configs/$(MODEL_NAME).py$(if $(findstring :,$(MODEL)),:$(lastword $(subst :, ,$(MODEL))),) \
+	$(PY) -m llora_jax.cli finetune-all --config=configs/$(MODEL_NAME).py$(if $(findstring :,$(MODEL)),:$(lastword $(subst :, ,$(MODEL))),) \
 		--config.method=$(METHOD) --tasks=$(TASKS) --workdir=$(OUT)/$(MODEL_NAME) $(ARGS)
 
 fuse: install ## merge the task vectors of TASKS (or RUNS=dirs) with FUSION methods; report in $(OUT)/fuse
-	$(PY) -m llora_jax.main fuse --runs=$(subst $(space),$(comma),$(strip $(RUNS))) --fusion=$(FUSION) \
+	$(PY) -m llora_jax.cli fuse --runs=$(subst $(space),$(comma),$(strip $(RUNS))) --fusion=$(FUSION) \
 		--out=$(OUT)/fuse/$(MODEL_NAME)-$(METHOD)
 
 disentangle: install ## disentanglement-error heatmap of two task vectors (TASKS=a,b or RUNS=dir1 dir2)
-	$(PY) -m llora_jax.main disentangle --runs=$(subst $(space),$(comma),$(strip $(RUNS))) \
+	$(PY) -m llora_jax.cli disentangle --runs=$(subst $(space),$(comma),$(strip $(RUNS))) \
 		--out=$(OUT)/disentangle/$(MODEL_NAME)-$(METHOD)
 
 report: install ## tables and figures from RESULTS=path/to/results.json (into its folder)
 	@test -n "$(RESULTS)" || (echo "set RESULTS=path/to/results.json"; exit 2)
-	$(PY) -m llora_jax.main report --results=$(RESULTS)
+	$(PY) -m llora_jax.cli report --results=$(RESULTS)
 
 reproduce-text: install ## the MiniLM study on LLORA_DATA_DIR's text tasks (results in experiments/text_minilm/)
-	$(PY) -m llora_jax.main study --study=experiments/text_minilm/study.py --out=$(OUT)/text_minilm
+	$(PY) -m llora_jax.cli study --study=experiments/text_minilm/study.py --out=$(OUT)/text_minilm
 	cp $(OUT)/text_minilm/results.json $(OUT)/text_minilm/results_summary.json \
 		$(OUT)/text_minilm/report.md $(OUT)/text_minilm/*.png experiments/text_minilm/
 
 reproduce-clip: install ## the paper's CLIP ViT-B/16 study (needs hub weights, tfds data, accelerators)
-	$(PY) -m llora_jax.main study --study=experiments/clip_vit_b16/study.py --out=$(OUT)/clip_vit_b16
+	$(PY) -m llora_jax.cli study --study=experiments/clip_vit_b16/study.py --out=$(OUT)/clip_vit_b16
 
 reproduce-t5: install ## the paper's Flan-T5-base study (needs hub weights, tfds GLUE, accelerators)
-	$(PY) -m llora_jax.main study --study=experiments/flan_t5_base/study.py --out=$(OUT)/flan_t5_base
+	$(PY) -m llora_jax.cli study --study=experiments/flan_t5_base/study.py --out=$(OUT)/flan_t5_base
 
 bench: install-test ## speed: train steps, merge grids, vs PyTorch; JSON in benchmarks/results/
 	$(PY) -m benchmarks.run $(ARGS)

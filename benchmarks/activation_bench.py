@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common as C
-from llora_jax.backbones import bert
+from benchmarks import common
+from llora_jax.backbones import activations
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def _exact_f32(y):
 FORMS = {
     "erf (jax.nn.gelu exact, XLA erf)": lambda y: jax.nn.gelu(y, approximate=False),
     "erf computed in float32": _exact_f32,
-    "erf by Abramowitz-Stegun 7.1.26 (bert.gelu_erf, MiniLM now)": bert.gelu_erf,
+    "erf by Abramowitz-Stegun 7.1.26 (activations.gelu_erf, MiniLM now)": activations.gelu_erf,
     "tanh approximation": lambda y: jax.nn.gelu(y, approximate=True),
     "none (the layer alone)": lambda y: y,
 }
@@ -50,11 +50,12 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    dev = C.jax_device()
+    dev = common.jax_device()
     out = Path(
-        a.out or ROOT / "benchmarks/results" / f"{C.now_iso()}-{C.device_label(dev)}-act.json"
+        a.out
+        or ROOT / "benchmarks/results" / f"{common.now_iso()}-{common.device_label(dev)}-act.json"
     )
-    rec = C.Recorder(out, dev)
+    rec = common.Recorder(out, dev)
     dtype = jnp.bfloat16 if dev["platform"] != "cpu" else jnp.float32
     key = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(key[0], (a.tokens, 384), dtype)
@@ -64,14 +65,14 @@ def main(argv: list[str] | None = None) -> Path:
     want = _exact64(grid)
     for name, act in FORMS.items():
         fn = jax.jit(lambda x, w, b, act=act: act(x @ w + b))
-        samples = C.time_repeated(
+        samples = common.time_repeated(
             lambda fn=fn: fn(x, w, b), jax.block_until_ready, warmup=3, repeats=a.repeats
         )
         got = np.asarray(jax.jit(act)(jnp.asarray(grid, jnp.float32)), np.float64)
         err = float(np.max(np.abs(got - want)))
         flops = 2 * a.tokens * 384 * 1536
         rec.add(
-            C.measurement(
+            common.measurement(
                 name,
                 "activation",
                 {"tokens": a.tokens, "shape": "384->1536", "dtype": str(np.dtype(dtype))},
@@ -79,9 +80,9 @@ def main(argv: list[str] | None = None) -> Path:
                 derived={"max_abs_error_float32_vs_exact": err, "matmul_flop": flops},
             )
         )
-    meta = {"command": C.command_line("benchmarks.activation_bench"), "date": C.now_iso()}
+    meta = {"command": common.command_line("benchmarks.activation_bench"), "date": common.now_iso()}
     meta["device"] = dev
-    C.dump({"meta": meta | {"versions": rec.versions}, "measurements": rec.items}, out)
+    common.dump({"meta": meta | {"versions": rec.versions}, "measurements": rec.items}, out)
     base = rec.items[-1]["median"]
     for m in rec.items:
         err = m["derived"]["max_abs_error_float32_vs_exact"]

@@ -15,8 +15,7 @@ import time
 
 import numpy as np
 
-from benchmarks import grid_bench as GB
-from benchmarks import models as MD
+from benchmarks import grid_bench, models
 from benchmarks.common import Recorder, measurement
 
 AREA_DIS = "disentangle"
@@ -26,30 +25,32 @@ def run(
     rec: Recorder,
     *,
     tiny: bool,
-    settings: GB.GridSettings,
+    settings: grid_bench.GridSettings,
     model: str = "t5",
     cache: dict | None = None,
 ) -> dict:
     """Wall time of the G×G disentanglement grid on two datasets of ``dis_examples`` each,
     batched, and (a sample of its models, extrapolated) one model at a time."""
     st = settings
-    b = GB.build_grid_model(model, st, tiny, cache)
+    b = grid_bench.build_grid_model(model, st, tiny, cache)
     data = [
-        MD.synthetic_arrays(model, st.dis_examples, b.shapes, b.config, seed=s) for s in (11, 12)
+        models.synthetic_arrays(model, st.dis_examples, b.shapes, b.config, seed=s)
+        for s in (11, 12)
     ]
-    g = GB.lambda_grid(st.grid_size)
+    g = grid_bench.lambda_grid(st.grid_size)
     G = len(g)
     zeros = np.zeros_like(g)
     lams = {
-        "joint": GB.joint_lambdas(G),
+        "joint": grid_bench.joint_lambdas(G),
         "single1": np.stack([g, zeros], 1),
         "single2": np.stack([zeros, g], 1),
     }
-    sample = GB.pick_lambdas(min(st.dis_one_at_a_time, G * G), G)  # rows of the joint grid
+    sample = grid_bench.pick_lambdas(min(st.dis_one_at_a_time, G * G), G)  # rows of the joint grid
     ctxs = {
-        m: GB.MethodCtx.make(b, m, st, st.dis_batch, st.dis_chunk, seed=2) for m in st.dis_methods
+        m: grid_bench.MethodCtx.make(b, m, st, st.dis_batch, st.dis_chunk, seed=2)
+        for m in st.dis_methods
     }
-    one = GB.take(data[0], st.dis_batch)
+    one = grid_bench.take(data[0], st.dis_batch)
     jobs = [
         functools.partial(c.batched, lams[k], one)
         for c in ctxs.values()
@@ -57,7 +58,7 @@ def run(
     ]
     if len(sample):
         jobs += [functools.partial(c.single, sample[0], one, st.dis_batch) for c in ctxs.values()]
-    compile_wall, errors = GB.warm_all(jobs, st.compile_workers)
+    compile_wall, errors = grid_bench.warm_all(jobs, st.compile_workers)
     out = {}
     for method, ctx in ctxs.items():
         name = f"disentangle/{model}/{method}/G{G}"
@@ -149,7 +150,7 @@ def _time_disentangle_single(ctx, sample, arrays, joint0, rec, name, cfg, batche
         samples.append(time.perf_counter() - t0)
     per_model = float(np.median(samples))
     n_models = 2 * (G * G + G)
-    rows = {tuple(r): i for i, r in enumerate(GB.joint_lambdas(G).tolist())}
+    rows = {tuple(r): i for i, r in enumerate(grid_bench.joint_lambdas(G).tolist())}
     ref = joint0[[rows[tuple(r)] for r in sample.tolist()]]
     derived = {
         "seconds_per_model": per_model,

@@ -33,11 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import flops as FL
-from benchmarks import models as MD
+from benchmarks import flops, models
 from benchmarks.common import Recorder, measurement
-from llora_jax import evaluate as E
-from llora_jax import model as M
+from llora_jax import forward
+from llora_jax.evaluation import grid as grid_eval
+from llora_jax.types import AdapterSpec
 
 AREA = "grid"
 
@@ -83,14 +83,17 @@ def take(arrays: dict, n: int) -> dict:
     return {k: v[:n] for k, v in arrays.items()}
 
 
-def _eval_flops(b: MD.Built, rank: int, n_examples: int) -> float:
+def _eval_flops(b: models.Built, rank: int, n_examples: int) -> float:
     if b.model == "clip":
-        desc = FL.vit_desc(b.module.vision, MD.N_CLASSES, b.module.projection_dim)
+        desc = flops.vit_desc(b.module.vision, models.N_CLASSES, b.module.projection_dim)
     else:
-        desc = FL.t5_desc(
-            b.module.spec, b.shapes.input_len, b.shapes.target_len, candidates=len(MD.LABEL_WORDS)
+        desc = flops.t5_desc(
+            b.module.spec,
+            b.shapes.input_len,
+            b.shapes.target_len,
+            candidates=len(models.LABEL_WORDS),
         )
-    return FL.forward_flops(desc, rank) * n_examples
+    return flops.forward_flops(desc, rank) * n_examples
 
 
 def warm_all(jobs: list[Callable[[], Any]], workers: int) -> tuple[float, list[str]]:
@@ -116,28 +119,30 @@ def warm_all(jobs: list[Callable[[], Any]], workers: int) -> tuple[float, list[s
 class MethodCtx:
     """One (model, method): task vectors, evaluators and the jitted one-at-a-time path."""
 
-    b: MD.Built
-    spec: M.AdapterSpec
+    b: models.Built
+    spec: AdapterSpec
     phi0: Any
     taus: list
-    ev: E.GridEvaluator
+    ev: grid_eval.GridEvaluator
     predict_fn: Callable
     merge: Callable
     stacked: Any
 
     @classmethod
-    def make(cls, b: MD.Built, method: str, st: GridSettings, batch: int, chunk: int, seed: int):
-        spec = MD.lora_spec(b.model, method, dropout=0.0)
-        phi0 = M.init_trainable(b.tm, spec, jax.random.key(0))[1]
-        taus = MD.random_task_vectors(phi0, 2, seed=seed, scale=st.tau_scale)
+    def make(
+        cls, b: models.Built, method: str, st: GridSettings, batch: int, chunk: int, seed: int
+    ):
+        spec = models.lora_spec(b.model, method, dropout=0.0)
+        phi0 = forward.init_trainable(b.tm, spec, jax.random.key(0))[1]
+        taus = models.random_task_vectors(phi0, 2, seed=seed, scale=st.tau_scale)
         return cls(
             b,
             spec,
             phi0,
             taus,
-            E.GridEvaluator(b.tm, spec, batch, chunk),
-            E.make_predict_fn(b.tm, spec),
-            jax.jit(E.merged_trainable),
+            grid_eval.GridEvaluator(b.tm, spec, batch, chunk),
+            grid_eval.make_predict_fn(b.tm, spec),
+            jax.jit(grid_eval.merged_trainable),
             jax.tree.map(lambda *xs: jnp.stack(xs), *taus),
         )
 
@@ -146,16 +151,16 @@ class MethodCtx:
 
     def single(self, lam: np.ndarray, arrays: dict, batch: int) -> np.ndarray:
         trainable = self.merge(self.phi0, self.stacked, jnp.asarray(lam))
-        return E.predict(
+        return grid_eval.predict(
             self.b.tm, self.spec, trainable, self.phi0, arrays, batch, predict_fn=self.predict_fn
         )
 
 
-def build_grid_model(model: str, st: GridSettings, tiny: bool, cache: dict | None) -> MD.Built:
+def build_grid_model(model: str, st: GridSettings, tiny: bool, cache: dict | None) -> models.Built:
     cache = {} if cache is None else cache
     key = ("grid", model, st.precision, tiny)
     if key not in cache:
-        cache[key] = MD.build(model, st.precision, "lora", tiny=tiny)
+        cache[key] = models.build(model, st.precision, "lora", tiny=tiny)
     return cache[key]
 
 
@@ -172,7 +177,7 @@ def run(
     preds_out: dict[str, Any] = {}
     for model in models:
         b = build_grid_model(model, st, tiny, cache)
-        arrays = MD.synthetic_arrays(model, st.n_examples, b.shapes, b.config, seed=3)
+        arrays = models.synthetic_arrays(model, st.n_examples, b.shapes, b.config, seed=3)
         one = take(arrays, st.eval_batch)
         n_sub = min(max(st.ks), st.one_at_a_time)
         sub = pick_lambdas(n_sub, st.grid_size)  # the same rows as batched K = n_sub

@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks import report as R
+from benchmarks import report
 from benchmarks.common import device_label, dump, now_iso, versions
 
 STAMP_LEN = len("2026-11-23T031446Z")  # the run's time stamp that starts its file names
@@ -66,7 +66,7 @@ def merge(paths: list[str]) -> dict:
             # The run a measurement came from (kept through later merges): MFU divides by the
             # matmul peak of the same run, so every run's peak is kept.
             m.setdefault("run", run)
-            key = (m["name"], R.device_kind(m))  # one entry per name and device kind
+            key = (m["name"], report.device_kind(m))  # one entry per name and device kind
             if m.get("area") == "peak":
                 key = (*key, m["run"])
             old = by_key.get(key)
@@ -80,7 +80,7 @@ def merge(paths: list[str]) -> dict:
     measurements = [
         m for k, m in by_key.items() if m.get("median") is not None or k[0] not in measured
     ]
-    targets = R.finalize(measurements)
+    targets = report.finalize(measurements)
     devices = []
     for m in measurements:
         if m.get("device") and m["device"] not in devices:
@@ -94,7 +94,7 @@ def merge(paths: list[str]) -> dict:
         "sources": sources,
         "measurements": measurements,
         "targets": targets,
-        "summary": R.summary(measurements),
+        "summary": report.summary(measurements),
     }
 
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     stamp = time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime())
     path = Path(args.out) / f"{stamp}-{device_label(result['device'])}-merged.json"
     dump(result, path)
-    print(R.table(result["measurements"], result["targets"]))
+    print(report.table(result["measurements"], result["targets"]))
     print(f"\nwrote {path} ({len(result['sources'])} sources)")
     return result
 

@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llora_jax import adapters as ad
-from llora_jax import model as M
+from llora_jax import adapters, forward
 from llora_jax.backbones import clip, t5
 from llora_jax.backbones.attention import with_attention_impl
 from llora_jax.data import vision
+from llora_jax.types import AdapterSpec, TaskModel
 
 MODELS = ("clip", "t5", "t5l")  # t5l: Flan-T5-large (the FSDP benchmark)
 PRECISIONS = ("bf16", "fp32")
@@ -150,7 +150,7 @@ def param_shapes(model: str, config: Any) -> Any:
 
 def logical_specs(model: str, module: Any, shapes: Shapes) -> Any:
     """Logical PartitionSpecs of the parameters (from an abstract boxed init; nothing computed)."""
-    from llora_jax import sharding as S
+    from llora_jax.train import sharding
 
     key = jax.random.key(0)
     if model == "clip":
@@ -159,7 +159,7 @@ def logical_specs(model: str, module: Any, shapes: Shapes) -> Any:
         ids = jnp.zeros((1, shapes.input_len), jnp.int32)
         tgt = jnp.zeros((1, shapes.target_len), jnp.int32)
         boxed = jax.eval_shape(lambda: module.init(key, ids, jnp.ones_like(ids), tgt))
-    return S.logical_specs(boxed["params"])
+    return sharding.logical_specs(boxed["params"])
 
 
 def init_params(model: str, config: Any, seed: int = 0) -> Any:
@@ -171,11 +171,11 @@ def init_params(model: str, config: Any, seed: int = 0) -> Any:
     benchmark's time budget, and the benchmarks need shapes and sane scales, not HF's exact
     init distribution.
     """
-    from llora_jax import tree as T
+    from llora_jax import tree as tree_lib
 
     rng = np.random.default_rng(seed)
     flat = {}
-    for path, sd in T.flatten(param_shapes(model, config)).items():
+    for path, sd in tree_lib.flatten(param_shapes(model, config)).items():
         leaf = path.rsplit("/", 1)[-1]
         shape = tuple(sd.shape)
         if leaf in ("scale", "weight") or path.endswith("logit_scale"):
@@ -190,7 +190,7 @@ def init_params(model: str, config: Any, seed: int = 0) -> Any:
         else:  # embeddings, class embedding, relative attention buckets
             value = rng.standard_normal(shape, np.float32) * np.float32(0.02)
         flat[path] = value
-    return jax.device_put(T.unflatten(flat))
+    return jax.device_put(tree_lib.unflatten(flat))
 
 
 def cast(tree: Any, dtype: Any) -> Any:
@@ -209,7 +209,7 @@ def cast(tree: Any, dtype: Any) -> Any:
 # ----------------------------------------------------------------------------- task models
 
 
-def clip_task_model(module: Any, params: Any, image_size: int, seed: int = 1) -> M.TaskModel:
+def clip_task_model(module: Any, params: Any, image_size: int, seed: int = 1) -> TaskModel:
     """CLIP image classification with a random frozen zero-shot head (heads/clip_zeroshot's readout)."""
     dim = module.projection_dim
     classes = jax.random.normal(jax.random.key(seed), (N_CLASSES, dim), jnp.float32)
@@ -225,12 +225,12 @@ def clip_task_model(module: Any, params: Any, image_size: int, seed: int = 1) ->
             )
         }
 
-    return M.TaskModel(
+    return TaskModel(
         module=module,
         params=params,
         readout=readout,
-        loss=M.classification_loss,
-        predict=M.argmax_predict,
+        loss=forward.classification_loss,
+        predict=forward.argmax_predict,
         head=head,
         base_model="bench/clip-vit-b16-random",
         full_ft_targets=(r"^vision_model/",),
@@ -254,7 +254,7 @@ class _WordTokenizer:
         return {"input_ids": np.asarray(rows), "attention_mask": np.asarray(masks)}
 
 
-def t5_task_model(module: Any, params: Any, target_len: int) -> M.TaskModel:
+def t5_task_model(module: Any, params: Any, target_len: int) -> TaskModel:
     """Flan-T5 text-to-text classification: heads/t5_text's readout (teacher-forced CE to train,
     rank classification of two label words to predict), with a stand-in tokenizer."""
     from llora_jax.heads import t5_text
@@ -265,7 +265,7 @@ def t5_task_model(module: Any, params: Any, target_len: int) -> M.TaskModel:
     return t5_text.task_model(backbone, tok, spec, target_len=target_len)
 
 
-def task_model(model: str, module: Any, params: Any, shapes: Shapes) -> M.TaskModel:
+def task_model(model: str, module: Any, params: Any, shapes: Shapes) -> TaskModel:
     if model == "clip":
         return clip_task_model(module, params, shapes.image_size)
     return t5_task_model(module, params, shapes.target_len)
@@ -273,11 +273,11 @@ def task_model(model: str, module: Any, params: Any, shapes: Shapes) -> M.TaskMo
 
 def lora_spec(
     model: str, method: str, dropout: float = 0.1, rank: int = 16, alpha: float = 32.0
-) -> M.AdapterSpec:
+) -> AdapterSpec:
     """r 16, α 32 on q and v (the backbone's DEFAULT_LORA_TARGETS), as in the paper."""
     targets = backbone_module(model).DEFAULT_LORA_TARGETS
-    return M.AdapterSpec(
-        method, ad.LoraConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets)
+    return AdapterSpec(
+        method, adapters.LoraConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets)
     )
 
 
@@ -328,7 +328,7 @@ class Built:
     shapes: Shapes
     module: Any
     params: Any
-    tm: M.TaskModel
+    tm: TaskModel
 
 
 def build(

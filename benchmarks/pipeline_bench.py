@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks import models as MD
+from benchmarks import models as model_shapes
 from benchmarks.common import Recorder, measurement
 from llora_jax import data
 
@@ -49,10 +49,10 @@ def run(
     num_workers: int = 0,
 ) -> None:
     runners = runners or {}
-    shapes = MD.TINY_SHAPES if tiny else MD.REAL_SHAPES
+    shapes = model_shapes.TINY_SHAPES if tiny else model_shapes.REAL_SHAPES
     for model in models:
-        config = MD.hf_config(model, tiny)
-        arrays = MD.synthetic_arrays(model, 4 * batch, shapes, config, seed=7)
+        config = model_shapes.hf_config(model, tiny)
+        arrays = model_shapes.synthetic_arrays(model, 4 * batch, shapes, config, seed=7)
         cfg = {
             "model": model,
             "batch": batch,

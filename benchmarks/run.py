@@ -31,8 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import plans as P
-from benchmarks import report as R
+from benchmarks import plans, report
 from benchmarks.common import Recorder, command_line, device_label, dump, now_iso, versions
 
 
@@ -53,10 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     size.add_argument(
         "--preset",
         default=None,
-        choices=[p for p in P.PRESETS if p != "tiny"],
+        choices=[p for p in plans.PRESETS if p != "tiny"],
         help="a named plan (issue8: what issue #8 still lacks); with --tiny: its tiny twin",
     )
-    p.add_argument("--only", default=None, help=f"comma list of areas: {', '.join(P.AREAS)}")
+    p.add_argument("--only", default=None, help=f"comma list of areas: {', '.join(plans.AREAS)}")
     p.add_argument("--models", default=None, help="comma list: clip,t5")
     p.add_argument(
         "--grid-models",
@@ -101,12 +100,12 @@ def preset_name(args: argparse.Namespace) -> str:
     return "tiny" if args.tiny else "default"
 
 
-def make_plan(args: argparse.Namespace) -> P.Plan:
+def make_plan(args: argparse.Namespace) -> plans.Plan:
     name = preset_name(args)
-    plan = P.make_plan(name)
+    plan = plans.make_plan(name)
     if args.tiny and name != "tiny":
-        plan = P.shrink(plan)
-    plan = P.filter_models(plan, args.models.split(",") if args.models else None)
+        plan = plans.shrink(plan)
+    plan = plans.filter_models(plan, args.models.split(",") if args.models else None)
     if args.grid_models:
         plan.grid_models = tuple(args.grid_models.split(","))
     if args.repeats:
@@ -121,15 +120,10 @@ def make_plan(args: argparse.Namespace) -> P.Plan:
 # ----------------------------------------------------------------------------- workers
 
 
-def run_jax(plan: P.Plan, areas: list[str], rec: Recorder) -> None:
+def run_jax(plan: plans.Plan, areas: list[str], rec: Recorder) -> None:
     import jax
 
-    from benchmarks import dis_bench as DB
-    from benchmarks import flops as FL
-    from benchmarks import grid_bench as GB
-    from benchmarks import pipeline_bench as PB
-    from benchmarks import scaling_bench as SB
-    from benchmarks import train_bench as TB
+    from benchmarks import dis_bench, flops, grid_bench, pipeline_bench, scaling_bench, train_bench
     from benchmarks.common import jax_device, measurement
 
     rec.device = jax_device()
@@ -142,7 +136,7 @@ def run_jax(plan: P.Plan, areas: list[str], rec: Recorder) -> None:
             cfg = {"n": plan.peak_n, "dtype": dtype, "precision": "default (TF32 for fp32 on GPU)"}
 
             def go(dtype=dtype, name=name, cfg=cfg):
-                r = FL.matmul_peak(plan.peak_n, dtype, plan.peak_repeats)
+                r = flops.matmul_peak(plan.peak_n, dtype, plan.peak_repeats)
                 rec.add(
                     measurement(
                         name,
@@ -169,7 +163,7 @@ def run_jax(plan: P.Plan, areas: list[str], rec: Recorder) -> None:
     def pipeline(kept: dict):
         for m in plan.models:
             with area("pipeline"):
-                PB.run(
+                pipeline_bench.run(
                     [m],
                     rec,
                     tiny=plan.tiny,
@@ -192,7 +186,7 @@ def run_jax(plan: P.Plan, areas: list[str], rec: Recorder) -> None:
                 )
                 keep += tuple(c.name for c in cands[:1])
         cases = plan.train
-        sizes = TB.wave_sizes(len(cases), plan.train_waves)
+        sizes = train_bench.wave_sizes(len(cases), plan.train_waves)
         # The pipeline runs after the first waves that hold every step it reuses.
         n_waves = next(
             (
@@ -205,29 +199,33 @@ def run_jax(plan: P.Plan, areas: list[str], rec: Recorder) -> None:
         n_first = sum(sizes[:n_waves])
         kw = dict(step_kw, cache=cache)
         with area("train"):
-            kept = TB.run(cases[:n_first], rec, keep=keep, waves=tuple(sizes[:n_waves]), **kw)
+            kept = train_bench.run(
+                cases[:n_first], rec, keep=keep, waves=tuple(sizes[:n_waves]), **kw
+            )
         if "pipeline" in areas:
             pipeline(kept)
         kept.clear()
         if cases[n_first:]:
             with area("train"):
-                TB.run(cases[n_first:], rec, waves=tuple(sizes[n_waves:]), **kw)
+                train_bench.run(cases[n_first:], rec, waves=tuple(sizes[n_waves:]), **kw)
 
     def scaling():
         # Needs >= 2 devices; on one there is nothing to compare (the target says n/a).
         if jax.device_count() < 2:
             return
         with area("scaling"):
-            SB.run(plan.scaling, rec, **step_kw)
+            scaling_bench.run(plan.scaling, rec, **step_kw)
 
     def disentangle():
         if "t5" in plan.models:
             with area("disentangle"):
-                DB.run(rec, tiny=plan.tiny, settings=plan.grid, cache=cache)
+                dis_bench.run(rec, tiny=plan.tiny, settings=plan.grid, cache=cache)
 
     def grid():
         with area("grid"):
-            GB.run(list(plan.grid_models), rec, tiny=plan.tiny, settings=plan.grid, cache=cache)
+            grid_bench.run(
+                list(plan.grid_models), rec, tiny=plan.tiny, settings=plan.grid, cache=cache
+            )
 
     # Areas run in the order asked for; the pipeline rides on the train area when both run.
     steps = {
@@ -243,8 +241,8 @@ def run_jax(plan: P.Plan, areas: list[str], rec: Recorder) -> None:
             steps[a]()
 
 
-def run_torch(plan: P.Plan, areas: list[str], rec: Recorder) -> None:
-    from benchmarks import torch_baseline as TBL
+def run_torch(plan: plans.Plan, areas: list[str], rec: Recorder) -> None:
+    from benchmarks import torch_baseline
 
     try:
         import torch
@@ -261,7 +259,7 @@ def run_torch(plan: P.Plan, areas: list[str], rec: Recorder) -> None:
         pass
     if "torch_train" in areas and plan.torch_train:
         with rec.timed_area("torch_train"):
-            TBL.run_train(
+            torch_baseline.run_train(
                 plan.torch_train,
                 rec,
                 tiny=plan.tiny,
@@ -270,15 +268,15 @@ def run_torch(plan: P.Plan, areas: list[str], rec: Recorder) -> None:
                 lora_dropout=plan.lora_dropout,
             )
     if "torch_grid" in areas:
-        from benchmarks import torch_grid as TG
+        from benchmarks import torch_grid  # imports torch (optional)
 
         with rec.timed_area("torch_grid"):
-            TG.run_grid(list(plan.grid_models), rec, tiny=plan.tiny, settings=plan.grid)
+            torch_grid.run_grid(list(plan.grid_models), rec, tiny=plan.tiny, settings=plan.grid)
 
 
 def worker_main(args: argparse.Namespace) -> int:
     plan = make_plan(args)
-    areas = P.resolve_areas(args.only)
+    areas = plans.resolve_areas(args.only)
     rec = Recorder(args.part, deadline=args.deadline)
     (run_jax if args.worker == "jax" else run_torch)(plan, areas, rec)
     rec.flush()
@@ -307,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.worker:
         sys.exit(worker_main(args))
-    areas = P.resolve_areas(args.only)
+    areas = plans.resolve_areas(args.only)
     plan = make_plan(args)
     out = Path(args.out)
     stamp = time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime())
@@ -315,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
     deadline = time.time() + args.budget_s if args.budget_s else None
     kinds = [
         k
-        for k, names in (("torch", P.TORCH_AREAS), ("jax", P.JAX_AREAS))
+        for k, names in (("torch", plans.TORCH_AREAS), ("jax", plans.JAX_AREAS))
         if any(a in names for a in areas)
     ]
     workers = []
@@ -336,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
             body = json.loads(part.read_text())
             measurements += body["measurements"]
             area_wall.update(body.get("area_wall_s", {}))
-    targets = R.finalize(measurements)
+    targets = report.finalize(measurements)
     device = next(
         (
             m["device"]
@@ -359,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
         "area_wall_s": area_wall,
         "measurements": measurements,
         "targets": targets,
-        "summary": R.summary(measurements),
+        "summary": report.summary(measurements),
         "notes": {
             "timing": "median of per-call wall times after warm-up, each call synchronised "
             "with the device (jax.block_until_ready / torch.cuda.synchronize)",
@@ -372,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     path = out / f"{stamp}-{device_label(device)}.json"
     dump(result, path)
-    print(R.table(measurements, targets))
+    print(report.table(measurements, targets))
     print(
         "\nwall time per area (s): "
         + ", ".join(f"{k} {v:.0f}" for k, v in area_wall.items())

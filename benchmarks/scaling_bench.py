@@ -22,10 +22,9 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from benchmarks import models as MD
-from benchmarks import train_bench as TB
+from benchmarks import models, train_bench
 from benchmarks.common import Recorder, measurement
-from llora_jax import sharding as S
+from llora_jax.train import sharding
 
 AREA = "scaling"
 
@@ -56,9 +55,9 @@ class ScalingCase:
         return f"scaling/{s.model}/{s.method}/{s.precision}{mode}/n{self.n}"
 
     @property
-    def train_case(self) -> TB.TrainCase:
+    def train_case(self) -> train_bench.TrainCase:
         s = self.spec
-        return TB.TrainCase(s.model, s.method, s.precision, s.per_device_batch * self.n)
+        return train_bench.TrainCase(s.model, s.method, s.precision, s.per_device_batch * self.n)
 
     def config(self) -> dict:
         s = self.spec
@@ -119,18 +118,18 @@ def run(
     built: dict = {}
     for model in dict.fromkeys(c.spec.model for c in cases):
         group = [c for c in cases if c.spec.model == model]
-        est = TB.estimate_wave_s([model], len(group), compile_workers, {}, tiny)
+        est = train_bench.estimate_wave_s([model], len(group), compile_workers, {}, tiny)
         if not rec.fits(est):
             reason = f"time budget ({len(group)} compiles estimated at {est:.0f} s, "
             rec.skip_all(group, AREA, reason + f"{rec.seconds_left():.0f} s left)")
             continue
-        runners: list[tuple[ScalingCase, TB.Runner]] = []
+        runners: list[tuple[ScalingCase, train_bench.Runner]] = []
         for c in group:
             r = rec.guard(c.name, AREA, c.config(), _lower, c, built, tiny, lora_dropout, rng_impl)
             if r is not None:
                 runners.append((c, r))
         t0 = time.perf_counter()
-        TB._compile_all([r for _, r in runners], compile_workers)
+        train_bench._compile_all([r for _, r in runners], compile_workers)
         compile_wall = time.perf_counter() - t0
         for c, r in runners:
             if r.compiled is None:
@@ -152,39 +151,41 @@ def _lower(c: ScalingCase, built: dict, tiny: bool, lora_dropout: float, rng_imp
     s = c.spec
     key = (s.model, s.precision, s.method, s.dropout)
     if key not in built:
-        config = MD.hf_config(s.model, tiny)
+        config = models.hf_config(s.model, tiny)
         if s.dropout is not None:  # the backbone's own dropout too (T5: dropout_rate)
             for attr in ("dropout_rate", "dropout", "attention_dropout"):
                 if hasattr(config, attr):
                     setattr(config, attr, s.dropout)
-        built[key] = MD.build(s.model, s.precision, s.method, tiny=tiny, config=config)
+        built[key] = models.build(s.model, s.precision, s.method, tiny=tiny, config=config)
     b = built[key]
     lora_dropout = lora_dropout if s.dropout is None else s.dropout
     if s.mode == "dp":
-        mesh, param_sh = S.make_mesh(devices=jax.devices()[: c.n]), None
+        mesh, param_sh = sharding.make_mesh(devices=jax.devices()[: c.n]), None
     elif s.mode == "fsdp":
-        mesh = S.make_mesh(data=1, fsdp=c.n, devices=jax.devices()[: c.n])
-        specs = MD.logical_specs(s.model, b.module, b.shapes)
-        param_sh = S.param_shardings(specs, mesh, "fsdp", shapes=b.params)
+        mesh = sharding.make_mesh(data=1, fsdp=c.n, devices=jax.devices()[: c.n])
+        specs = models.logical_specs(s.model, b.module, b.shapes)
+        param_sh = sharding.param_shardings(specs, mesh, "fsdp", shapes=b.params)
     else:
         raise ValueError(f"unknown scaling mode {s.mode!r}; valid: dp, fsdp")
-    return TB.Runner(
+    return train_bench.Runner(
         c.train_case,
         b,
         lora_dropout,
         mesh=mesh,
-        compiler_options=TB.FAST_COMPILE if tiny else None,
+        compiler_options=train_bench.FAST_COMPILE if tiny else None,
         rng_impl=rng_impl,
         param_shardings=param_sh,
     )
 
 
-def _time(c: ScalingCase, r: TB.Runner, rec: Recorder, warmup, repeats, compile_wall, est) -> dict:
-    from benchmarks import flops as FL
+def _time(
+    c: ScalingCase, r: train_bench.Runner, rec: Recorder, warmup, repeats, compile_wall, est
+) -> dict:
+    from benchmarks import flops
 
     samples, last = r.time(warmup, repeats)
     med = sorted(samples)[len(samples) // 2]
-    mem = FL.compiled_memory(r.compiled)
+    mem = flops.compiled_memory(r.compiled)
     derived = {
         "examples_per_s": c.train_case.batch / med,
         "compile_s": r.compile_s,

@@ -25,9 +25,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks import common as C
-from llora_jax import evaluate as E
-from llora_jax import tree as T
+from benchmarks import common
+from llora_jax import tree as tree_lib
+from llora_jax.evaluation import grid as grid_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "experiments" / "text_minilm" / "study.py"
@@ -44,7 +44,7 @@ VARIANTS: dict[str, tuple[bool, int, int, str]] = {
     "packed-r32-c32-relu": (True, 32, 32, "auto"),
     "packed-r32-c32-gelu-xla-erf": (True, 32, 32, "auto"),
 }
-# The FFN activation swapped (MiniLM's is the exact erf GELU, ``bert.gelu_erf``): the tanh
+# The FFN activation swapped (MiniLM's is the exact erf GELU, ``activations.gelu_erf``): the tanh
 # form and ReLU are speed ablations, not the model; "gelu_xla_erf" is the same GELU through
 # XLA's erf. Agreement with the first variant's predictions says how far a swap moves it.
 ACTIVATION = {
@@ -56,9 +56,9 @@ TINY_VARIANTS = {k: VARIANTS[k] for k in ("trimmed-b160-c12", "packed-r32-c32")}
 
 
 def _study(backbone: str | None, data: str | None, tiny: bool) -> Any:
-    from llora_jax import study
+    from llora_jax.study import runner as study
 
-    s = study._load_module(STUDY, "text_study").get_study("tiny" if tiny else None)
+    s = study.load_module(STUDY, "text_study").get_study("tiny" if tiny else None)
     over = dict(s.overrides) | ({"backbone": backbone} if backbone else {})
     if data:
         over["data.data_dir"] = data
@@ -69,21 +69,19 @@ def _study(backbone: str | None, data: str | None, tiny: bool) -> Any:
 
 
 def experiments(s: Any) -> dict:
-    from llora_jax import experiment as X
-    from llora_jax import study
-    from llora_jax import study_finetune as SF
+    from llora_jax import experiment
+    from llora_jax.study import finetune as study_finetune
 
-    cfg = study.load_config(s.config, s.get("config_arg", ""), dict(s.overrides))
-    tasks = list(s.tasks) or study.discover_text_tasks(cfg.data.data_dir)
-    return SF.experiments(s, tasks, X.BackboneCache())
+    tasks = list(s.tasks)
+    return study_finetune.experiments(s, tasks, experiment.BackboneCache())
 
 
 def random_vectors(exp: Any, n: int, seed: int = 0) -> tuple[Any, list]:
     """φ0 of the study's LoRA and ``n`` task vectors that move A and B like trained ones."""
-    from llora_jax import model as M
+    from llora_jax import forward
 
     spec = dataclasses.replace(exp.spec, method="lora")
-    _, phi0 = M.init_trainable(exp.tm, spec, jax.random.key(seed))
+    _, phi0 = forward.init_trainable(exp.tm, spec, jax.random.key(seed))
     leaves, treedef = jax.tree.flatten(phi0)
     taus = []
     for i in range(n):
@@ -98,7 +96,7 @@ def random_vectors(exp: Any, n: int, seed: int = 0) -> tuple[Any, list]:
 
 def matmul_params(params: Any) -> int:
     """Weights of the encoder's dense layers: 2 × this many FLOPs per token."""
-    flat = T.flatten(params)
+    flat = tree_lib.flatten(params)
     return sum(int(np.size(v)) for k, v in flat.items() if "encoder" in k and k.endswith("kernel"))
 
 
@@ -112,7 +110,7 @@ def _variant_model(exp: Any, pack: bool, attn: str, act: str | None = None) -> A
 
 
 def bench_eval(
-    rec: C.Recorder, exps: dict, variants: dict, k: int, repeats: int, profile: str = ""
+    rec: common.Recorder, exps: dict, variants: dict, k: int, repeats: int, profile: str = ""
 ) -> None:
     """``profile``: a directory for a ``jax.profiler`` trace of one more pass of the first
     variant (after its timed passes: nothing compiles inside the trace)."""
@@ -131,7 +129,7 @@ def bench_eval(
 
         def run(pack=pack, batch=batch, chunk=chunk, attn=attn, act=act, trace=trace):
             models = {t: _variant_model(e, pack, attn, act) for t, e in exps.items()}
-            ev = E.GridEvaluator(models[next(iter(models))], spec, batch, chunk)
+            ev = grid_eval.GridEvaluator(models[next(iter(models))], spec, batch, chunk)
             stacked = ev.stack(taus)
 
             def one_pass():
@@ -144,14 +142,14 @@ def bench_eval(
             t0 = time.perf_counter()
             first = one_pass()
             first_s = time.perf_counter() - t0
-            samples = C.time_repeated(one_pass, lambda x: x, warmup=0, repeats=repeats)
+            samples = common.time_repeated(one_pass, lambda x: x, warmup=0, repeats=repeats)
             if trace:
                 with jax.profiler.trace(trace):
                     one_pass()
             paid = sum(
                 int(np.prod(b["input_ids"].shape))
                 for e in exps.values()
-                for b, _ in E.device_batches(e.arrays["validation"], batch, pack)[0]
+                for b, _ in grid_eval.device_batches(e.arrays["validation"], batch, pack)[0]
             )
             return first, first_s, samples, paid
 
@@ -166,7 +164,7 @@ def bench_eval(
             agree = float(np.mean([np.mean(a == b) for a, b in zip(preds, ref_preds)]))
         med = float(np.median(samples))
         rec.add(
-            C.measurement(
+            common.measurement(
                 name,
                 "text_eval",
                 cfg,
@@ -187,26 +185,26 @@ def bench_eval(
         )
 
 
-def bench_train(rec: C.Recorder, s: Any, exps: dict, out: Path, steps: int) -> None:
+def bench_train(rec: common.Recorder, s: Any, exps: dict, out: Path, steps: int) -> None:
     """One run alone against every task × 2 seeds as one vmapped group (same step count)."""
-    from llora_jax import experiment as X
-    from llora_jax import study
+    from llora_jax import experiment
+    from llora_jax.study import runner as study
 
     try:
         from llora_jax.experiment import run_finetune_group
     except ImportError as e:  # not in this version of the library
-        rec.add(C.measurement("train-group", "text_train", {}, error=f"skipped: {e}"))
+        rec.add(common.measurement("train-group", "text_train", {}, error=f"skipped: {e}"))
         return
     tasks = list(exps)
 
     def config(task: str, seed: int) -> Any:
-        c = study.load_config(s.config, s.get("config_arg", ""), dict(s.overrides))
+        c = study.load_config(s.config, s.config_arg, dict(s.overrides))
         c.task, c.method, c.seed, c.steps = task, "lora", seed, steps
         c.optim.learning_rate = 1e-3
         c.optim.warmup_steps = min(int(c.optim.warmup_steps), steps // 2)
         return c
 
-    cache = X.BackboneCache()
+    cache = experiment.BackboneCache()
     runs = [(t, sd) for sd in (0, 1) for t in tasks]
     for label, group in (("single", runs[:1]), (f"group-{len(runs)}", runs)):
         cfgs = [config(t, sd) for t, sd in group]
@@ -218,7 +216,9 @@ def bench_train(rec: C.Recorder, s: Any, exps: dict, out: Path, steps: int) -> N
                 ds = [d.with_name(f"{d.name}-r{rep}") for d in dirs]
                 t0 = time.perf_counter()
                 if len(group) == 1:
-                    X.run_finetune(cfgs[0], ds[0], cache, progress=False, exp=exps[group[0][0]])
+                    experiment.run_finetune(
+                        cfgs[0], ds[0], cache, progress=False, exp=exps[group[0][0]]
+                    )
                 else:
                     run_finetune_group(
                         cfgs, ds, cache, progress=False, exps=[exps[t] for t, _ in group]
@@ -231,7 +231,7 @@ def bench_train(rec: C.Recorder, s: Any, exps: dict, out: Path, steps: int) -> N
             continue
         bs = int(cfgs[0].batch_size)
         rec.add(
-            C.measurement(
+            common.measurement(
                 f"train-{label}",
                 "text_train",
                 {"runs": len(group), "steps": steps, "batch": bs},
@@ -261,11 +261,12 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--steps", type=int, default=200, help="train steps per run")
     ap.add_argument("--profile", default="", help="trace one pass of the first variant here")
     a = ap.parse_args(argv)
-    dev = C.jax_device()
+    dev = common.jax_device()
     out = Path(
-        a.out or ROOT / "benchmarks/results" / f"{C.now_iso()}-{C.device_label(dev)}-text.json"
+        a.out
+        or ROOT / "benchmarks/results" / f"{common.now_iso()}-{common.device_label(dev)}-text.json"
     )
-    rec = C.Recorder(out, dev)
+    rec = common.Recorder(out, dev)
     s = _study(a.backbone, a.data, a.tiny)
     exps = experiments(s)
     pool = TINY_VARIANTS if a.tiny else VARIANTS
@@ -276,9 +277,9 @@ def main(argv: list[str] | None = None) -> Path:
     if "train" in only:
         bench_train(rec, s, exps, out.parent / (out.stem + "-runs"), 4 if a.tiny else a.steps)
     rec.flush()
-    meta = {"command": C.command_line("benchmarks.text_eval_bench")}
-    body = {"meta": {**meta, "date": C.now_iso(), "device": dev, "versions": rec.versions}}
-    C.dump(body | {"measurements": rec.items}, out)
+    meta = {"command": common.command_line("benchmarks.text_eval_bench")}
+    body = {"meta": {**meta, "date": common.now_iso(), "device": dev, "versions": rec.versions}}
+    common.dump(body | {"measurements": rec.items}, out)
     print(f"{'variant':<28s} {'median s':>9s} {'first s':>8s} {'tok/real':>8s} {'TFLOP/s':>8s}")
     for m in rec.items:
         d = m["derived"]

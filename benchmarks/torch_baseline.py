@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import models as MD
+from benchmarks import models
 from benchmarks.common import Recorder, measurement, stats, time_repeated
 
 AREA_TRAIN = "torch_train"
@@ -159,12 +159,12 @@ def clip_head(config: Any, device: Any) -> dict:
     import torch
 
     g = torch.Generator().manual_seed(1)
-    classes = torch.randn(MD.N_CLASSES, config.projection_dim, generator=g)
+    classes = torch.randn(models.N_CLASSES, config.projection_dim, generator=g)
     return {"classes": (classes / classes.norm(dim=-1, keepdim=True)).to(device), "scale": 100.0}
 
 
 def clip_readout(head: dict):
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # torch is optional (a test extra)
 
     def readout(call, batch):
         emb = call(pixel_values=batch["pixel_values"]).image_embeds.float()
@@ -182,7 +182,7 @@ def t5_train_readout(call, batch):
 
 
 def loss_fn(model: str, logits: Any, batch: dict) -> Any:
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # torch is optional (a test extra)
 
     if model == "clip":
         return F.cross_entropy(logits, batch["label"])
@@ -309,12 +309,12 @@ def run_train(
 def _train_one(case, rec, tiny, warmup, repeats, lora_dropout, device) -> None:
     import torch
 
-    shapes = MD.TINY_SHAPES if tiny else MD.REAL_SHAPES
-    config = MD.hf_config(case.model, tiny)
+    shapes = models.TINY_SHAPES if tiny else models.REAL_SHAPES
+    config = models.hf_config(case.model, tiny)
     torch.manual_seed(0)
     net = prepare(case.model, case.method, config, device, lora_dropout)
     step, n_train = make_step(case.model, case.method, case.precision, net, config, device)
-    arrays = MD.synthetic_arrays(case.model, 2 * case.batch, shapes, config)
+    arrays = models.synthetic_arrays(case.model, 2 * case.batch, shapes, config)
     batches = [
         torch_batch(
             case.model,

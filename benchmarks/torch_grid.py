@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import models as MD
+from benchmarks import models as model_shapes
 from benchmarks.common import Recorder, measurement
 from benchmarks.torch_baseline import (
     autocast,
@@ -79,9 +79,9 @@ def _grid_one(model, name, cfg, st, rec, tiny, device) -> np.ndarray:
 
     from benchmarks.grid_bench import pick_lambdas
 
-    shapes = MD.TINY_SHAPES if tiny else MD.REAL_SHAPES
+    shapes = model_shapes.TINY_SHAPES if tiny else model_shapes.REAL_SHAPES
     n_sub = cfg["timed_models"]
-    config = MD.hf_config(model, tiny)
+    config = model_shapes.hf_config(model, tiny)
     torch.manual_seed(0)
     net = prepare(model, "lora", config, device, dropout=0.0).eval()
     params = lora_params(net)
@@ -91,11 +91,13 @@ def _grid_one(model, name, cfg, st, rec, tiny, device) -> np.ndarray:
         [0.02 * st.tau_scale * torch.randn(p.shape, generator=g).to(device) for p in params]
         for _ in range(2)
     ]
-    arrays = MD.synthetic_arrays(model, st.n_examples, shapes, config, seed=3)
+    arrays = model_shapes.synthetic_arrays(model, st.n_examples, shapes, config, seed=3)
     head = clip_head(config, device) if model == "clip" else None
     words = None
     if model == "t5":
-        w = MD._WordTokenizer(config.vocab_size)(list(MD.LABEL_WORDS), shapes.target_len)
+        w = model_shapes._WordTokenizer(config.vocab_size)(
+            list(model_shapes.LABEL_WORDS), shapes.target_len
+        )
         words = {
             "ids": torch.from_numpy(w["input_ids"]).long().to(device),
             "mask": torch.from_numpy(w["attention_mask"]).long().to(device),

@@ -30,12 +30,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from benchmarks import flops as FL
-from benchmarks import models as MD
+from benchmarks import flops, models
 from benchmarks.common import Recorder, measurement, time_repeated
-from llora_jax import model as M
-from llora_jax import sharding as S
-from llora_jax import train as TR
+from llora_jax import forward
+from llora_jax.train import optim, sharding
+from llora_jax.train import step as train_step
 
 AREA = "train"
 # Tiny (CPU test) mode: compile fast, run slow; the programs are small anyway.
@@ -66,9 +65,9 @@ class TrainCase:
         return dataclasses.asdict(self)
 
 
-def optim_config() -> TR.OptimConfig:
+def optim_config() -> optim.OptimConfig:
     # The paper's CLIP recipe (AdamW, lr 1e-5, wd 0.1, warm-up, clipping).
-    return TR.OptimConfig(
+    return optim.OptimConfig(
         optimizer="adamw",
         learning_rate=1e-5,
         weight_decay=0.1,
@@ -84,7 +83,7 @@ class Runner:
     def __init__(
         self,
         case: TrainCase,
-        built: MD.Built,
+        built: models.Built,
         lora_dropout: float,
         mesh: Any = None,
         compiler_options: dict | None = None,
@@ -96,13 +95,13 @@ class Runner:
         default replicated."""
         self.case, self.built, self.compiler_options = case, built, compiler_options
         tm = built.tm
-        self.spec = MD.lora_spec(case.model, case.method, dropout=lora_dropout)
-        self.optimizer = TR.make_optimizer(optim_config())
-        self.trainable0, phi0 = M.init_trainable(tm, self.spec, jax.random.key(0))
+        self.spec = models.lora_spec(case.model, case.method, dropout=lora_dropout)
+        self.optimizer = optim.make_optimizer(optim_config())
+        self.trainable0, phi0 = forward.init_trainable(tm, self.spec, jax.random.key(0))
         self.frozen = {"params": built.params, "head": tm.head, "phi0": phi0}
-        arrays = MD.synthetic_arrays(case.model, 2 * case.batch, built.shapes, built.config)
-        arrays = MD.with_weight(arrays)
-        batch_sh = S.batch_sharding(mesh) if mesh is not None else None
+        arrays = models.synthetic_arrays(case.model, 2 * case.batch, built.shapes, built.config)
+        arrays = models.with_weight(arrays)
+        batch_sh = sharding.batch_sharding(mesh) if mesh is not None else None
         self.batches = [
             jax.device_put(
                 {k: v[i * case.batch : (i + 1) * case.batch] for k, v in arrays.items()}, batch_sh
@@ -111,12 +110,14 @@ class Runner:
         ]
         self.rng = jax.random.key(1, impl=rng_impl)
         self.rng_impl = rng_impl
-        step = TR.make_train_step(tm, self.spec, self.optimizer)
-        state_shape = jax.eval_shape(lambda t: TR.init_state(t, self.optimizer), self.trainable0)
+        step = train_step.make_train_step(tm, self.spec, self.optimizer)
+        state_shape = jax.eval_shape(
+            lambda t: train_step.init_state(t, self.optimizer), self.trainable0
+        )
         jit_kw: dict[str, Any] = {"donate_argnums": 0}
         self.state_sh = None
         if mesh is not None:
-            repl = S.replicated(mesh)
+            repl = sharding.replicated(mesh)
             frozen_sh = jax.tree.map(lambda _: repl, self.frozen)
             if param_shardings is not None:
                 frozen_sh["params"] = param_shardings
@@ -133,7 +134,7 @@ class Runner:
         self.lower_s = time.perf_counter() - t0
         # FLOPs of the program before optimisation: on GPU the compiled module's cost
         # analysis does not count the cuBLAS custom calls that do the matmuls.
-        self.cost_lowered = FL.xla_cost(self.lowered)
+        self.cost_lowered = flops.xla_cost(self.lowered)
         self.compiled = None
         self.compile_s = None
         self.compile_error: str | None = None
@@ -151,9 +152,9 @@ class Runner:
         # Fresh buffers: the step donates its state, and for full fine-tuning the initial
         # trainable tree is the frozen backbone itself.
         fresh = jax.tree.map(lambda x: jnp.array(x, copy=True), self.trainable0)
-        return jax.jit(lambda t: TR.init_state(t, self.optimizer), out_shardings=self.state_sh)(
-            fresh
-        )
+        return jax.jit(
+            lambda t: train_step.init_state(t, self.optimizer), out_shardings=self.state_sh
+        )(fresh)
 
     def time(self, warmup: int, repeats: int) -> tuple[list[float], dict]:
         box = {"state": self.new_state(), "i": 0}
@@ -173,21 +174,25 @@ class Runner:
 
     def analytic(self) -> dict:
         b = self.built
-        n_train = FL.num_params(self.trainable0)
-        n_all = FL.num_params(b.params)
+        n_train = flops.num_params(self.trainable0)
+        n_all = flops.num_params(b.params)
         desc = describe(b)
-        fl = FL.train_flops(desc, self.case.method, self.case.batch, self.spec.lora.rank, n_train)
+        fl = flops.train_flops(
+            desc, self.case.method, self.case.batch, self.spec.lora.rank, n_train
+        )
         compute_bytes = 2 if self.case.precision == "bf16" else 4
         frozen_bytes = jnp.dtype(jax.tree.leaves(b.params)[0].dtype).itemsize
         n_frozen = n_all - (n_train if self.case.method == "full" else 0)
-        by = FL.train_bytes(desc, self.case.batch, n_frozen, frozen_bytes, n_train, compute_bytes)
+        by = flops.train_bytes(
+            desc, self.case.batch, n_frozen, frozen_bytes, n_train, compute_bytes
+        )
         return {"flops": fl, "bytes_floor": by, "n_trainable": n_train, "n_params": n_all}
 
 
-def describe(b: MD.Built) -> FL.Desc:
+def describe(b: models.Built) -> flops.Desc:
     if b.model == "clip":
-        return FL.vit_desc(b.module.vision, MD.N_CLASSES, b.module.projection_dim)
-    return FL.t5_desc(b.module.spec, b.shapes.input_len, b.shapes.target_len)
+        return flops.vit_desc(b.module.vision, models.N_CLASSES, b.module.projection_dim)
+    return flops.t5_desc(b.module.spec, b.shapes.input_len, b.shapes.target_len)
 
 
 def _safe_compile(r: Runner) -> Runner:
@@ -308,15 +313,15 @@ def _lower_wave(group, rec, tiny, lora_dropout, rng_impl, built_cache) -> list[R
     for case in group:
         model = case.model
         if ("config", model) not in built_cache:
-            config = MD.hf_config(model, tiny)
+            config = models.hf_config(model, tiny)
             built_cache[("config", model)] = config
-            built_cache[("p32", model)] = MD.init_params(model, config)
+            built_cache[("p32", model)] = models.init_params(model, config)
         config, p32 = built_cache[("config", model)], built_cache[("p32", model)]
-        dt, pdt = MD.dtypes(case.precision, case.method)
+        dt, pdt = models.dtypes(case.precision, case.method)
         key = (model, str(jnp.dtype(dt)), str(jnp.dtype(pdt)), case.attention)
         try:
             if key not in built_cache:
-                built_cache[key] = MD.build(
+                built_cache[key] = models.build(
                     model,
                     case.precision,
                     case.method,
@@ -348,8 +353,8 @@ def _time_one(
     samples, last = r.time(warmup, repeats)
     a = r.analytic()
     xla = r.cost_lowered
-    xla_compiled = FL.xla_cost(r.compiled)
-    mem = FL.compiled_memory(r.compiled)
+    xla_compiled = flops.xla_cost(r.compiled)
+    mem = flops.compiled_memory(r.compiled)
     med = sorted(samples)[len(samples) // 2]
     derived = {
         "examples_per_s": r.case.batch / med,

@@ -14,13 +14,20 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from llora_jax import model as M
-from llora_jax import train as TR
+from llora_jax import data, tasks
 from llora_jax.adapters import LoraConfig
+from llora_jax.backbones import hf
+from llora_jax.backbones.attention import with_attention_impl
+from llora_jax.data import vision
+from llora_jax.evaluation import grid as grid_eval
+from llora_jax.tasks import Experiment
+from llora_jax.train import group as train_group
+from llora_jax.train import loop as train_loop
+from llora_jax.train import optim
+from llora_jax.types import AdapterSpec, check_method
 
-KINDS = ("text_encoder", "t5", "clip")
+KINDS = tasks.KINDS
 
 
 def compute_dtype(name: str) -> Any:
@@ -32,22 +39,6 @@ def compute_dtype(name: str) -> Any:
         raise ValueError(f"unknown dtype {name!r}; use auto, float32 or bfloat16") from e
 
 
-@dataclasses.dataclass
-class Experiment:
-    """Everything a fine-tuning or evaluation run of one task needs."""
-
-    task: str
-    tm: M.TaskModel
-    spec: M.AdapterSpec
-    arrays: dict[str, dict[str, np.ndarray]]  # "train" | "validation" | "test"
-    metric_fn: Callable[[np.ndarray, dict[str, np.ndarray]], dict]
-    task_spec: Any
-    primary_metric: str = "accuracy"
-    # Optional second readout at the end of a run: (trainable, phi0, split) -> metrics
-    # (T5: greedy generation + exact match, beside label-word scoring).
-    extra_eval: Callable[[Any, Any, str], dict] | None = None
-
-
 class BackboneCache:
     """Load each backbone once per process (a study fine-tunes many tasks on one base)."""
 
@@ -57,9 +48,6 @@ class BackboneCache:
     def get(
         self, source: str, dtype: Any, param_dtype: Any, attention_impl: str = "auto"
     ) -> tuple[Any, Any]:
-        from llora_jax.backbones import hf
-        from llora_jax.backbones.attention import with_attention_impl
-
         key = (source, str(dtype), str(param_dtype), attention_impl)
         if key not in self._items:
             bb = hf.load_backbone(source, dtype=dtype, param_dtype=param_dtype)
@@ -89,9 +77,9 @@ def lora_config(c: Any, default_targets: tuple[str, ...]) -> LoraConfig:
     return LoraConfig(**({"targets": tuple(default_targets)} | _lora_fields(c)))
 
 
-def optim_config(c: Any) -> TR.OptimConfig:
+def optim_config(c: Any) -> optim.OptimConfig:
     o = c.optim
-    return TR.OptimConfig(
+    return optim.OptimConfig(
         optimizer=o.optimizer,
         learning_rate=float(o.learning_rate),
         weight_decay=float(o.weight_decay),
@@ -103,8 +91,8 @@ def optim_config(c: Any) -> TR.OptimConfig:
     )
 
 
-def loop_config(c: Any, progress: bool = True) -> TR.LoopConfig:
-    return TR.LoopConfig(
+def loop_config(c: Any, progress: bool = True) -> train_loop.LoopConfig:
+    return train_loop.LoopConfig(
         total_steps=int(c.steps),
         batch_size=int(c.batch_size),
         seed=int(c.seed),
@@ -117,19 +105,7 @@ def loop_config(c: Any, progress: bool = True) -> TR.LoopConfig:
     )
 
 
-def _limit(n: int, limit: int) -> np.ndarray:
-    """All positions, or a fixed (seed 0, sorted) random subset of ``limit`` of them.
-
-    A random subset rather than the first rows: source files are often ordered by label.
-    """
-    if not limit or limit >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(0).choice(n, limit, replace=False))
-
-
 def _load_splits(c: Any) -> dict[str, Any]:
-    from llora_jax import data
-
     kw = dict(
         data_dir=c.data.data_dir or None,
         source=c.data.source,
@@ -140,13 +116,29 @@ def _load_splits(c: Any) -> dict[str, Any]:
     return {s: data.load_task(c.task, s, **kw) for s in ("train", "validation", "test")}
 
 
+def _kind_arguments(c: Any) -> dict:
+    """The arguments of ``c.kind``'s task builder that its config fields set."""
+    if c.kind == "text_encoder":
+        return dict(max_len=int(c.data.max_len), head_scale=float(c.get("head_scale", 20.0)))
+    if c.kind == "t5":
+        return dict(
+            max_len=int(c.data.max_len),
+            target_len=int(c.data.target_len),
+            eval_batch_size=int(c.eval_batch_size),
+        )
+    templates = None if c.get("templates", "paper") == "paper" else vision.templates(c.task)
+    return dict(
+        image_size=int(c.data.image_size),
+        normalized=c.get("image_mode", "clip") == "clip",
+        templates=templates,
+    )
+
+
 def build(c: Any, cache: BackboneCache | None = None) -> Experiment:
     """Build the experiment that config ``c`` describes."""
-    from llora_jax.model import check_method
-
     check_method(c.method)
-    if c.kind not in KINDS:
-        raise ValueError(f"unknown config.kind {c.kind!r}; valid kinds: {', '.join(KINDS)}")
+    if c.kind not in tasks.KINDS:
+        raise ValueError(f"unknown config.kind {c.kind!r}; valid kinds: {', '.join(tasks.KINDS)}")
     attention = str(c.get("attention_impl", "auto"))
     if attention == "cudnn" and c.method == "l_lora_model":
         raise ValueError(
@@ -157,63 +149,35 @@ def build(c: Any, cache: BackboneCache | None = None) -> Experiment:
     dtype = compute_dtype(c.dtype)
     splits = _load_splits(c)  # first: a missing dataset is reported before any model loads
     bb, tok = cache.get(c.backbone, dtype, compute_dtype(c.param_dtype), attention)
-    builder = {"text_encoder": _build_text_encoder, "t5": _build_t5, "clip": _build_clip}[c.kind]
-    return builder(c, bb, tok, splits)
-
-
-def _build_text_encoder(c, bb, tok, splits) -> Experiment:
-    from llora_jax.backbones import bert
-    from llora_jax.heads import text_encoder as TE
-
-    spec = splits["train"].spec
     limits = {
         "train": int(c.data.train_limit),
         "validation": int(c.data.eval_limit),
         "test": int(c.data.eval_limit),
     }
-    arrays = {
-        s: TE.encode_examples(tok, spec, d.take(_limit(len(d), limits[s])), int(c.data.max_len))
-        for s, d in splits.items()
-    }
-    tm = TE.task_model(bb, tok, spec, scale=float(c.get("head_scale", 20.0)))
-    return Experiment(
-        task=spec.name,
-        tm=tm,
-        spec=M.AdapterSpec(c.method, lora_config(c, bert.DEFAULT_LORA_TARGETS)),
-        arrays=arrays,
-        metric_fn=lambda preds, arr: TE.metrics(spec, preds, arr),
-        task_spec=spec,
-        primary_metric=spec.primary_metric,
+    return tasks.BUILDERS[c.kind](
+        bb,
+        tok,
+        splits,
+        method=c.method,
+        lora=lora_config(c, tasks.DEFAULT_LORA_TARGETS[c.kind]),
+        limits=limits,
+        **_kind_arguments(c),
     )
-
-
-def _build_t5(c, bb, tok, splits) -> Experiment:
-    from llora_jax.heads import t5_text
-
-    return t5_text.build_experiment(c, bb, tok, splits)
-
-
-def _build_clip(c, bb, tok, splits) -> Experiment:
-    from llora_jax.heads import clip_zeroshot
-
-    return clip_zeroshot.build_experiment(c, bb, tok, splits)
 
 
 # ----------------------------------------------------------------------------- running
 
 
 def evaluate_split(exp: Experiment, trainable: Any, phi0: Any, split: str, batch_size: int) -> dict:
-    from llora_jax import evaluate as E
-
     arr = exp.arrays[split]
-    preds = E.predict(exp.tm, exp.spec, trainable, phi0, arr, batch_size)
+    preds = grid_eval.predict(exp.tm, exp.spec, trainable, phi0, arr, batch_size)
     return exp.metric_fn(preds, arr)
 
 
 def _with_method(exp: Experiment, c: Any) -> Experiment:
     """``exp`` (built for any method) with the adapter spec of config ``c``."""
     lora = dataclasses.replace(exp.spec.lora, **_lora_fields(c))
-    return dataclasses.replace(exp, spec=M.AdapterSpec(c.method, lora))
+    return dataclasses.replace(exp, spec=AdapterSpec(c.method, lora))
 
 
 def _final_eval(exp: Experiment, c: Any) -> Callable[[Any, Any], dict]:
@@ -272,7 +236,7 @@ def run_finetune(
     """
     exp = build(c, cache) if exp is None else _with_method(exp, c)
     workdir = _write_config(c, workdir)
-    return TR.finetune(
+    return train_loop.finetune(
         exp.tm,
         exp.spec,
         optim_config(c),
@@ -338,7 +302,6 @@ def run_finetune_group(
     run by run, by skipping members whose task vector exists.
     Returns every run's final metrics, in order.
     """
-    from llora_jax import train_group as TG
 
     check_group_configs(configs)
     if len(workdirs) != len(configs) or (exps is not None and len(exps) != len(configs)):
@@ -351,19 +314,19 @@ def run_finetune_group(
         build(c, cache) if e is None else _with_method(e, c)
         for c, e in zip(configs, exps or [None] * len(configs))
     ]
-    key = TG.group_key(exps[0].tm)
+    key = train_group.group_key(exps[0].tm)
     for c, e in zip(configs[1:], exps[1:]):
-        if TG.group_key(e.tm) != key or e.spec != exps[0].spec:
+        if train_group.group_key(e.tm) != key or e.spec != exps[0].spec:
             raise ValueError(
                 f"run_finetune_group: tasks {configs[0].task!r} and {c.task!r} do not share one "
                 "backbone, readout, adapter spec and head shape, so they cannot train in one "
                 "group; fine-tune them in separate groups"
             )
-    oc, lc = TG.shared_configs(
+    oc, lc = train_group.shared_configs(
         [optim_config(c) for c in configs], [loop_config(c, progress) for c in configs]
     )
     members = [
-        TG.GroupMember(
+        train_loop.Run(
             workdir=Path(wd),
             seed=int(c.seed),
             learning_rate=float(c.optim.learning_rate),
@@ -375,7 +338,7 @@ def run_finetune_group(
         )
         for c, wd, e in zip(configs, workdirs, exps)
     ]
-    TG.check_members(members)  # before anything is written
+    train_group.check_runs(members)  # before anything is written
     for c, wd in zip(configs, workdirs):
         _write_config(c, wd)
-    return TG.finetune_group(exps[0].tm, exps[0].spec, oc, lc, members, mesh=mesh)
+    return train_loop.fit(exps[0].tm, exps[0].spec, oc, lc, members, mesh=mesh, group_step=True)

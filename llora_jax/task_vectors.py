@@ -30,7 +30,7 @@ from typing import Any
 import jax
 
 from llora_jax import __version__
-from llora_jax import tree as T
+from llora_jax import tree as tree_lib
 
 PyTree = Any
 
@@ -110,7 +110,7 @@ def _local_checkpointer():
     Task vectors are small host arrays written by one process; Orbax's default
     would wait for every process of a multi-host run at a barrier.
     """
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # orbax is slow to import; only saving and loading need it
 
     me = jax.process_index()
     opts = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
@@ -162,14 +162,14 @@ def save(
             raise TaskVectorError(f"task-vector meta lacks {k!r}; build it with make_meta()")
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(meta)
-    meta["structure"] = T.structure_signature(tau)
-    meta["num_params"] = T.num_params(tau)
+    meta["structure"] = tree_lib.structure_signature(tau)
+    meta["num_params"] = tree_lib.num_params(tau)
     if phi0 is not None:
-        if T.structure_signature(phi0) != meta["structure"]:
+        if tree_lib.structure_signature(phi0) != meta["structure"]:
             raise TaskVectorError("phi0 and tau have different tree structures or shapes")
-        meta.setdefault("phi0_fingerprint", T.fingerprint(phi0))
+        meta.setdefault("phi0_fingerprint", tree_lib.fingerprint(phi0))
         if meta["phi0_fingerprint"] is None:
-            meta["phi0_fingerprint"] = T.fingerprint(phi0)
+            meta["phi0_fingerprint"] = tree_lib.fingerprint(phi0)
     tmp = _tmp_sibling(path)
     try:
         tmp.mkdir()
@@ -220,7 +220,7 @@ def load(path: str | os.PathLike, *, with_phi0: bool = True) -> TaskVector:
 
 
 def _check_structure(where: Path, tree: PyTree, expected: dict) -> None:
-    got = T.structure_signature(tree)
+    got = tree_lib.structure_signature(tree)
     if got == expected:
         return
     missing = sorted(set(expected) - set(got))

@@ -7,7 +7,7 @@ get_study("tiny") is the seconds-long smoke test used by the tests (tiny backbon
 data passed by override).
 """
 
-from llora_jax.study import base_study, tiny_study
+from llora_jax.study.spec import base_study, tiny_study
 
 TASKS = ["sun397", "cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
 

@@ -6,7 +6,7 @@ configs/t5.py (Adam, lr 1e-5..4e-5, batch 16, 2000 steps, r 16, alpha 32, q and 
 get_study("tiny") is the smoke test used by the tests.
 """
 
-from llora_jax.study import base_study, tiny_study
+from llora_jax.study.spec import base_study, tiny_study
 
 TASKS = ["cola", "mnli", "mrpc", "qqp", "rte", "sst2", "stsb"]
 

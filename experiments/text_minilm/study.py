@@ -1,13 +1,14 @@
 """The text study: all-MiniLM-L6-v2 (real weights), frozen label heads, local GLUE tasks.
 
-get_study("")     the full study (make reproduce-text): every text task of
-                  LLORA_DATA_DIR, 4 methods, 3 seeds, 6 fusion methods, 4 pairs.
+get_study("")     the full study (make reproduce-text): the six GLUE tasks of
+                  LLORA_DATA_DIR (named: the directory holds 20), 4 methods, 3 seeds,
+                  6 fusion methods, 4 pairs.
 get_study("demo") the quick form (make demo): 3 tasks, 1 seed, LoRA vs L-LoRA,
                   task arithmetic and TIES, one disentanglement heatmap.
 get_study("tiny") seconds-long smoke test (tests; pass a tiny backbone by override).
 """
 
-from llora_jax.study import base_study
+from llora_jax.study.spec import base_study
 
 
 def _lams(step: float = 0.1) -> list[float]:
@@ -16,6 +17,9 @@ def _lams(step: float = 0.1) -> list[float]:
 
 def get_study(arg=None):
     s = base_study("text_minilm", "configs/minilm.py")
+    # Named explicitly: LLORA_DATA_DIR holds 20 text tasks, and every subset of 20 is a
+    # million fusion searches.
+    s.tasks = ["cola", "mrpc", "qqp", "rte", "sst2", "stsb"]
     # (dotted config key, value) pairs: ConfigDict keys cannot hold dots.
     s.overrides = (
         ("steps", 500),
@@ -104,7 +108,7 @@ def get_study(arg=None):
             "eval_batch_size",
             "eval_chunk",
         ):
-            s[k] = demo[k]
+            setattr(s, k, getattr(demo, k))
         s.name = "text_minilm_cpu"
         s.tasks = ["cola", "mrpc", "sst2"]
         s.seeds = [0, 1, 2]

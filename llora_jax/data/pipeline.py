@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 __all__ = ["steps_per_epoch", "batches", "prefetch_to_device"]
@@ -99,8 +100,6 @@ def batches(
     transforms batches in that many threads, in order.
     """
     if process_index is None or process_count is None:
-        import jax
-
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
@@ -169,7 +168,6 @@ def _ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
 
 
 def _device_put(batch: Mapping[str, Any], sharding: Any) -> dict[str, Any]:
-    import jax
 
     out = {}
     for k, v in batch.items():

@@ -294,7 +294,7 @@ def tfds_source(
     tfds_name: str, split: str, *, tfds_data_dir: str | None = None, download: bool = False
 ) -> Any:
     """``tfds.data_source`` without TensorFlow; a clear error when the data is absent."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # tfds (~230 MB with pyarrow) is slow to import; tfds sources only
 
     if tfds_name.startswith("glue/"):
         import tensorflow_datasets.text.glue  # noqa: F401  (registers the GLUE builders)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 PAPER_TEMPLATE = "a photo of a {c}."
@@ -206,7 +208,7 @@ def _to_rgb(img: np.ndarray) -> np.ndarray:
 
 def resize_center_crop(img: np.ndarray, size: int) -> np.ndarray:
     """CLIP-style: bicubic resize of the shorter side to ``size``, then a centre crop (uint8)."""
-    from PIL import Image
+    from PIL import Image  # Pillow: only hosts that resize images need it
 
     img = _to_rgb(img)
     h, w = img.shape[:2]
@@ -223,10 +225,7 @@ def resize_center_crop(img: np.ndarray, size: int) -> np.ndarray:
 def normalize(images, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
     """uint8 [..., H, W, 3] -> float32 standardised pixels. Works on numpy and jax arrays,
     so it can run inside the jitted step (ship uint8 to the device: 4x fewer bytes)."""
-    if isinstance(images, np.ndarray):
-        xp = np
-    else:
-        import jax.numpy as xp
+    xp = np if isinstance(images, np.ndarray) else jnp
     x = images.astype(xp.float32) / 255.0
     return (x - xp.asarray(mean, xp.float32)) / xp.asarray(std, xp.float32)
 
@@ -240,9 +239,6 @@ def preprocess_on_device(images, size: int = 224, *, normalized: bool = True):
     150 KB) and the resize is one vectorised op. jax's antialiased bicubic matches PIL's
     within one intensity level (tested).
     """
-    import jax
-    import jax.numpy as jnp
-
     b, h, w, c = images.shape
     x = images.astype(jnp.float32)
     if c == 1:

@@ -15,9 +15,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
-from llora_jax.fusion._common import COARSE_LAMBDA_GRID, LAMBDA_GRID, check_taus
-from llora_jax.fusion.analysis import cosine_matrix, lora_delta_w, mean_off_diagonal
 from llora_jax.fusion.average import average
+from llora_jax.fusion.common import COARSE_LAMBDA_GRID, LAMBDA_GRID, check_taus
 from llora_jax.fusion.dare import dare, drop_and_rescale, random_masks
 from llora_jax.fusion.isolation import core_masks, core_overlap, isolation, isolation_subsets
 from llora_jax.fusion.lorahub import LorahubSearch, lorahub
@@ -118,7 +117,4 @@ __all__ = [
     "core_overlap",
     "lorahub",
     "LorahubSearch",
-    "cosine_matrix",
-    "mean_off_diagonal",
-    "lora_delta_w",
 ]

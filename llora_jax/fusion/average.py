@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import jax
 
-from llora_jax.fusion._common import PyTree, check_taus, stack_leaves
+from llora_jax.fusion.common import PyTree, check_taus, stack_leaves
 
 
 def average(taus: Sequence[PyTree]) -> PyTree:

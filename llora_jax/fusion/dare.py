@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llora_jax.fusion._common import PyTree, acc_dtype, check_taus
 from llora_jax.fusion.average import average
+from llora_jax.fusion.common import PyTree, acc_dtype, check_taus
 from llora_jax.fusion.task_arithmetic import task_arithmetic, weighted
 from llora_jax.fusion.ties import ties
 

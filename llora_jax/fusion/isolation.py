@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llora_jax.fusion._common import (
+from llora_jax.fusion.common import (
     PyTree,
     check_taus,
     per_subset,
@@ -32,7 +32,7 @@ from llora_jax.fusion._common import (
     topk_keep,
     topk_thresholds,
 )
-from llora_jax.fusion._common import topk_masks as _topk_masks
+from llora_jax.fusion.common import topk_masks as _topk_masks
 
 
 def core_masks(taus: Sequence[PyTree], p: float) -> list[PyTree]:

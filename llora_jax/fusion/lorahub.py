@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from llora_jax.fusion._common import PyTree, check_taus
+from llora_jax.fusion.common import PyTree, check_taus
 from llora_jax.fusion.task_arithmetic import weighted
 
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llora_jax.fusion._common import PyTree, acc_dtype, check_taus, stack_leaves
+from llora_jax.fusion.common import PyTree, acc_dtype, check_taus, stack_leaves
 
 
 def task_arithmetic(taus: Sequence[PyTree], lam: Any) -> PyTree:

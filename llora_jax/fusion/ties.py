@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from llora_jax.fusion._common import (
+from llora_jax.fusion.common import (
     PyTree,
     check_taus,
     per_subset,

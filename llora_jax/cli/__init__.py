@@ -1,0 +1,1 @@
+"""Thin command-line entry points (``llora …`` / ``python -m llora_jax.cli``)."""

@@ -1,1 +1,0 @@
-"""Readouts that turn a frozen backbone into a task model (frozen heads, label words)."""

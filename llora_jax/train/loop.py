@@ -1,0 +1,302 @@
+"""ONE training loop for one run or a group of runs; resumable; exports task vectors.
+
+A run (``Run``) is what differs between runs of one method: workdir, seed, learning
+rate, head, training data, evaluation callbacks and metadata. ``fit`` trains R runs:
+
+* R = 1 (``group=False``): the plain jitted step, Orbax checkpoints every
+  ``ckpt_every`` steps, resumed from ``workdir/checkpoints`` (batches are a seeded
+  permutation per epoch, resumable at any step, so a resumed run sees exactly the
+  batches it would have seen). Backbone weights may be sharded (``frozen_shardings``).
+* R > 1 (or ``group=True``): the step vmapped over (train state, head, φ0, batch,
+  dropout key) with the backbone broadcast (``group``), no mid-run checkpoints (a study
+  resumes a group run by run, skipping members whose task vector exists).
+
+Both share the mesh, logging (metrics.jsonl + TensorBoard), progress bar, NaN guard and
+export (``export.export_run``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from llora_jax import data, forward
+from llora_jax import tree as tree_lib
+from llora_jax.train import group, sharding, step
+from llora_jax.train.export import export_run
+from llora_jax.train.metrics_log import MetricsLog
+from llora_jax.train.optim import OptimConfig, make_optimizer
+from llora_jax.types import AdapterSpec, TaskModel
+
+PyTree = Any
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    total_steps: int = 100
+    batch_size: int = 16
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    ckpt_every: int = 50  # 0 = no checkpoints (short runs whose task vector is the result)
+    keep_checkpoints: int = 2
+    progress: bool = True
+    # PRNG behind dropout: "rbg" compiles far faster than "threefry" (a T5-base step: most
+    # of its compile time was threefry's dropout bits), with the same statistics.
+    rng_impl: str = "rbg"
+    tensorboard: bool = True  # event files under <workdir>/tensorboard beside metrics.jsonl
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Run:
+    """One run: what differs from the other runs of a ``fit`` call.
+
+    ``head``: this task's head (every run's head has the same shapes).
+    ``evaluate(trainable, phi0)``: validation metrics every ``eval_every`` steps;
+    ``final_eval(trainable, phi0)``: the final {"val/...": ..., "test/...": ...} written to
+    ``metrics.json`` and the task vector's meta. ``meta``: extra task-vector metadata
+    (names the "task").
+    """
+
+    workdir: str | os.PathLike
+    seed: int
+    learning_rate: float
+    head: PyTree
+    train_arrays: dict[str, np.ndarray]
+    final_eval: Callable[[PyTree, PyTree], dict] | None = None
+    evaluate: Callable[[PyTree, PyTree], dict] | None = None
+    meta: dict = dataclasses.field(default_factory=dict)
+
+
+def finetune(
+    tm: TaskModel,
+    spec: AdapterSpec,
+    oc: OptimConfig,
+    lc: LoopConfig,
+    train_arrays: dict[str, np.ndarray],
+    workdir: str | os.PathLike,
+    *,
+    evaluate: Callable[[PyTree, PyTree], dict] | None = None,
+    final_eval: Callable[[PyTree, PyTree], dict] | None = None,
+    meta: dict | None = None,
+    mesh: Mesh | None = None,
+    frozen_shardings: PyTree | None = None,
+) -> dict:
+    """Fine-tune one run (``fit`` with R = 1); returns its final metrics."""
+    run = Run(
+        workdir=workdir,
+        seed=lc.seed,
+        learning_rate=oc.learning_rate,
+        head=tm.head,
+        train_arrays=train_arrays,
+        final_eval=final_eval,
+        evaluate=evaluate,
+        meta=dict(meta or {}),
+    )
+    return fit(tm, spec, oc, lc, [run], mesh=mesh, frozen_shardings=frozen_shardings)[0]
+
+
+def fit(
+    tm: TaskModel,
+    spec: AdapterSpec,
+    oc: OptimConfig,
+    lc: LoopConfig,
+    runs: Sequence[Run],
+    *,
+    mesh: Mesh | None = None,
+    frozen_shardings: PyTree | None = None,
+    group_step: bool | None = None,
+) -> list[dict]:
+    """Fine-tune every run; export each run's task vector and metrics.json.
+
+    ``tm`` gives the shared frozen part (module, backbone weights, readout, loss,
+    predict; its head is unused: every run brings one). ``oc.learning_rate`` and
+    ``lc.seed`` are ignored (each run brings its own); everything else is shared.
+    ``group_step``: vmap the step over the runs (default: when there is more than one).
+
+    Dropout in a group: run r's key is ``jax.random.key(seed_r + 1, impl=lc.rng_impl)`` as
+    in its single run. Under vmap a threefry key draws exactly its single run's bits; an
+    rbg key does not (jax batches ``rng_bit_generator`` by drawing the whole (R, ...) block
+    from the first member's key), so members get distinct, independent dropout masks that
+    depend on their group. With dropout off (or threefry keys) a group reproduces the
+    single runs up to float rounding (tests/train/test_group.py).
+    Returns every run's final metrics, in order.
+    """
+    group.check_runs(runs)
+    stacked = len(runs) > 1 if group_step is None else group_step
+    if stacked and frozen_shardings is not None:
+        raise ValueError("fit: sharded backbone weights (frozen_shardings) need one run at a time")
+    mesh = mesh or sharding.make_mesh()
+    oc = dataclasses.replace(oc, total_steps=lc.total_steps)
+    starts = [forward.init_trainable(tm, spec, jax.random.key(int(r.seed))) for r in runs]
+    phi0s = [phi0 for _, phi0 in starts]
+    dirs = [Path(r.workdir).absolute() for r in runs]
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    if stacked:
+        setup = group.setup(tm, spec, oc, lc, runs, starts, mesh)
+    else:
+        setup = _single_setup(tm, spec, oc, lc, runs[0], starts[0], mesh, frozen_shardings)
+    state, start = setup.state, setup.start
+    main = jax.process_index() == 0
+    logs = [MetricsLog(d, tensorboard=lc.tensorboard, enabled=main) for d in dirs]
+    bar = None
+    if lc.progress and main:
+        label = spec.method if len(runs) == 1 else f"{spec.method} ×{len(runs)}"
+        bar = tqdm(total=lc.total_steps, initial=start, desc=label, unit="step")
+    t0, n0 = time.perf_counter(), start
+    try:
+        for done in range(start + 1, lc.total_steps + 1):
+            state, metrics = setup.step_fn(state, setup.frozen, next(setup.batches), setup.rngs)
+            last = done == lc.total_steps
+            ckpt = setup.manager is not None and (done % lc.ckpt_every == 0 or last)
+            if done % lc.log_every == 0 or last or ckpt:
+                m = jax.device_get(metrics)
+                m = m if stacked else {k: np.asarray(v)[None] for k, v in m.items()}
+                _check_finite(m, dirs, done, setup.manager is not None)
+                # Each run's own throughput (a group processes R times as many).
+                rate = (done - n0) * lc.batch_size / max(time.perf_counter() - t0, 1e-9)
+                for i, log in enumerate(logs):
+                    row = {k: float(v[i]) for k, v in m.items()}
+                    log.write({"step": done, **row, "examples_per_s": rate})
+                if bar is not None:
+                    loss = float(np.mean(m["loss"]))
+                    bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{len(runs) * rate:.0f}")
+            if lc.eval_every and done % lc.eval_every == 0 and not last:
+                for i, run in enumerate(runs):
+                    if run.evaluate is not None:
+                        trainable = _trainable(state, i, stacked)
+                        logs[i].write({"step": done, **run.evaluate(trainable, phi0s[i])})
+            if ckpt:
+                setup.manager.save(done, args=ocp.args.StandardSave(state))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        setup.batches.close()  # stops the prefetch thread
+        for log in logs:
+            log.close()
+        if bar is not None:
+            bar.close()
+        if setup.manager is not None:
+            setup.manager.wait_until_finished()
+            setup.manager.close()
+    return _finish(tm, spec, lc, runs, state, starts, dirs, stacked)
+
+
+def _trainable(state: dict, i: int, stacked: bool) -> PyTree:
+    return group.take(state["trainable"], i) if stacked else state["trainable"]
+
+
+def _finish(tm, spec, lc, runs, state, starts, dirs, stacked) -> list[dict]:
+    """Final evaluation and export of every run (τ = φ − φ0; full: θ − θ0 of the trained part)."""
+    main = jax.process_index() == 0
+    fingerprint = tree_lib.fingerprint(tm.params) if main else None  # once for every run
+    results = []
+    for i, run in enumerate(runs):
+        trainable = _trainable(state, i, stacked)
+        start, phi0 = starts[i]
+        metrics = run.final_eval(trainable, phi0) if run.final_eval else {}
+        tau = tree_lib.sub(trainable, start if spec.method == "full" else phi0)
+        if main:
+            export_run(
+                dirs[i],
+                tm,
+                spec,
+                tau,
+                phi0,
+                metrics,
+                seed=int(run.seed),
+                steps=lc.total_steps,
+                meta=run.meta,
+                base_fingerprint=fingerprint,
+            )
+        results.append(metrics)
+    return results
+
+
+def _ckpt_manager(workdir: Path, lc: LoopConfig) -> ocp.CheckpointManager:
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=lc.keep_checkpoints, save_interval_steps=1, create=True
+    )
+    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=opts)
+
+
+def _single_setup(tm, spec, oc, lc, run, start_phi0, mesh, frozen_shardings) -> step.StepSetup:
+    """State (restored from the newest checkpoint if any), shardings and batches of one run."""
+    trainable0, phi0 = start_phi0
+    optimizer = make_optimizer(dataclasses.replace(oc, learning_rate=run.learning_rate))
+    repl = sharding.replicated(mesh)
+    frozen = {"params": tm.params, "head": run.head, "phi0": phi0}
+    frozen_sh = {
+        "params": frozen_shardings
+        if frozen_shardings is not None
+        else jax.tree.map(lambda _: repl, tm.params),
+        "head": jax.tree.map(lambda _: repl, run.head),
+        "phi0": jax.tree.map(lambda _: repl, phi0),
+    }
+    frozen = jax.device_put(frozen, frozen_sh)
+    state_shape = jax.eval_shape(lambda t: step.init_state(t, optimizer), trainable0)
+    state_sh = jax.tree.map(lambda _: repl, state_shape)
+    if frozen_shardings is None:
+        step_fn = step.step_for(tm, spec, oc, mesh, group=False)
+    else:
+        if spec.method == "full":
+            flat_sh = tree_lib.flatten(frozen_sh["params"])
+            state_sh = {
+                "step": repl,
+                "trainable": tree_lib.unflatten(
+                    {n: flat_sh[n] for n in tree_lib.flatten(trainable0)}
+                ),
+                "opt_state": jax.tree.map(lambda _: repl, state_shape["opt_state"]),
+            }
+        step_fn = step.sharded_step(tm, spec, optimizer, mesh, state_sh, frozen_sh)
+    manager = _ckpt_manager(Path(run.workdir).absolute(), lc) if lc.ckpt_every > 0 else None
+    start = manager.latest_step() if manager is not None else None
+    if start is None:
+        state = jax.jit(lambda t: step.init_state(t, optimizer), out_shardings=state_sh)(trainable0)
+        start = 0
+    else:
+        abstract = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, state_sh
+        )
+        state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+    # Seeded per-epoch permutations, this process's slice of every global batch, resumable
+    # at any step; batches are moved to the devices in a background thread.
+    batches = data.prefetch_to_device(
+        data.batches(run.train_arrays, lc.batch_size, seed=run.seed, epochs=None, start_step=start),
+        size=2,
+        sharding=sharding.batch_sharding(mesh),
+    )
+    rng = jax.random.key(int(run.seed) + 1, impl=lc.rng_impl)
+    return step.StepSetup(state, frozen, step_fn, batches, rng, start, manager)
+
+
+def _check_finite(m: dict, dirs: Sequence[Path], done: int, checkpoints: bool) -> None:
+    bad = [i for i, x in enumerate(np.asarray(m["nonfinite"])) if int(x)]
+    if not bad:
+        return
+    i = bad[0]
+    others = f" (and {len(bad) - 1} other runs)" if len(bad) > 1 else ""
+    kept = (
+        f"the last good checkpoint is kept in {dirs[i] / 'checkpoints'}. "
+        if checkpoints
+        else "no checkpoint of this run was kept, nothing was exported. "
+    )
+    raise TrainingDiverged(
+        f"{dirs[i]}: non-finite loss or gradient at step {done} "
+        f"(loss={float(m['loss'][i])}){others}; {kept}Lower the learning rate."
+    )
