@@ -220,3 +220,24 @@ def test_gradient_importance_is_mean_squared_gradient_times_tau_squared():
     np.testing.assert_allclose(flat(got), want, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="no batches"):
         gradient_importance(grad_fn, tree_of(params), [], tree_of(tau))
+
+
+def test_pipeline_merge_jits_with_traced_lambda_and_masks():
+    taus, masks = hand_made()
+    tt = [tree_of(t) for t in taus]
+    mt = [jax.tree.map(lambda x: x > 0.5, tree_of(m.astype(float))) for m in masks]
+    merge = jax.jit(lambda t, m, lam: pipeline_merge(t, m, [0, 0, 1, 0], lam, iterations=200))
+    for lam in (0.3, 1.0):  # one program for every λ
+        want = np_pipeline(taus, masks, [0, 0, 1, 0], lam)
+        np.testing.assert_allclose(flat(merge(tt, mt, lam)), want, rtol=1e-5, atol=1e-6)
+
+
+def test_isolation_pipeline_uses_scores_when_given():
+    rng = np.random.default_rng(6)
+    tt = [tree_of(v) for v in rng.normal(size=(3, 10))]
+    scores = [tree_of(np.abs(v)) for v in rng.normal(size=(3, 10))]
+    _, info = isolation_pipeline(tt, p=0.3, threshold=0.0, lam=1.0, scores=scores)
+    want = core_masks_by_score(scores, 0.3)
+    for got_mask, want_mask in zip(info["masks"], want):
+        np.testing.assert_array_equal(flat(got_mask), flat(want_mask))
+    assert info["clusters"].tolist() == [0, 0, 0]
