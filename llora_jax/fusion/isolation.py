@@ -62,11 +62,18 @@ def isolation_parts(x: jax.Array, thresholds: jax.Array) -> tuple[jax.Array, jax
     where no task claims it, else 0 (disjoint supports, so the sum is exact).
     """
     core = topk_keep(x, thresholds)
+    claimed = core.any(0)
+    return owner_values(x, core), jnp.where(claimed, 0, x.sum(0))
+
+
+def owner_values(x: jax.Array, core: jax.Array) -> jax.Array:
+    """Transplanted cores of one stacked leaf x (n, *shape) given the claims ``core`` (n, *shape):
+    where some task claims an element, the value of the claiming task with the largest |τ_i|
+    there (lowest task index on an exact tie); 0 where no task claims it."""
     score = jnp.where(core, jnp.abs(x), -1.0)
     owner = jnp.argmax(score, axis=0)  # first maximum: lowest task index on ties
     owned = jnp.take_along_axis(x, owner[None], axis=0)[0]
-    claimed = core.any(0)
-    return jnp.where(claimed, owned, 0), jnp.where(claimed, 0, x.sum(0))
+    return jnp.where(core.any(0), owned, 0)
 
 
 def isolation_leaf(x: jax.Array, thresholds: jax.Array, lam: Any) -> jax.Array:
