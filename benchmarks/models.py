@@ -22,7 +22,7 @@ import numpy as np
 from llora_jax import adapters, forward
 from llora_jax.backbones import clip, t5
 from llora_jax.backbones.attention import with_attention_impl
-from llora_jax.data import vision
+from llora_jax.tasks import clip_zeroshot, t5_text
 from llora_jax.types import AdapterSpec, TaskModel
 
 MODELS = ("clip", "t5", "t5l")  # t5l: Flan-T5-large (the FSDP benchmark)
@@ -210,25 +210,16 @@ def cast(tree: Any, dtype: Any) -> Any:
 
 
 def clip_task_model(module: Any, params: Any, image_size: int, seed: int = 1) -> TaskModel:
-    """CLIP image classification with a random frozen zero-shot head (heads/clip_zeroshot's readout)."""
+    """CLIP image classification with a random frozen zero-shot head (the library's readout)."""
     dim = module.projection_dim
     classes = jax.random.normal(jax.random.key(seed), (N_CLASSES, dim), jnp.float32)
     classes = classes / jnp.linalg.norm(classes, axis=-1, keepdims=True)
     head = {"classes": classes, "logit_scale": jnp.asarray(np.log(100.0), jnp.float32)}
 
-    def readout(call, batch, head, train):
-        pixels = vision.preprocess_on_device(batch["image"], image_size, normalized=True)
-        emb = call(pixels, method="encode_image", deterministic=not train)
-        return {
-            "logits": clip.zeroshot_logits(
-                emb.astype(jnp.float32), head["classes"], head["logit_scale"]
-            )
-        }
-
     return TaskModel(
         module=module,
         params=params,
-        readout=readout,
+        readout=clip_zeroshot.ZeroShotReadout(image_size, True),
         loss=forward.classification_loss,
         predict=forward.argmax_predict,
         head=head,
@@ -237,7 +228,7 @@ def clip_task_model(module: Any, params: Any, image_size: int, seed: int = 1) ->
     )
 
 
-class _WordTokenizer:
+class WordTokenizer:
     """Stands in for a T5 tokenizer: fixed token ids per label word, then EOS, then padding."""
 
     def __init__(self, vocab_size: int, eos: int = 1):
@@ -255,13 +246,11 @@ class _WordTokenizer:
 
 
 def t5_task_model(module: Any, params: Any, target_len: int) -> TaskModel:
-    """Flan-T5 text-to-text classification: heads/t5_text's readout (teacher-forced CE to train,
+    """Flan-T5 text-to-text classification: the library's tasks/t5_text readout (teacher-forced CE to train,
     rank classification of two label words to predict), with a stand-in tokenizer."""
-    from llora_jax.heads import t5_text
-
     backbone = types.SimpleNamespace(module=module, params=params, source="bench/flan-t5-base")
     spec = types.SimpleNamespace(is_regression=False, label_names=LABEL_WORDS)
-    tok = _WordTokenizer(module.spec.vocab_size, module.spec.eos_token_id)
+    tok = WordTokenizer(module.spec.vocab_size, module.spec.eos_token_id)
     return t5_text.task_model(backbone, tok, spec, target_len=target_len)
 
 
@@ -301,7 +290,7 @@ def synthetic_arrays(
     lengths = rng.integers(shapes.input_len // 2, shapes.input_len + 1, n)
     mask = (np.arange(shapes.input_len)[None] < lengths[:, None]).astype(np.int32)
     label = rng.integers(0, len(LABEL_WORDS), n).astype(np.int32)
-    words = _WordTokenizer(vocab)(list(LABEL_WORDS), shapes.target_len)
+    words = WordTokenizer(vocab)(list(LABEL_WORDS), shapes.target_len)
     labels = words["input_ids"][label].astype(np.int32)
     dmask = words["attention_mask"][label].astype(np.int32)
     return {

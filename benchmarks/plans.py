@@ -1,5 +1,10 @@
-"""What a run measures: the presets (tiny, quick, default, full, issue8, issue8b, issue8c) and
-their overrides.
+"""What a run measures: the presets and their overrides.
+
+Presets: ``tiny``, ``quick``, ``default``, ``full``, and three GPU plans named by what they
+measure: ``gpu_t5_and_scaling`` (T5 train steps and their PEFT twins, merge and
+disentanglement grids, multi-GPU scaling), ``gpu_vit_attention`` (ViT-B/16 with XLA vs cuDNN
+attention, CLIP grids, the input pipeline) and ``gpu_train_matrix`` (the rest of the
+train-step matrix). Committed results before 2026-12-05 name them issue8 / issue8b / issue8c.
 
 ``default`` is about 9 minutes on one H100, compilation included (a T5-base train step
 alone compiles for ~100 s): run it as two commands of ~5 minutes (``--only
@@ -7,7 +12,7 @@ torch_train,peak,train,pipeline`` and ``--only grid,disentangle,torch_grid``), o
 with ``--budget-s`` (what is left when time runs out is skipped and recorded as such).
 ``full`` is the whole matrix of the issue (3 batch sizes × 4 methods × 2 precisions per
 model, K sweeps on both models) and is meant to be run in parts (``--only``, ``--models``).
-``issue8`` is what issue #8 still lacks, in priority order (the first cases of each area
+``gpu_t5_and_scaling`` is what issue #8 still lacks, in priority order (the first cases of each area
 matter most; a time budget cuts the tail): ``--only torch_grid,disentangle,grid``,
 ``--only peak,torch_train,train,pipeline`` (one H100 call each) and ``--only scaling``
 (2 GPUs). ``shrink`` turns any preset into its tiny CPU twin (``--preset X --tiny``).
@@ -173,19 +178,27 @@ def make_plan(preset: str) -> Plan:
             dis_methods=("lora", "l_lora", "l_lora_model"),
         )
         return Plan("full", False, train, list(train), grid, compile_workers=6)
-    if preset == "issue8":
-        return _issue8()
-    if preset == "issue8b":
-        return _issue8b()
-    if preset == "issue8c":
-        return _issue8c()
+    if preset == "gpu_t5_and_scaling":
+        return _gpu_t5_and_scaling()
+    if preset == "gpu_vit_attention":
+        return _gpu_vit_attention()
+    if preset == "gpu_train_matrix":
+        return _gpu_train_matrix()
     raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
 
 
-PRESETS = ("tiny", "quick", "default", "full", "issue8", "issue8b", "issue8c")
+PRESETS = (
+    "tiny",
+    "quick",
+    "default",
+    "full",
+    "gpu_t5_and_scaling",
+    "gpu_vit_attention",
+    "gpu_train_matrix",
+)
 
 
-def _issue8() -> Plan:
+def _gpu_t5_and_scaling() -> Plan:
     """What issue #8 still lacks (after the CLIP train steps of the first H100 run)."""
     t5 = lambda precisions, batches: _cross("t5", METHODS, precisions, batches)  # noqa: E731
     train = (
@@ -221,7 +234,7 @@ def _issue8() -> Plan:
         ScalingSpec("t5l", "lora", "bf16", 64, "dp", (1, 2), dropout=0.0),
     ]
     return Plan(
-        "issue8",
+        "gpu_t5_and_scaling",
         False,
         train,
         torch_train,
@@ -235,12 +248,12 @@ def _issue8() -> Plan:
     )
 
 
-def _issue8b() -> Plan:
-    """What the ``issue8`` runs left (session 3): the JAX T5-base train steps of every method
+def _gpu_vit_attention() -> Plan:
+    """What the ``gpu_t5_and_scaling`` runs left (session 3): the JAX T5-base train steps of every method
     (issue #5), the fused cuDNN attention against XLA's on ViT-B/16 (MFU, the PEFT ratio), the
     CLIP merge grids and the input pipeline; one H100 call:
-    ``--only torch_train,train,pipeline,grid``. Scaling as in ``issue8``."""
-    plan = _issue8()
+    ``--only torch_train,train,pipeline,grid``. Scaling as in ``gpu_t5_and_scaling``."""
+    plan = _gpu_t5_and_scaling()
     clip256 = lambda m, a="auto": TrainCase("clip", m, "bf16", 256, a)  # noqa: E731
     train = (
         # wave 1 (5): T5-base's four methods + the CLIP step the pipeline benchmark feeds
@@ -257,7 +270,7 @@ def _issue8b() -> Plan:
     torch_train = _cross("clip", ("lora", "l_lora"), ("bf16",), [256])
     return dataclasses.replace(
         plan,
-        preset="issue8b",
+        preset="gpu_vit_attention",
         train=train,
         torch_train=torch_train,
         train_waves=(5, 4),
@@ -265,8 +278,8 @@ def _issue8b() -> Plan:
     )
 
 
-def _issue8c() -> Plan:
-    """The train-step matrix that ``issue8``/``issue8b`` left (``--only train``, one H100
+def _gpu_train_matrix() -> Plan:
+    """The train-step matrix that ``gpu_t5_and_scaling``/``gpu_vit_attention`` left (``--only train``, one H100
     call): T5-base at batch 256 and fp32, CLIP fp32, then batch 16 / 64."""
     t5_rest = ("l_lora", "l_lora_model", "full")
     train = (
@@ -280,7 +293,11 @@ def _issue8c() -> Plan:
         + [TrainCase("clip", "lora", "bf16", 64)]
     )
     return dataclasses.replace(
-        _issue8(), preset="issue8c", train=train, torch_train=[], train_waves=(8,)
+        _gpu_t5_and_scaling(),
+        preset="gpu_train_matrix",
+        train=train,
+        torch_train=[],
+        train_waves=(8,),
     )
 
 

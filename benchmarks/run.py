@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--preset",
         default=None,
         choices=[p for p in plans.PRESETS if p != "tiny"],
-        help="a named plan (issue8: what issue #8 still lacks); with --tiny: its tiny twin",
+        help="a named plan (gpu_t5_and_scaling: what issue #8 still lacks); with --tiny: its tiny twin",
     )
     p.add_argument("--only", default=None, help=f"comma list of areas: {', '.join(plans.AREAS)}")
     p.add_argument("--models", default=None, help="comma list: clip,t5")

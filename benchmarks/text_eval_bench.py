@@ -3,7 +3,7 @@
 Evaluation: K merged LoRA models of all-MiniLM-L6-v2 scored on every task's validation
 split (what the fusion search does thousands of times), one variant at a time:
 length-sorted batches trimmed to their longest row (the old path) or packed rows
-(``llora_jax.packing``), XLA or cuDNN attention, several batch/chunk shapes. Each variant
+(``llora_jax.evaluation.packing``), XLA or cuDNN attention, several batch/chunk shapes. Each variant
 reports its first pass (compiles included), the median of later passes, the tokens it
 computed against the real ones, and TFLOP/s on the real tokens.
 

@@ -95,7 +95,7 @@ def _grid_one(model, name, cfg, st, rec, tiny, device) -> np.ndarray:
     head = clip_head(config, device) if model == "clip" else None
     words = None
     if model == "t5":
-        w = model_shapes._WordTokenizer(config.vocab_size)(
+        w = model_shapes.WordTokenizer(config.vocab_size)(
             list(model_shapes.LABEL_WORDS), shapes.target_len
         )
         words = {

@@ -49,7 +49,7 @@ class TaskModel:
     base_model: str = "unknown"
     # Restrict full fine-tuning to these parameter paths (regexes); () = all.
     full_ft_targets: tuple[str, ...] = ()
-    # The readout also takes packed batches (``llora_jax.packing``: several inputs per
+    # The readout also takes packed batches (``llora_jax.evaluation.packing``: several inputs per
     # row, predictions shaped like the batch's slots); evaluation then packs token inputs.
     packable: bool = False
 

@@ -56,7 +56,7 @@ def get_study(arg=None):
         "isolation": [{"p": 0.1, "lam": lam} for lam in _lams()],
     }
     s.pairs = [("cola", "mrpc"), ("cola", "rte"), ("mrpc", "rte"), ("mrpc", "sst2")]
-    # Evaluation packs several sentences per 64-token row (llora_jax.packing): a batch is
+    # Evaluation packs several sentences per 64-token row (llora_jax.evaluation.packing): a batch is
     # 32 packed rows, and 32 merged models share one call (65k tokens). On an H200 this was
     # 1.54x faster than 160 length-sorted, trimmed rows × 12 models, and compiled one
     # program instead of three (benchmarks/text_eval_bench.py).

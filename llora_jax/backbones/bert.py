@@ -241,7 +241,7 @@ class BertModel(nn.Module):
         deterministic: bool = True,
         segment_ids: jax.Array | None = None,
     ):
-        """``segment_ids`` (B, L), for packed inputs (``llora_jax.packing``): tokens attend
+        """``segment_ids`` (B, L), for packed inputs (``llora_jax.evaluation.packing``): tokens attend
         only within their segment (0 = padding); pass each segment's own ``position_ids``."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if attention_mask is None:

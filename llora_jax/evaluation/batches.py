@@ -86,7 +86,7 @@ def device_batches(
     ``slots`` holds the dataset position of each of the batch's predictions (-1 =
     padding); ``gather`` puts predictions back in the dataset's order. With ``pack``
     (a model whose readout takes packed rows, ``TaskModel.packable``), right-padded token
-    inputs are packed several to a row of the stored width (``llora_jax.packing``), and a
+    inputs are packed several to a row of the stored width (``llora_jax.evaluation.packing``), and a
     batch is ``batch_size`` packed rows: one program shape for every dataset, and about
     the real tokens' cost. Otherwise token inputs are sorted by length and each batch
     trimmed to its longest row (``iterate_batches(trim=True)``). The batches of the last

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from llora_jax.fusion._common import PyTree, check_taus
+from llora_jax.fusion.common import PyTree, check_taus
 
 __all__ = ["frozen_union", "zero_frozen", "freeze", "sequential_schedule", "frozen_fraction"]
 

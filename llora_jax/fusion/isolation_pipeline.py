@@ -33,10 +33,10 @@ import numpy as np
 import scipy.cluster.hierarchy as sch
 from jax.flatten_util import ravel_pytree
 
-from llora_jax.fusion._common import PyTree, check_taus, stack_leaves, topk_masks
-from llora_jax.fusion.analysis import mean_off_diagonal
+from llora_jax.fusion.common import PyTree, check_taus, stack_leaves, topk_masks
 from llora_jax.fusion.isolation import core_masks, owner_values
 from llora_jax.fusion.spherical import spherical_mean
+from llora_jax.interference.similarity import mean_off_diagonal
 
 __all__ = [
     "core_masks_by_score",

@@ -148,7 +148,7 @@ def readout(call: Any, batch: dict, head: dict, train: bool) -> dict:
 
 
 def _packed_embeddings(call: Any, batch: dict, train: bool) -> jnp.ndarray:
-    """(R, S, H) sentence embeddings of packed rows (``llora_jax.packing``): each segment
+    """(R, S, H) sentence embeddings of packed rows (``llora_jax.evaluation.packing``): each segment
     attends only to itself and is mean-pooled over its own tokens."""
     seg = batch["segment_ids"]
     hidden = call(

@@ -10,7 +10,7 @@
   l_lora_model outputs;
 * batched merge grids give exactly the predictions of one model at a time (the
   disentanglement grid too);
-* plans: the issue8 preset's order and waves, its tiny twin; a time budget skips whole
+* plans: the gpu_t5_and_scaling preset's order and waves, its tiny twin; a time budget skips whole
   compile waves (recorded) instead of starting what cannot finish; results of several
   runs merge into one file with ratios recomputed across them.
 """
@@ -271,7 +271,7 @@ def test_areas_and_presets():
 
 
 def test_issue8_plan_order_waves_and_tiny_twin():
-    plan = plans.make_plan("issue8")
+    plan = plans.make_plan("gpu_t5_and_scaling")
     sizes = train_bench.wave_sizes(len(plan.train), plan.train_waves)
     assert sum(sizes) == len(plan.train) and sizes[0] == 5
     first = {c.name for c in plan.train[: sizes[0]]}
@@ -295,7 +295,7 @@ def test_issue8_plan_order_waves_and_tiny_twin():
 
 
 def test_attention_cases_get_their_own_names_builds_and_twins():
-    plan = plans.make_plan("issue8b")
+    plan = plans.make_plan("gpu_vit_attention")
     names = [c.name for c in plan.train]
     assert len(set(names)) == len(names)
     assert "train/clip/lora/bf16/b256" in names and "train/clip/lora/bf16/b256/attn-cudnn" in names
