@@ -31,6 +31,7 @@ import jax
 
 from llora_jax import __version__
 from llora_jax import tree as T
+from llora_jax.errors import UserError
 
 PyTree = Any
 
@@ -51,7 +52,7 @@ COMPAT_FIELDS = (
 )
 
 
-class TaskVectorError(ValueError):
+class TaskVectorError(UserError, ValueError):
     """A task vector is missing, damaged, or does not fit with others."""
 
 

@@ -28,11 +28,12 @@ from llora_jax import model as M
 from llora_jax import sharding as S
 from llora_jax import task_vectors as tv
 from llora_jax import tree as T
+from llora_jax.errors import UserError
 
 PyTree = Any
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
 
 
