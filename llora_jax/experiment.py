@@ -65,10 +65,8 @@ class BackboneCache:
             bb = hf.load_backbone(source, dtype=dtype, param_dtype=param_dtype)
             if attention_impl != "auto":
                 bb = dataclasses.replace(bb, module=with_attention_impl(bb.module, attention_impl))
-            try:
-                tok = hf.load_tokenizer(bb.path)
-            except Exception:  # vision-only checkpoints carry no tokenizer
-                tok = None
+            # Vision-only checkpoints carry no tokenizer; any other must have its own.
+            tok = hf.load_tokenizer(bb.path) if hf.needs_tokenizer(bb.path) else None
             self._items[key] = (bb, tok)
         return self._items[key]
 

@@ -294,6 +294,8 @@ def check_compatible(metas: Sequence[dict | TaskVector]) -> None:
     ref = metas[0]
     for m in metas[1:]:
         for field in COMPAT_FIELDS:
+            if field == "base_model" and _same_weights(ref, m):
+                continue  # the same base weights at another path or under another name
             if m.get(field) != ref.get(field):
                 raise TaskVectorError(
                     f"task vectors for {ref.get('task')!r} and {m.get('task')!r} differ in "
@@ -305,6 +307,11 @@ def check_compatible(metas: Sequence[dict | TaskVector]) -> None:
                 f"task vectors for {ref.get('task')!r} and {m.get('task')!r} have different "
                 "parameter trees"
             )
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    fa, fb = a.get("base_fingerprint"), b.get("base_fingerprint")
+    return bool(fa) and fa == fb
 
 
 def on_device(t: TaskVector) -> TaskVector:

