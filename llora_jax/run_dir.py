@@ -13,14 +13,12 @@
 
 Typical use by the training loop (the lock spans everything that writes)::
 
+    fields = run_dir.run_fields(config_dict, backbone_fingerprint=..., data_fingerprint=...)
     with run_dir.workdir_lock(workdir):
-        if restart_requested:
-            run_dir.restart(workdir)
-        fields = run_dir.run_fields(flat_config, backbone_fingerprint=..., data_fingerprint=...)
-        run_dir.check_resume(workdir, fields)      # raises RunMismatch naming the fields
-        run_dir.write_run_record(workdir, fields)
-        run_dir.remove_stale_tmp(workdir / "checkpoints")
+        changed = run_dir.prepare_workdir(workdir, fields, start_over=flags.restart)
+        # (restart if asked; check_resume; write run.json; remove stale Orbax tmp dirs)
         step = run_dir.newest_valid_step(workdir / "checkpoints", restore=...)
+        ...  # train from `step`, export
 """
 
 from __future__ import annotations
@@ -56,6 +54,7 @@ __all__ = [
     "flat_fields",
     "lock_path",
     "newest_valid_step",
+    "prepare_workdir",
     "read_run_record",
     "remove_stale_tmp",
     "restart",
@@ -239,3 +238,26 @@ def restart(workdir: str | os.PathLike, *, now: datetime.datetime | None = None)
         target = workdir.with_name(f"{workdir.name}.old-{stamp}-{n}")
     os.replace(workdir, target)
     return target
+
+
+def prepare_workdir(
+    workdir: str | os.PathLike,
+    fields: Mapping[str, Any],
+    *,
+    start_over: bool = False,
+    safe_fields: Iterable[str] = SAFE_FIELDS,
+    ckpt_subdir: str = "checkpoints",
+) -> list[str]:
+    """Everything a run does to its workdir before training; call it under the lock.
+
+    Moves an old run aside when ``start_over`` (``--restart``); refuses a resume with other fields
+    (``RunMismatch``); writes ``run.json``; removes temporary folders of killed Orbax
+    saves. Returns the safe fields that changed since the recorded run (to log them).
+    """
+    workdir = Path(workdir)
+    if start_over:
+        restart(workdir)
+    changed = check_resume(workdir, fields, safe_fields)
+    write_run_record(workdir, fields)
+    remove_stale_tmp(workdir / ckpt_subdir)
+    return changed

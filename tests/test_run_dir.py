@@ -262,3 +262,16 @@ def test_no_valid_step_means_start_over(tmp_path):
     (ckpt / "1" / "default" / "_METADATA").unlink()
     assert run_dir.newest_valid_step(ckpt, warn=lambda m: None) is None
     assert run_dir.newest_valid_step(tmp_path / "absent") is None
+
+
+def test_prepare_workdir_checks_records_and_cleans(tmp_path):
+    wd = tmp_path / "run"
+    assert run_dir.prepare_workdir(wd, _fields()) == []
+    (wd / "checkpoints" / "7.orbax-checkpoint-tmp-99").mkdir(parents=True)
+    assert run_dir.prepare_workdir(wd, _fields(steps=300)) == ["steps"]
+    assert list((wd / "checkpoints").iterdir()) == []
+    assert run_dir.read_run_record(wd)["fields"]["steps"] == 300
+    with pytest.raises(run_dir.RunMismatch, match="seed: 0 -> 2"):
+        run_dir.prepare_workdir(wd, _fields(seed=2))
+    assert run_dir.prepare_workdir(wd, _fields(seed=2), start_over=True) == []
+    assert run_dir.read_run_record(wd)["fields"]["seed"] == 2
