@@ -75,7 +75,7 @@ BAD = [
     ("method", "llora", "method unknown value 'llora'; valid: full, lora, l_lora, l_lora_model"),
     ("kind", "bert", "kind unknown value 'bert'; valid: text_encoder, t5, clip"),
     ("dtype", "bf16", "dtype unknown value 'bf16'"),
-    ("param_dtype", "auto", "param_dtype unknown value 'auto'"),
+    ("param_dtype", "float8", "param_dtype unknown value 'float8'"),
     ("attention_impl", "flash", "attention_impl unknown value 'flash'"),
     ("rng_impl", "threefry", "rng_impl unknown value 'threefry'"),
     ("tensorboard", "yes", "tensorboard must be true or false"),
