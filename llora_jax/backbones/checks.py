@@ -1,4 +1,8 @@
-"""Checks that a text backbone's tokenizer is its own (used by ``hf.load_tokenizer``).
+"""Backbone errors a user can cause, and the check that a tokenizer is the model's own.
+
+Every error raised by ``hf`` for a checkpoint the user points at (missing, truncated,
+another architecture, a missing optional package) is a ``UserError``, and keeps the
+builtin base it had (``FileNotFoundError``, ``ValueError``, ...) for existing callers.
 
 transformers 5 does not fail on a checkpoint directory without tokenizer files: it
 builds a vocabulary of 4-5 special tokens, every word becomes unknown, and training
@@ -14,7 +18,11 @@ from typing import Any
 from llora_jax.errors import UserError
 
 __all__ = [
+    "BackboneError",
+    "BackboneNotADirectory",
+    "BackboneNotFound",
     "MIN_VOCAB_COVERAGE",
+    "MissingPackage",
     "TOKENIZER_FILES",
     "TokenizerError",
     "check_tokenizer_files",
@@ -27,6 +35,22 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "vocab.json")
 # A tokenizer must cover at least this share of the embedding table (T5 pads its table:
 # 32100 tokens for 32128 rows; the fallback vocabulary covers almost nothing).
 MIN_VOCAB_COVERAGE = 0.9
+
+
+class BackboneError(UserError, ValueError):
+    """A checkpoint that cannot be used: corrupt, truncated, another architecture."""
+
+
+class BackboneNotFound(UserError, FileNotFoundError):
+    """A checkpoint directory, file or hub id that does not exist or cannot be fetched."""
+
+
+class BackboneNotADirectory(BackboneNotFound, NotADirectoryError):
+    """A file given where a checkpoint directory is expected."""
+
+
+class MissingPackage(UserError, ModuleNotFoundError):
+    """An optional package needed for this checkpoint is not installed."""
 
 
 class TokenizerError(UserError, FileNotFoundError):
