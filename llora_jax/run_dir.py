@@ -86,6 +86,9 @@ SAFE_FIELDS = (
     "mesh.*",
 )
 
+# Config fields that name a location, dropped where the content's fingerprint is known.
+LOCATION_FIELDS = ("backbone", "data.data_dir")
+
 # What a workdir holds once a run has started writing into it.
 _RUN_OUTPUTS = ("checkpoints", "task_vector", "metrics.json", "metrics.jsonl")
 
@@ -119,8 +122,15 @@ def run_fields(
     """The result-determining fields of a run: the flattened config plus provenance.
 
     ``config``: the run's config as a (nested) dict, e.g. ``json.loads(c.to_json())``.
+    Where a content fingerprint is given, the config field that only says *where* that
+    content lives (``LOCATION_FIELDS``) is left out: the same weights or data moved to
+    another path are the same run.
     """
     fields = flat_fields(_canonical(dict(config)))
+    located = {"backbone": backbone_fingerprint, "data.data_dir": data_fingerprint}
+    for name, content in located.items():
+        if content is not None:
+            fields.pop(name, None)
     fields["backbone_fingerprint"] = backbone_fingerprint
     fields["data_fingerprint"] = data_fingerprint
     fields["package_version"] = package_version

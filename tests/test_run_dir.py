@@ -42,6 +42,18 @@ def test_fields_are_flat_and_carry_provenance():
     assert "package_version" in f
 
 
+def test_locations_give_way_to_content_fingerprints():
+    config = dict(CONFIG, backbone="/home/me/minilm", data={"data_dir": "/data", "max_len": 64})
+    f = run_dir.run_fields(config, backbone_fingerprint="bb", data_fingerprint="d")
+    assert "backbone" not in f and "data.data_dir" not in f and f["data.max_len"] == 64
+    moved = dict(config, backbone="/scratch/minilm", data={"data_dir": "/mnt", "max_len": 64})
+    g = run_dir.run_fields(moved, backbone_fingerprint="bb", data_fingerprint="d")
+    assert run_dir.run_fingerprint(f) == run_dir.run_fingerprint(g)
+    # Without fingerprints the locations are all there is to compare.
+    h = run_dir.run_fields(config, backbone_fingerprint=None, data_fingerprint=None)
+    assert h["backbone"] == "/home/me/minilm" and h["data.data_dir"] == "/data"
+
+
 def test_fingerprint_ignores_order_and_safe_fields_but_not_others():
     a = _fields()
     assert run_dir.run_fingerprint(a) == run_dir.run_fingerprint(dict(reversed(list(a.items()))))
