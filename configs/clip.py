@@ -4,7 +4,7 @@ Reference: AdamW lr 1e-5, wd 0.1, batch 64, 6000 steps, 600 warm-up, r 16, alpha
 dropout 0.1, q and v. Usage: --config=configs/clip.py:b16|b32|l14[,tiny] --config.task=eurosat
 """
 
-from configs.common import base_config, parse_arg, tiny
+from configs.common import base_config, parse_arg, pick_one, tiny
 
 HUB = {
     "b16": "openai/clip-vit-base-patch16",
@@ -14,8 +14,8 @@ HUB = {
 
 
 def get_config(arg: str | None = None):
-    args = parse_arg(arg)
-    size = next((a for a in args if a in HUB), "b16")
+    args = parse_arg(arg, (*HUB, "tiny"), "configs/clip.py")
+    size = pick_one(args, HUB, "b16", "configs/clip.py")
     c = base_config()
     c.model = f"clip_vit_{size}"
     c.backbone = HUB[size]

@@ -3,7 +3,11 @@
 Every field can be overridden on the command line: ``--config.optim.learning_rate=3e-4``.
 """
 
+from collections.abc import Iterable
+
 from ml_collections import ConfigDict
+
+from llora_jax.errors import ConfigError
 
 
 def base_config() -> ConfigDict:
@@ -43,7 +47,7 @@ def base_config() -> ConfigDict:
     c.eval_every = 0  # 0: evaluate on the validation split only at the end
     c.ckpt_every = 200  # 0 = no checkpoints
     c.tensorboard = True  # TensorBoard event files beside metrics.jsonl
-    c.rng_impl = "rbg"  # dropout PRNG: rbg (fast to compile) or threefry
+    c.rng_impl = "rbg"  # dropout PRNG: rbg (fast to compile) or threefry2x32
     c.eval_batch_size = 64
 
     c.data = ConfigDict()
@@ -84,5 +88,26 @@ def tiny(c: ConfigDict) -> ConfigDict:
     return c
 
 
-def parse_arg(arg: str | None) -> set[str]:
-    return {a.strip() for a in (arg or "").split(",") if a.strip()}
+def parse_arg(arg: str | None, valid: Iterable[str], where: str) -> set[str]:
+    """The comma-separated words of a config-file argument (``file.py:a,b``).
+
+    A word the file does not know is an error listing the valid ones: a typo must not
+    silently give the default (full-size) config.
+    """
+    valid = tuple(valid)
+    args = {a.strip() for a in (arg or "").split(",") if a.strip()}
+    unknown = sorted(args - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown config argument(s) {', '.join(map(repr, unknown))}; valid: "
+            f"{', '.join(valid)} (comma-separated, e.g. {where}:{valid[-1]})"
+        )
+    return args
+
+
+def pick_one(args: set[str], choices: Iterable[str], default: str, where: str) -> str:
+    """The one word of ``args`` among ``choices`` (``default`` if none); two is an error."""
+    picked = sorted(args & set(choices))
+    if len(picked) > 1:
+        raise ConfigError(f"{where}: choose one of {', '.join(picked)}, not several")
+    return picked[0] if picked else default

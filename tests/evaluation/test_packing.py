@@ -9,7 +9,7 @@ import pytest
 
 from llora_jax import forward
 from llora_jax.adapters import LoraConfig
-from llora_jax.backbones import bert, hf, pooling
+from llora_jax.backbones import bert, hf, pooling, tokenizers
 from llora_jax.data import get_task
 from llora_jax.evaluation import grid as grid_eval
 from llora_jax.evaluation import packing
@@ -49,7 +49,7 @@ def test_only_right_padded_token_inputs_are_packable():
 def _setup(tmp_path, n=45, pairs=False):
     rng = np.random.default_rng(1)
     path = tiny_models.tiny_bert(tmp_path / "bert", WORDS)
-    bb, tok = hf.load_backbone(path), hf.load_tokenizer(path)
+    bb, tok = hf.load_backbone(path), tokenizers.load_tokenizer(path)
     spec = get_task("mrpc" if pairs else "sst2")
     sent = lambda: " ".join(rng.choice(WORDS, size=int(rng.integers(1, 25))))  # noqa: E731
     ex = {"label": [i % 2 for i in range(n)]}

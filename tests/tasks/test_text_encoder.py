@@ -9,7 +9,7 @@ import optax
 
 from llora_jax import forward
 from llora_jax.adapters import LoraConfig
-from llora_jax.backbones import bert, hf
+from llora_jax.backbones import bert, hf, tokenizers
 from llora_jax.data import get_task
 from llora_jax.tasks import text_encoder
 from llora_jax.types import AdapterSpec
@@ -21,7 +21,7 @@ SENTENCES = ["a fine film", "dull and slow", "the best of the year", "not good a
 def test_padded_head_gives_the_same_loss_gradients_and_predictions(tmp_path):
     path = tiny_models.tiny_bert(tmp_path / "bert", tiny_models.words_of(SENTENCES))
     bb = hf.load_backbone(path)
-    tok = hf.load_tokenizer(path)
+    tok = tokenizers.load_tokenizer(path)
     spec = get_task("sst2")
     tm = text_encoder.task_model(bb, tok, spec)
     padded = text_encoder.pad_classes(tm, 5)
@@ -68,7 +68,7 @@ def test_length_sorted_trimmed_evaluation_equals_full_width(tmp_path):
     # Lengths from 1 to 40 words in a shuffled order: batches of 4 need widths 16..64.
     sents = [" ".join(rng.choice(words, size=n)) for n in rng.permutation(np.arange(1, 41))]
     path = tiny_models.tiny_bert(tmp_path / "bert", words)
-    bb, tok = hf.load_backbone(path), hf.load_tokenizer(path)
+    bb, tok = hf.load_backbone(path), tokenizers.load_tokenizer(path)
     spec = get_task("sst2")
     tm = text_encoder.task_model(bb, tok, spec)
     arrays = text_encoder.encode_examples(
