@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from llora_jax.data import sources
+from llora_jax.data import local_text, sources
 from llora_jax.data.sources import DataNotFoundError, layout_help
 from llora_jax.data.tasks import TaskSpec, canonical_name, get_task
 
@@ -91,10 +91,9 @@ def _default_val_size(n: int, val_size: int | None, val_max: int) -> int:
 
 
 def _unknown_spec(name: str, root: pathlib.Path | None, label_names) -> TaskSpec:
-    """Spec for a task that is only in the local directory (inferred from train, else test)."""
-    for split in ("train", "test"):
-        if (p := sources.local_text_path(root, name, split)) is not None:
-            return sources.infer_jsonl_spec(p, name, label_names)
+    """Spec for a task that is only in the local directory (text: info.json + train)."""
+    if local_text.task_dir(root, name) is not None:
+        return local_text.infer_spec(root, name, label_names)
     for split in ("train", "test"):
         if (hit := sources.local_vision_path(root, name, split)) is not None:
             labels = sources.read_npz(hit[0], hit[1], None).columns["label"]
@@ -107,10 +106,20 @@ def _unknown_spec(name: str, root: pathlib.Path | None, label_names) -> TaskSpec
     )
 
 
+def _has_local(spec: TaskSpec, root: pathlib.Path | None) -> bool:
+    """Whether the local directory holds any split of this task."""
+    if root is None:
+        return False
+    if spec.kind == "text":
+        return local_text.task_dir(root, spec.name) is not None
+    vision = root / "vision"
+    return (vision / f"{spec.name}.npz").is_file() or any(vision.glob(f"{spec.name}_*.npz"))
+
+
 def _local_rows(spec: TaskSpec, root, split: str):
     if spec.kind == "text":
-        p = sources.local_text_path(root, spec.name, split)
-        return None if p is None else sources.read_jsonl(p, spec)
+        p = local_text.split_path(root, spec.name, split)
+        return None if p is None else local_text.read_split(p, spec)
     hit = sources.local_vision_path(root, spec.name, split)
     return None if hit is None else sources.read_npz(hit[0], hit[1], spec.num_classes)
 
@@ -163,7 +172,7 @@ def load_task(
     if source not in ("auto", "local", "tfds"):
         raise ValueError(f"source {source!r} not in ('auto', 'local', 'tfds')")
     cname = canonical_name(name)
-    root = sources.resolve_data_dir(data_dir)
+    root = sources.resolve_data_dir(data_dir) if source != "tfds" else None
     try:
         spec = get_task(cname)
     except KeyError:
@@ -172,6 +181,8 @@ def load_task(
         spec = _unknown_spec(cname, root, label_names)
     if label_names is not None and spec.known and tuple(label_names) != spec.label_names:
         raise ValueError(f"task {cname!r} is registered; its labels are {list(spec.label_names)}")
+    if spec.known and spec.kind == "text" and source != "tfds":
+        spec = local_text.apply_info(spec, root)
     base = "test" if split == "test" else "train"
 
     rows = None
@@ -179,10 +190,18 @@ def load_task(
         rows = _local_rows(spec, root, base)
         if rows is not None:
             idx, src = np.arange(len(rows)), "local"
-        elif source == "local" or not spec.known:
+        elif source == "local" or not spec.known or _has_local(spec, root):
+            # Never mix sources silently: a task present locally is read locally only.
+            partial = (
+                " (other splits of this task are there: add this one, or read every split "
+                "from tfds with source='tfds')"
+                if _has_local(spec, root)
+                else ""
+            )
             raise DataNotFoundError(
                 f"task {cname!r} split {base!r} not found in the local data directory "
-                f"{root if root is not None else '(none given)'}. {layout_help(cname, spec.kind)}"
+                f"{root if root is not None else '(none given)'}{partial}. "
+                f"{layout_help(cname, spec.kind)}"
             )
     if rows is None:
         try:
