@@ -138,7 +138,10 @@ def good_rte(i):
         ('{"idx": 2, "sentence1": "x", ', "malformed JSON"),
         ({"idx": 2, "sentence1": "x", "label": 0}, "missing field 'sentence2'"),
         ({"idx": 2, "sentence1": "x", "sentence2": "y", "label": 2}, r"label 2 outside 0\.\.1"),
-        ({"idx": 2, "sentence1": "x", "sentence2": "y", "label": "0"}, "label '0' is a string; write the number without quotes"),
+        (
+            {"idx": 2, "sentence1": "x", "sentence2": "y", "label": "0"},
+            "label '0' is a string; write the number without quotes",
+        ),
         ({"idx": 2, "sentence1": "x", "sentence2": 3, "label": 0}, "must be a string"),
     ],
 )

@@ -116,6 +116,20 @@ def _has_local(spec: TaskSpec, root: pathlib.Path | None) -> bool:
     return (vision / f"{spec.name}.npz").is_file() or any(vision.glob(f"{spec.name}_*.npz"))
 
 
+def _missing_split_message(spec: TaskSpec, root: pathlib.Path | None, split: str) -> str:
+    where = root if root is not None else "(none given)"
+    msg = f"task {spec.name!r} split {split!r} not found in the local data directory {where}"
+    if _has_local(spec, root):
+        missing = (
+            root / "text" / spec.name / f"{split}.jsonl"
+            if spec.kind == "text"
+            else root / "vision" / f"{spec.name}_{split}.npz"
+        )
+        tfds = ", or read every split from tfds with source='tfds'" if spec.tfds_name else ""
+        return f"{msg}: {missing} is missing while other splits are there; add it{tfds}."
+    return f"{msg}. {layout_help(spec.name, spec.kind)}"
+
+
 def _local_rows(spec: TaskSpec, root, split: str):
     if spec.kind == "text":
         p = local_text.split_path(root, spec.name, split)
@@ -192,17 +206,7 @@ def load_task(
             idx, src = np.arange(len(rows)), "local"
         elif source == "local" or not spec.known or _has_local(spec, root):
             # Never mix sources silently: a task present locally is read locally only.
-            partial = (
-                " (other splits of this task are there: add this one, or read every split "
-                "from tfds with source='tfds')"
-                if _has_local(spec, root)
-                else ""
-            )
-            raise DataNotFoundError(
-                f"task {cname!r} split {base!r} not found in the local data directory "
-                f"{root if root is not None else '(none given)'}{partial}. "
-                f"{layout_help(cname, spec.kind)}"
-            )
+            raise DataNotFoundError(_missing_split_message(spec, root, base))
     if rows is None:
         try:
             rows, idx = _tfds_rows(spec, base, tfds_data_dir, download)

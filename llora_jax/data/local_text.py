@@ -179,9 +179,7 @@ def _check_classes(path: pathlib.Path, labels: dict[int | float, int]) -> int:
     return k
 
 
-def infer_spec(
-    root: pathlib.Path, name: str, label_names: Sequence[str] | None = None
-) -> TaskSpec:
+def infer_spec(root: pathlib.Path, name: str, label_names: Sequence[str] | None = None) -> TaskSpec:
     """Spec of an unregistered local text task from ``info.json`` and train.jsonl."""
     directory = root / "text" / name
     info = read_info(directory)
