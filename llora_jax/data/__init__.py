@@ -63,6 +63,7 @@ __all__ = [
     "PAPER_TEMPLATE",
     "SPLITS",
     "VISION_TASKS",
+    "BatchIterator",
     "DataError",
     "DataNotFoundError",
     "TaskData",
@@ -81,6 +82,7 @@ __all__ = [
     "get_task",
     "image_transform",
     "load_task",
+    "make_batch_iterator",
     "matthews_corrcoef",
     "normalize",
     "parse_predictions",
@@ -99,3 +101,12 @@ __all__ = [
     "templates",
     "tokenize",
 ]
+
+
+def __getattr__(name: str):
+    # The streaming pipeline needs grain, an optional dependency: import it on first use.
+    if name in ("make_batch_iterator", "BatchIterator"):
+        from llora_jax.data import streaming
+
+        return getattr(streaming, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
