@@ -61,6 +61,8 @@ def folder_classes(root: pathlib.Path) -> tuple[str, ...]:
         names = json.loads(info.read_text(encoding="utf-8")).get("label_names")
         if names is not None:
             return tuple(names)
+    if not root.is_dir():
+        raise DataNotFoundError(f"{root}: the image folder does not exist")
     split_dir = root / "train" if (root / "train").is_dir() else root / "test"
     if not split_dir.is_dir():
         raise DataNotFoundError(f"{root}: no train/ or test/ folder (expected <split>/<class>/)")
