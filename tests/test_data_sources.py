@@ -72,9 +72,10 @@ def test_image_folder_streams_variable_sizes_and_modes(tmp_path):
     assert weight.tolist() == [1.0] * 6 + [0.0] * 2  # 6 images, last batch padded
     for k, p in enumerate(paths):
         np.testing.assert_array_equal(got[k], reference(p))
-        assert task.label_names[np.concatenate([b["label"] for b in batches])[k]] == files[
-            pathlib.Path(p)
-        ]
+        assert (
+            task.label_names[np.concatenate([b["label"] for b in batches])[k]]
+            == files[pathlib.Path(p)]
+        )
     assert it.skipped == 0
 
 
@@ -210,6 +211,7 @@ def test_tfds_mock_variable_size_images_stream():
     with tfds.testing.mock_data(num_examples=6):
         t = data.load_task("dtd", "test", source="tfds")
         raw = t.take(np.arange(len(t)))["image"]
+        assert len({np.asarray(x).shape for x in raw}) > 1  # variable sizes
         _, batches = one_epoch(t)
     got = np.concatenate([b["image"] for b in batches])[: len(t)]
     for k, img in enumerate(raw):
