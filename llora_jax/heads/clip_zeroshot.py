@@ -102,6 +102,7 @@ def build_experiment(c: Any, bb: Any, tok: Any, splits: dict) -> Any:
         image_size=int(c.data.image_size),
         normalized=c.get("image_mode", "clip") == "clip",
         templates=templates,
+        class_names=spec.label_names,  # the source's class order (HF ClassLabel, folders)
     )
     return Experiment(
         task=spec.name,
