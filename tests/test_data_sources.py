@@ -97,6 +97,15 @@ def test_local_data_dir_image_folder_is_found(tmp_path):
     assert t.source == "local" and len(t) == 12 and np.bincount(t.labels).tolist() == [4, 4, 4]
 
 
+def test_image_folder_info_json_orders_the_classes(tmp_path):
+    root = tmp_path / "pets"
+    make_folder(root)
+    (root / "info.json").write_text('{"label_names": ["eel", "dog", "cat"]}')
+    t = data.load_task("pets", "train_full", source=f"folder:{root}")
+    assert t.label_names == ("eel", "dog", "cat")
+    assert [t.label_names[k] for k in t.labels[[0, 4, 8]]] == ["cat", "dog", "eel"]
+
+
 def test_image_folder_errors(tmp_path):
     root = tmp_path / "pets"
     make_folder(root)

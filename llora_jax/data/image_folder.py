@@ -10,14 +10,13 @@ decoded lazily: ``record(i)`` returns the path (decoded by the pipeline's worker
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from llora_jax.data import images
+from llora_jax.data import images, local_text
 from llora_jax.data.sources import DataError, DataNotFoundError
 
 __all__ = ["IMAGE_SUFFIXES", "FileRows", "folder_classes", "read_image_folder", "is_image_folder"]
@@ -56,11 +55,9 @@ def _class_dirs(split_dir: pathlib.Path) -> list[pathlib.Path]:
 
 def folder_classes(root: pathlib.Path) -> tuple[str, ...]:
     """Class names of an image folder: info.json ``label_names``, else train's folders."""
-    info = root / "info.json"
-    if info.is_file():
-        names = json.loads(info.read_text(encoding="utf-8")).get("label_names")
-        if names is not None:
-            return tuple(names)
+    info = local_text.read_info(root) if root.is_dir() else None  # validated
+    if info is not None and info.label_names is not None:
+        return info.label_names
     if not root.is_dir():
         raise DataNotFoundError(f"{root}: the image folder does not exist")
     split_dir = root / "train" if (root / "train").is_dir() else root / "test"
