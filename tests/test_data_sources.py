@@ -173,6 +173,16 @@ def test_hf_save_to_disk_with_image_column(tmp_path):
         data.load_task("bugs", "train", source=f"hf:{tmp_path / 'only_test'}")
 
 
+def test_hf_rows_decode_in_a_worker_process(tmp_path):
+    # the dataset handle must pickle into grain's spawned worker and decode there
+    ds, _ = hf_image_dataset(np.random.default_rng(4), 5)
+    ds.save_to_disk(str(tmp_path / "one"))
+    t = data.load_task("bugs", "test", source=f"hf:{tmp_path / 'one'}")
+    in_process = np.concatenate([b["image"] for b in one_epoch(t)[1]])
+    in_worker = np.concatenate([b["image"] for b in one_epoch(t, worker_count=1)[1]])
+    np.testing.assert_array_equal(in_worker, in_process)
+
+
 def test_hf_parquet_directory_and_missing_column(tmp_path):
     rng = np.random.default_rng(3)
     ds, _ = hf_image_dataset(rng, 4)
