@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from llora_jax import data
 
@@ -90,3 +91,15 @@ def test_bad_arguments():
         data.make_batch_iterator(arrays(), 3, shard_index=0, shard_count=2)
     with pytest.raises(ValueError, match="resize 'bilinear'"):
         make(arrays(), resize="bilinear")
+
+
+def test_data_bench_streams_generated_jpegs(tmp_path):
+    from benchmarks import data_bench
+
+    data_bench.generate(tmp_path, 24, classes=3)
+    sizes = {Image.open(p).size for p in (tmp_path / "train").glob("*/*.jpg")}
+    assert len(sizes) > 1 and all(200 <= w <= 600 and 150 <= h <= 450 for w, h in sizes)
+    r = data_bench.stream_one(tmp_path, 20, workers=0, batch=4)
+    assert r["images"] == 20 and r["peak_rss"] >= r["base_rss"] > 0
+    d = data_bench.decode_rate(tmp_path, 5)
+    assert d["n"] == 5 and d["cpu_s"] > 0
