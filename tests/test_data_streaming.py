@@ -103,3 +103,15 @@ def test_data_bench_streams_generated_jpegs(tmp_path):
     assert r["images"] == 20 and r["peak_rss"] >= r["base_rss"] > 0
     d = data_bench.decode_rate(tmp_path, 5)
     assert d["n"] == 5 and d["cpu_s"] > 0
+
+
+def test_raw_text_rows_stream_as_object_arrays(tmp_path):
+    d = tmp_path / "text" / "rte"
+    d.mkdir(parents=True)
+    rows = [{"sentence1": f"a {i}", "sentence2": f"b {i}", "label": i % 2} for i in range(6)]
+    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t = data.load_task("rte", "test", data_dir=tmp_path)
+    batches = list(make(t, batch=4, shuffle=False, num_epochs=1, drop_remainder=False))
+    first = np.concatenate([b["sentence1"] for b in batches])
+    assert first.dtype == object and first[:6].tolist() == [f"a {i}" for i in range(6)]
+    assert np.concatenate([b["label"] for b in batches])[:6].tolist() == [0, 1, 0, 1, 0, 1]
