@@ -52,7 +52,10 @@ def base_config() -> ConfigDict:
 
     c.data = ConfigDict()
     c.data.data_dir = ""  # "" = $LLORA_DATA_DIR, else tfds
-    c.data.source = "auto"  # auto | local | tfds
+    # auto | local | tfds | hf | hf:<hub id or dir>[#<config>] | folder:<root>
+    c.data.source = "auto"
+    c.data.skip_corrupt = False  # streamed images: skip (and count) undecodable files
+    c.data.workers = 0  # streamed images: decode/resize worker processes (0 = in-process)
     c.data.val_size = 0  # 0 = min(10% of train, val_max)
     c.data.val_max = 1000
     c.data.max_len = 128

@@ -11,6 +11,10 @@ Typical use::
     test = data.load_task("gtsrb", "test")               # local npz
     it = data.batches(test, 64, shuffle=False, drop_remainder=False,
                       transform=data.image_transform(224))
+
+    dtd = data.load_task("dtd", "train", source="hf")   # or "hf:<id|dir>", "folder:<root>"
+    it = streaming.make_batch_iterator(dtd, 128, seed=0, image_size=224, worker_count=4)
+    batch = next(it); state = it.get_state()             # grain: checkpointable position
 """
 
 from llora_jax.data.glue import (

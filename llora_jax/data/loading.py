@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from llora_jax.data import sources
+from llora_jax.data import external, image_folder, local_text, sources
 from llora_jax.data.sources import DataNotFoundError, layout_help
 from llora_jax.data.tasks import TaskSpec, canonical_name, get_task
 
@@ -39,9 +39,9 @@ class TaskData:
 
     spec: TaskSpec
     split: str
-    rows: Any  # sources.ArrayRows | sources.TfdsRows
+    rows: Any  # ArrayRows | TfdsRows | image_folder.FileRows | hf.HFRows
     indices: np.ndarray
-    source: str  # "local" | "tfds"
+    source: str  # "local" | "tfds" | "hf" | "folder"
     origin: str  # file or tfds split the rows come from
 
     name = property(lambda self: self.spec.name)
@@ -64,8 +64,9 @@ class TaskData:
 
     @property
     def labels(self) -> np.ndarray:
-        if isinstance(self.rows, sources.ArrayRows):
-            return self.rows.columns["label"][self.indices]
+        columns = getattr(self.rows, "columns", {})  # in memory: no image decoding
+        if "label" in columns:
+            return columns["label"][self.indices]
         return self.examples["label"]
 
     def __repr__(self) -> str:
@@ -91,10 +92,9 @@ def _default_val_size(n: int, val_size: int | None, val_max: int) -> int:
 
 
 def _unknown_spec(name: str, root: pathlib.Path | None, label_names) -> TaskSpec:
-    """Spec for a task that is only in the local directory (inferred from train, else test)."""
-    for split in ("train", "test"):
-        if (p := sources.local_text_path(root, name, split)) is not None:
-            return sources.infer_jsonl_spec(p, name, label_names)
+    """Spec for a task that is only in the local directory (text: info.json + train)."""
+    if local_text.task_dir(root, name) is not None:
+        return local_text.infer_spec(root, name, label_names)
     for split in ("train", "test"):
         if (hit := sources.local_vision_path(root, name, split)) is not None:
             labels = sources.read_npz(hit[0], hit[1], None).columns["label"]
@@ -107,10 +107,34 @@ def _unknown_spec(name: str, root: pathlib.Path | None, label_names) -> TaskSpec
     )
 
 
+def _has_local(spec: TaskSpec, root: pathlib.Path | None) -> bool:
+    """Whether the local directory holds any split of this task."""
+    if root is None:
+        return False
+    if spec.kind == "text":
+        return local_text.task_dir(root, spec.name) is not None
+    vision = root / "vision"
+    return (vision / f"{spec.name}.npz").is_file() or any(vision.glob(f"{spec.name}_*.npz"))
+
+
+def _missing_split_message(spec: TaskSpec, root: pathlib.Path | None, split: str) -> str:
+    where = root if root is not None else "(none given)"
+    msg = f"task {spec.name!r} split {split!r} not found in the local data directory {where}"
+    if _has_local(spec, root):
+        missing = (
+            root / "text" / spec.name / f"{split}.jsonl"
+            if spec.kind == "text"
+            else root / "vision" / f"{spec.name}_{split}.npz"
+        )
+        tfds = ", or read every split from tfds with source='tfds'" if spec.tfds_name else ""
+        return f"{msg}: {missing} is missing while other splits are there; add it{tfds}."
+    return f"{msg}. {layout_help(spec.name, spec.kind)}"
+
+
 def _local_rows(spec: TaskSpec, root, split: str):
     if spec.kind == "text":
-        p = sources.local_text_path(root, spec.name, split)
-        return None if p is None else sources.read_jsonl(p, spec)
+        p = local_text.split_path(root, spec.name, split)
+        return None if p is None else local_text.read_split(p, spec)
     hit = sources.local_vision_path(root, spec.name, split)
     return None if hit is None else sources.read_npz(hit[0], hit[1], spec.num_classes)
 
@@ -137,6 +161,46 @@ def _tfds_rows(spec: TaskSpec, base: str, tfds_data_dir, download: bool):
     return rows, idx
 
 
+def _local_or_tfds(cname, base, source, data_dir, label_names, tfds_data_dir, download):
+    """(spec, rows, indices, source name) from the local directory or tfds."""
+    root = sources.resolve_data_dir(data_dir) if source != "tfds" else None
+    folder = _image_folder(root, cname)
+    if source != "tfds" and folder is not None:
+        spec, rows = external.folder_spec_rows(cname, folder, base, label_names)
+        return spec, rows, np.arange(len(rows)), "local"
+    try:
+        spec = get_task(cname)
+    except KeyError:
+        if source == "tfds":
+            raise
+        spec = _unknown_spec(cname, root, label_names)
+    if label_names is not None and spec.known and tuple(label_names) != spec.label_names:
+        raise ValueError(f"task {cname!r} is registered; its labels are {list(spec.label_names)}")
+    if spec.known and spec.kind == "text" and source != "tfds":
+        spec = local_text.apply_info(spec, root)
+    if source in ("auto", "local"):
+        rows = _local_rows(spec, root, base)
+        if rows is not None:
+            return spec, rows, np.arange(len(rows)), "local"
+        if source == "local" or not spec.known or _has_local(spec, root):
+            # Never mix sources silently: a task present locally is read locally only.
+            raise DataNotFoundError(_missing_split_message(spec, root, base))
+    try:
+        rows, idx = _tfds_rows(spec, base, tfds_data_dir, download)
+    except DataNotFoundError as e:
+        msg = str(e)
+        if "LLORA_DATA_DIR" not in msg:
+            msg += " " + layout_help(cname, spec.kind)
+        raise DataNotFoundError(msg) from e.__cause__
+    return spec, rows, idx, "tfds"
+
+
+def _image_folder(root: pathlib.Path | None, name: str) -> pathlib.Path | None:
+    """``<root>/vision/<name>/`` when it is an image folder (``<split>/<class>/``)."""
+    d = None if root is None else root / "vision" / name
+    return d if d is not None and image_folder.is_image_folder(d) else None
+
+
 def load_task(
     name: str,
     split: str = "train",
@@ -154,46 +218,28 @@ def load_task(
 
     ``source``: ``"local"`` (``data_dir`` or ``$LLORA_DATA_DIR``), ``"tfds"``
     (``tfds.data_source``, ArrayRecord; ``download=False`` never touches the network),
-    or ``"auto"``: local when the directory holds this task's split, else tfds.
+    ``"auto"``: local when the directory holds this task, else tfds (never a mix of the
+    two across splits); ``"hf"`` / ``"hf:<hub id or dir>[#<config>]"`` (Hugging Face
+    datasets) or ``"folder:<root>"`` (image folders), see :mod:`llora_jax.data.external`.
     ``label_names`` names the classes of a task that is not registered. ``seed`` only
     chooses the validation carve.
     """
     if split not in SPLITS:
         raise ValueError(f"split {split!r} not in {SPLITS}")
-    if source not in ("auto", "local", "tfds"):
-        raise ValueError(f"source {source!r} not in ('auto', 'local', 'tfds')")
+    if source not in ("auto", "local", "tfds") and not external.is_external(source):
+        raise ValueError(
+            f"source {source!r} not in ('auto', 'local', 'tfds', 'hf', 'hf:<hub id or dir>"
+            "[#<config>]', 'folder:<root>')"
+        )
     cname = canonical_name(name)
-    root = sources.resolve_data_dir(data_dir)
-    try:
-        spec = get_task(cname)
-    except KeyError:
-        if source == "tfds":
-            raise
-        spec = _unknown_spec(cname, root, label_names)
-    if label_names is not None and spec.known and tuple(label_names) != spec.label_names:
-        raise ValueError(f"task {cname!r} is registered; its labels are {list(spec.label_names)}")
     base = "test" if split == "test" else "train"
-
-    rows = None
-    if source in ("auto", "local"):
-        rows = _local_rows(spec, root, base)
-        if rows is not None:
-            idx, src = np.arange(len(rows)), "local"
-        elif source == "local" or not spec.known:
-            raise DataNotFoundError(
-                f"task {cname!r} split {base!r} not found in the local data directory "
-                f"{root if root is not None else '(none given)'}. {layout_help(cname, spec.kind)}"
-            )
-    if rows is None:
-        try:
-            rows, idx = _tfds_rows(spec, base, tfds_data_dir, download)
-        except DataNotFoundError as e:
-            msg = str(e)
-            if "LLORA_DATA_DIR" not in msg:
-                msg += " " + layout_help(cname, spec.kind)
-            raise DataNotFoundError(msg) from e.__cause__
-        src = "tfds"
-
+    if external.is_external(source):
+        spec, rows = external.load_external(cname, base, source, label_names)
+        idx, src = np.arange(len(rows)), source.split(":")[0]
+    else:
+        spec, rows, idx, src = _local_or_tfds(
+            cname, base, source, data_dir, label_names, tfds_data_dir, download
+        )
     if split in ("train", "validation"):
         v = _default_val_size(len(idx), val_size, val_max)
         val, rest = carve(len(idx), v, seed)

@@ -13,8 +13,6 @@ Every reader returns a *rows* object with ``__len__`` and ``take(indices) -> dic
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -22,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from llora_jax.data.tasks import TEXT_LAYOUTS, TaskSpec, infer_text_spec
+from llora_jax.data.tasks import TaskSpec
 from llora_jax.errors import UserError
 
 __all__ = [
@@ -33,10 +31,7 @@ __all__ = [
     "TfdsRows",
     "resolve_data_dir",
     "layout_help",
-    "local_text_path",
     "local_vision_path",
-    "infer_jsonl_spec",
-    "read_jsonl",
     "read_npz",
     "tfds_source",
     "read_tfds_text",
@@ -68,9 +63,19 @@ def layout_help(name: str, kind: str) -> str:
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> pathlib.Path | None:
-    """``data_dir`` if given, else ``$LLORA_DATA_DIR``, else None."""
+    """``data_dir`` if given, else ``$LLORA_DATA_DIR``, else None; a named directory
+    that does not exist is an error (not a silent switch to tfds)."""
     d = data_dir if data_dir is not None else os.environ.get(ENV_VAR) or None
-    return pathlib.Path(d).expanduser() if d is not None else None
+    if d is None:
+        return None
+    path = pathlib.Path(d).expanduser()
+    if not path.is_dir():
+        how = "data_dir" if data_dir is not None else f"${ENV_VAR}"
+        raise DataNotFoundError(
+            f"data directory {str(path)!r} (from {how}) does not exist; fix the path, or "
+            f"unset {ENV_VAR} to read registered tasks from tfds"
+        )
+    return path
 
 
 # ---------------------------------------------------------------------------------------
@@ -132,111 +137,6 @@ class TfdsRows:
             )
         out["label"] = labels
         return out
-
-
-# ---------------------------------------------------------------------------------------
-# local text
-
-
-def local_text_path(root: pathlib.Path | None, name: str, split: str) -> pathlib.Path | None:
-    if root is None:
-        return None
-    p = root / "text" / name / f"{split}.jsonl"
-    return p if p.is_file() else None
-
-
-def _iter_jsonl(path: pathlib.Path):
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
-                )
-            yield lineno, row
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def infer_jsonl_spec(
-    path: pathlib.Path, name: str, label_names: Sequence[str] | None = None
-) -> TaskSpec:
-    """Spec of an unregistered task from its file: the field layout of the first row
-    (see ``TEXT_LAYOUTS``), regression if any label is a JSON float, else classification
-    with ``label_names`` or ``max(label) + 1`` classes."""
-    layout, labels = None, []
-    for lineno, row in _iter_jsonl(path):
-        if layout is None:
-            layout = next((lay for lay in TEXT_LAYOUTS if all(f in row for f in lay)), None)
-            if layout is None:
-                raise DataError(
-                    f"{path}:{lineno}: no known field layout in {sorted(row)}; expected one of "
-                    f"{[list(lay) for lay in TEXT_LAYOUTS]} plus 'label'"
-                )
-        if "label" not in row:
-            raise DataError(f"{path}:{lineno}: missing field 'label'")
-        lab = row["label"]
-        if not (_is_int(lab) or isinstance(lab, float)):
-            raise DataError(f"{path}:{lineno}: label {lab!r} is not a number")
-        labels.append(lab)
-    if layout is None:
-        raise DataError(f"{path}: no rows")
-    regression = any(isinstance(v, float) for v in labels)
-    if not regression and label_names is None and min(labels) < 0:
-        raise DataError(f"{path}: negative class label {min(labels)}")
-    return infer_text_spec(
-        name,
-        layout,
-        regression=regression,
-        label_names=label_names,
-        num_classes=None if regression else max(labels) + 1,
-    )
-
-
-def read_jsonl(path: pathlib.Path, spec: TaskSpec) -> ArrayRows:
-    """Read and validate a JSONL split against ``spec`` (fields, label type and range)."""
-    fields = spec.text_fields
-    texts: dict[str, list[str]] = {f: [] for f in fields}
-    labels: list[float] = []
-    idx: list[int] = []
-    k = spec.num_classes
-    for lineno, row in _iter_jsonl(path):
-        for f in (*fields, "label"):
-            if f not in row:
-                raise DataError(
-                    f"{path}:{lineno}: missing field {f!r} (task {spec.name!r} needs {list(fields)} + 'label')"
-                )
-        for f in fields:
-            if not isinstance(row[f], str):
-                raise DataError(f"{path}:{lineno}: field {f!r} must be a string, got {row[f]!r}")
-            texts[f].append(row[f])
-        lab = row["label"]
-        if spec.is_regression:
-            ok = (_is_int(lab) or isinstance(lab, float)) and math.isfinite(lab)
-            lo, hi = spec.label_range or (-math.inf, math.inf)
-            if not ok or not lo <= lab <= hi:
-                raise DataError(
-                    f"{path}:{lineno}: label {lab!r} is not a score in [{lo}, {hi}] (task {spec.name!r})"
-                )
-        elif not _is_int(lab) or not 0 <= lab < k:
-            raise DataError(
-                f"{path}:{lineno}: label {lab!r} outside 0..{k - 1} "
-                f"(task {spec.name!r}, labels {list(spec.label_names)})"
-            )
-        labels.append(lab)
-        idx.append(row["idx"] if _is_int(row.get("idx")) else len(idx))
-    cols: dict[str, np.ndarray] = {"idx": np.asarray(idx, np.int64)}
-    for f in fields:
-        cols[f] = np.asarray(texts[f], dtype=object)
-    cols["label"] = np.asarray(labels, np.float32 if spec.is_regression else np.int64)
-    return ArrayRows(cols, str(path))
 
 
 # ---------------------------------------------------------------------------------------

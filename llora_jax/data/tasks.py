@@ -62,6 +62,9 @@ class TaskSpec:
     test_carve: float = 0.0
     templates: tuple[str, ...] = ()
     known: bool = True  # False for specs inferred from a local directory
+    # One natural-language description per class (info.json ``descriptions``); the
+    # text-encoder head embeds these instead of the label words when given.
+    descriptions: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int | None:
@@ -201,12 +204,15 @@ def infer_text_spec(
     regression: bool,
     label_names: Sequence[str] | None = None,
     num_classes: int | None = None,
+    descriptions: Sequence[str] = (),
+    metric: str | None = None,
 ) -> TaskSpec:
     """Spec for a text task known only from its data (field names and label type).
 
     The T5 prompt is ``"{name} {field_a}: {a} {field_b}: {b}"`` with the fields in sorted
     order (T5's generic GLUE rule). Label words are ``label_names`` if given, otherwise
-    ``label_0 .. label_{k-1}``; metric: accuracy. Regression tasks get Pearson/Spearman.
+    ``label_0 .. label_{k-1}``; metric: ``metric`` (first, primary) plus accuracy, default
+    accuracy. Regression tasks get Pearson/Spearman (primary: ``metric`` or Spearman).
     """
     fields = tuple(fields)
     if regression:
@@ -215,7 +221,7 @@ def infer_text_spec(
             kind="text",
             is_regression=True,
             metrics=("pearson", "spearman", "accuracy"),
-            primary_metric="spearman",
+            primary_metric=metric or "spearman",
             text_fields=fields,
             prompt_fields=tuple(sorted(fields)),
             prompt_prefix=name,
@@ -229,8 +235,11 @@ def infer_text_spec(
         name=name,
         kind="text",
         label_names=tuple(label_names),
+        metrics=tuple(dict.fromkeys((metric or "accuracy", "accuracy"))),
+        primary_metric=metric or "accuracy",
         text_fields=fields,
         prompt_fields=tuple(sorted(fields)),
         prompt_prefix=name,
         known=False,
+        descriptions=tuple(descriptions),
     )

@@ -128,7 +128,7 @@ def build(
         image_size=image_size,
         normalized=normalized,
         templates=templates,
-        class_names=spec.label_names if spec.label_names else None,
+        class_names=spec.label_names,  # the source's class order (HF ClassLabel, folders)
     )
     return Experiment(
         task=spec.name,

@@ -69,6 +69,8 @@ def label_descriptions(spec: TaskSpec) -> tuple[str, ...]:
         if len(spec.text_fields) > 1:
             return tuple(f"the two sentences are {w}" for w in _BIN_WORDS)
         return tuple(f"a score of {k + 1} out of {N_BINS}" for k in range(N_BINS))
+    if spec.descriptions:  # a local task's info.json names its classes in words
+        return tuple(spec.descriptions)
     words = tuple(spec.label_names)
     if words in _KNOWN:
         return _KNOWN[words]

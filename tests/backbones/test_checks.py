@@ -48,7 +48,9 @@ def test_missing_tokenizer_files_are_refused(bert_dir, tmp_path):
 def test_tokenizer_of_another_model_is_refused(bert_dir, tmp_path):
     small = _copy_weights_only(bert_dir, tmp_path / "small")
     (small / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n")
-    with pytest.raises(tokenizers.TokenizerError, match=r"has 5 tokens for an embedding table of 45 rows"):
+    with pytest.raises(
+        tokenizers.TokenizerError, match=r"has 5 tokens for an embedding table of 45 rows"
+    ):
         tokenizers.load_tokenizer(small)
     big = _copy_weights_only(bert_dir, tmp_path / "big")
     vocab = (bert_dir / "vocab.txt").read_text().split("\n")[:-1]

@@ -138,7 +138,10 @@ def good_rte(i):
         ('{"idx": 2, "sentence1": "x", ', "malformed JSON"),
         ({"idx": 2, "sentence1": "x", "label": 0}, "missing field 'sentence2'"),
         ({"idx": 2, "sentence1": "x", "sentence2": "y", "label": 2}, r"label 2 outside 0\.\.1"),
-        ({"idx": 2, "sentence1": "x", "sentence2": "y", "label": "0"}, "label '0' outside"),
+        (
+            {"idx": 2, "sentence1": "x", "sentence2": "y", "label": "0"},
+            "label '0' is a string; write the number without quotes",
+        ),
         ({"idx": 2, "sentence1": "x", "sentence2": 3, "label": 0}, "must be a string"),
     ],
 )
@@ -208,7 +211,7 @@ def test_unknown_tasks_infer_kind_from_fields(tmp_path):
     # float labels -> regression; generic sentence-pair prompt
     reg = [
         {"sentence1": "a", "sentence2": "b", "label": 1.7},
-        {"sentence1": "c", "sentence2": "d", "label": 2},
+        {"sentence1": "c", "sentence2": "d", "label": 2.0},
     ]
     write_jsonl(tmp_path, "simil", "test", reg)
     r = data.load_task("simil", "test", data_dir=tmp_path)

@@ -126,12 +126,14 @@ def test_glue_label_words_follow_tfds_label_order():
             assert tuple(feat.names) == spec.label_names
 
 
-def test_auto_falls_back_to_tfds_when_local_split_missing(tmp_path, mock):
+def test_auto_never_mixes_local_and_tfds_splits(tmp_path, mock):
     (tmp_path / "vision").mkdir()
     imgs = np.zeros((3, 28, 28), np.uint8)
     np.savez(tmp_path / "vision" / "mnist_test.npz", images=imgs, labels=np.arange(3))
     assert data.load_task("mnist", "test", data_dir=tmp_path).source == "local"
-    tr = data.load_task("mnist", "train_full", data_dir=tmp_path)
+    with pytest.raises(data.DataNotFoundError, match="mnist_train.npz is missing while other"):
+        data.load_task("mnist", "train_full", data_dir=tmp_path)
+    tr = data.load_task("mnist", "train_full", data_dir=tmp_path, source="tfds")  # explicit
     assert tr.source == "tfds" and len(tr) == N
 
 
