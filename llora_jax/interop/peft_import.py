@@ -50,6 +50,7 @@ class ImportedAdapter:
     source: str  # what the user passed (path or hub id)
     weights_file: Path
     sha256: str  # of the weights file
+    phi0: dict | None = None  # the linearization point, when the file carries it (L-LoRA)
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -113,7 +114,7 @@ def _same_base(a: str, b: str) -> bool:
     return a.rstrip("/").lower() == b.rstrip("/").lower() or norm(a) == norm(b)
 
 
-def _check_base(cfg: dict, backbone: Backbone, where: str, force: bool) -> None:
+def check_base(cfg: dict, backbone: Backbone, where: str, force: bool) -> None:
     want = cfg.get("base_model_name_or_path")
     if want and not force and not _same_base(str(want), backbone.source):
         raise PeftImportError(
@@ -141,7 +142,7 @@ def _factor_pairs(state: dict[str, np.ndarray], file: Path) -> dict[str, dict[st
     return pairs
 
 
-def _check_shapes(
+def check_shapes(
     mod: str, a: np.ndarray, b: np.ndarray, kernel_shape: tuple, cfg: dict, where: str
 ) -> None:
     d_in, d_out = kernel_shape
@@ -164,6 +165,37 @@ def _check_shapes(
         )
 
 
+def adapter_tree(
+    pairs: dict[str, dict[str, np.ndarray]],
+    backbone: Backbone,
+    cfg: dict,
+    where: str,
+    *,
+    tower: str = "vision_model",
+    state_keys: set[str] | None = None,
+) -> tuple[dict, Scale, dict[str, str]]:
+    """PEFT factors {module: {"A": (r, in), "B": (out, r)}} -> (φ tree, scale, module map).
+
+    Checks every shape against the backbone's kernel (never overridable).
+    """
+    if state_keys is None:
+        state_keys = set(load_state_dict(backbone.path))
+    hf_names = names.hf_module_names(backbone, state_keys)
+    modules = names.resolve_modules(sorted(pairs), hf_names, tower=tower)
+    kernels = T.flatten(backbone.params)
+    flat: dict[str, np.ndarray] = {}
+    scales: dict[str, float] = {}
+    for mod, path in modules.items():
+        a, b = pairs[mod]["A"], pairs[mod]["B"]
+        check_shapes(mod, a, b, tuple(np.shape(kernels[path + "/kernel"])), cfg, where)
+        flat[path + "/A"] = np.ascontiguousarray(a.T)  # (r, in) -> (in, r)
+        flat[path + "/B"] = np.ascontiguousarray(b.T)  # (out, r) -> (r, out)
+        scales[path] = layer_scale(cfg, mod)
+    distinct = set(scales.values())
+    scale: Scale = distinct.pop() if len(distinct) == 1 else scales
+    return T.unflatten(flat), scale, modules
+
+
 def read_peft_adapter(
     src: str | os.PathLike,
     backbone: Backbone,
@@ -182,26 +214,14 @@ def read_peft_adapter(
     where = f"PEFT adapter {os.fspath(src)}"
     cfg = read_config(adapter_dir)
     check_config(cfg, where)
-    _check_base(cfg, backbone, where, force)
+    check_base(cfg, backbone, where, force)
     file, state = _weights(adapter_dir)
     pairs = _factor_pairs(state, file)
-    if state_keys is None:
-        state_keys = set(load_state_dict(backbone.path))
-    hf_names = names.hf_module_names(backbone, state_keys)
-    modules = names.resolve_modules(sorted(pairs), hf_names, tower=tower)
-    kernels = T.flatten(backbone.params)
-    flat: dict[str, np.ndarray] = {}
-    scales: dict[str, float] = {}
-    for mod, path in modules.items():
-        a, b = pairs[mod]["A"], pairs[mod]["B"]
-        _check_shapes(mod, a, b, tuple(np.shape(kernels[path + "/kernel"])), cfg, where)
-        flat[path + "/A"] = np.ascontiguousarray(a.T)  # (r, in) -> (in, r)
-        flat[path + "/B"] = np.ascontiguousarray(b.T)  # (out, r) -> (r, out)
-        scales[path] = layer_scale(cfg, mod)
-    distinct = set(scales.values())
-    scale: Scale = distinct.pop() if len(distinct) == 1 else scales
+    phi, scale, modules = adapter_tree(
+        pairs, backbone, cfg, where, tower=tower, state_keys=state_keys
+    )
     return ImportedAdapter(
-        phi=T.unflatten(flat),
+        phi=phi,
         scale=scale,
         modules=modules,
         config=cfg,
