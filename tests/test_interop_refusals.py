@@ -48,6 +48,8 @@ def _variant(root, name, tmp_path, edit_config=None, edit_weights=None):
         ("bias", "lora_only"),
         ("modules_to_save", ["classifier"]),
         ("lora_bias", True),
+        ("init_lora_weights", "pissa"),
+        ("layer_replication", [[0, 2]]),
     ],
 )
 def test_unrepresentable_fields_are_refused(setup, tmp_path, field, value):

@@ -34,6 +34,16 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "use_bdlora": ((None, False), "block-diagonal LoRA is not a plain A, B pair"),
     "alora_invocation_tokens": ((None,), "activated LoRA switches on per token"),
     "megatron_config": ((None,), "Megatron-parallel layers are not HF linear layers"),
+    # These initialisations subtract s·A0·B0 from W0 while training, so the adapter is only
+    # right on a modified base model (unless PEFT converted it back, which the file does not say).
+    "init_lora_weights": (
+        (True, False, None, "gaussian", "eva", "orthogonal"),
+        "PiSSA / OLoRA / CorDA / LoftQ / LoRA-GA initialisation changes the base weights",
+    ),
+    "arrow_config": ((None,), "Arrow routes among several LoRA experts per token"),
+    "kasa_config": ((None,), "KaSA adds a trained singular-value vector between A and B"),
+    "monteclora_config": ((None,), "MonteCLoRA samples its factors"),
+    "velora_config": ((None,), "VeLoRA layers are not verified to compute s·B·A"),
 }
 
 
