@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import shutil
 
 import jax
 import numpy as np
 import pytest
 import transformers
+from safetensors.numpy import load_file, save_file
 
 from llora_jax import adapters as ad
 from llora_jax import task_vectors as tv
@@ -66,6 +68,13 @@ def test_import_export_round_trips(tmp_path):
         bb.module.apply({"params": merged_params(bb.params, plain.tau)}, im.token_batch())
     )
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+    edited = tmp_path / "src" / "edited"  # weights changed after export: side files refused
+    shutil.copytree(tmp_path / "src" / "mine", edited)
+    st = load_file(edited / "adapter_model.safetensors")
+    save_file({k: v * 1.5 for k, v in st.items()}, edited / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="llora_task_vector.safetensors does not match"):
+        api.import_peft([edited], bb, tmp_path / "tv3")
 
     with pytest.raises(FileExistsError):
         api.import_peft([tmp_path / "src" / "plain"], bb, tmp_path / "tv")

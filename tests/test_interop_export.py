@@ -12,6 +12,7 @@ import transformers
 from peft import PeftModel
 
 from llora_jax import adapters as ad
+from llora_jax import fusion
 from llora_jax import task_vectors as tv
 from llora_jax import tree as T
 from llora_jax.interop import delta_w as dw
@@ -189,3 +190,31 @@ def test_export_hf_of_a_t5_lora_task_vector(tmp_path):
         "t5", transformers.T5ForConditionalGeneration.from_pretrained(out).eval()
     )
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_mixed_rank_adapter_exports_and_fuses(bert, tmp_path):
+    """Layers of different rank and scale (rank_pattern / alpha_pattern) through fusion and export."""
+    model, bb, root = bert
+    im.peft_adapter(
+        copy.deepcopy(model),
+        tmp_path / "mixed",
+        r=4,
+        lora_alpha=8,
+        target_modules=["query", "value"],
+        rank_pattern={"value": 2},
+        alpha_pattern={"query": 3.0},
+    )
+    imported = read_peft_adapter(tmp_path / "mixed", bb)
+    assert isinstance(imported.scale, dict)
+    zeros = jax.tree.map(np.zeros_like, imported.phi)
+    meta = dict(adapter_kind="lora", mode="lora", task="mixed", scale=imported.scale)
+    merged = fusion.task_arithmetic([imported.phi, imported.phi], 0.5)  # = φ, mixed shapes
+    for name in fusion.GRID_METHODS:
+        out = fusion.get(name)([imported.phi, zeros], **fusion.hparam_grid(name)[-1])
+        assert T.structure_signature(out) == T.structure_signature(imported.phi), name
+    t = tv.TaskVector(tau=jax.tree.map(np.asarray, merged), meta=meta, phi0=zeros)
+    out = export_peft(t, bb, tmp_path / "peft")
+    want = im.torch_outputs(
+        "bert", PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "mixed")
+    )
+    np.testing.assert_allclose(_peft_out(model, out), want, atol=1e-5)

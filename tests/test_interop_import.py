@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
 import torch
+from peft import PeftModel
 
 from llora_jax.interop.peft_import import read_peft_adapter
 from tests import interop_models as im
@@ -109,3 +111,31 @@ def test_clip_vision_tower_adapters(tmp_path):
     adapter = read_peft_adapter(tmp_path / "ad_f", bb)
     got = im.jax_outputs("clip_vision", bb, adapter.phi, adapter.scale)
     np.testing.assert_allclose(got, want.pooler_output.numpy(), atol=TOL)
+
+
+def test_bin_weights_and_fan_in_fan_out(tmp_path):
+    """adapter_model.bin (read through torch) and fan_in_fan_out=True (PEFT turns it off for
+    nn.Linear layers, which all adapted layers here are: A and B keep their layout)."""
+    model, ckpt = im.bert(tmp_path / "base")
+    pm = im.peft_adapter(
+        copy.deepcopy(model),
+        tmp_path / "st",
+        r=4,
+        lora_alpha=8,
+        target_modules=["key", "output.dense"],
+    )
+    pm.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    cfg = json.loads((tmp_path / "bin" / "adapter_config.json").read_text())
+    (tmp_path / "bin" / "adapter_config.json").write_text(
+        json.dumps(cfg | {"fan_in_fan_out": True})
+    )
+    assert (tmp_path / "bin" / "adapter_model.bin").is_file()
+    want = im.torch_outputs(
+        "bert", PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "bin")
+    )
+    bb = im.load(ckpt)
+    adapter = read_peft_adapter(tmp_path / "bin", bb)
+    assert adapter.weights_file.name == "adapter_model.bin"
+    np.testing.assert_allclose(
+        im.jax_outputs("bert", bb, adapter.phi, adapter.scale), want, atol=TOL
+    )

@@ -11,7 +11,10 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from llora_jax import task_vectors as tv
+from llora_jax import tree as T
 from llora_jax.backbones.hf import Backbone, load_backbone, load_state_dict
 from llora_jax.interop import delta_w as dw
 from llora_jax.interop import fusionbench as fb
@@ -25,6 +28,24 @@ def _backbone(backbone: str | os.PathLike | Backbone) -> Backbone:
 
 def _name(src: str | os.PathLike) -> str:
     return Path(os.fspath(src).rstrip("/")).name
+
+
+def _check_side_files(t: tv.TaskVector, adapter: ImportedAdapter, where: Path) -> None:
+    """Refuse side files that do not describe the PEFT weights next to them (edited weights)."""
+    ours = dw.delta_w_tree(adapter.phi, adapter.scale)
+    theirs = dict(T.flatten(hf_export.weight_delta(t)))
+    for name, d in T.flatten(ours).items():
+        ref = theirs.pop(name, None)
+        if ref is None or not np.allclose(d, ref, rtol=1e-4, atol=1e-6 * float(np.abs(ref).max())):
+            raise ValueError(
+                f"{where}: {peft_export.SIDE_TENSORS} does not match adapter_model.safetensors at "
+                f"{name!r} (were the weights changed after export?); delete the llora_* side files "
+                "to import the weights as a delta_w task vector"
+            )
+    if theirs:
+        raise ValueError(
+            f"{where}: the side files name layers the adapter lacks: {sorted(theirs)[:3]}"
+        )
 
 
 def import_peft(
@@ -60,8 +81,9 @@ def import_peft(
     for src in srcs:
         d = resolve_adapter_dir(src)
         if (d / peft_export.SIDE_META).is_file():
-            read_peft_adapter(src, bb, **kw)  # the PEFT part must still fit the backbone
-            loaded.append(peft_export.read_exported(d))
+            exported = peft_export.read_exported(d)
+            _check_side_files(exported, read_peft_adapter(src, bb, **kw), d)
+            loaded.append(exported)
         elif (d / fb.L_LORA_FILE).is_file():
             loaded.append(fb.read_l_lora(src, bb, **kw))
         else:
