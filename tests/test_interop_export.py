@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import jax
@@ -218,3 +219,28 @@ def test_mixed_rank_adapter_exports_and_fuses(bert, tmp_path):
         "bert", PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "mixed")
     )
     np.testing.assert_allclose(_peft_out(model, out), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bert", "t5", "clip"])
+def test_export_hf_of_a_full_task_vector(tmp_path, kind):
+    """Every parameter changed (embeddings, norms, biases, conv): the HF names and layouts."""
+    build = {"bert": im.bert, "t5": lambda p: im.t5(p, gated=False), "clip": im.clip}[kind]
+    _, ckpt = build(tmp_path / "base")
+    bb = im.load(ckpt)
+    leaves, treedef = jax.tree.flatten(bb.params)
+    rng = np.random.default_rng(0)
+    tau = jax.tree.unflatten(
+        treedef, [(0.02 * rng.normal(size=np.shape(x))).astype(np.float32) for x in leaves]
+    )
+    meta = dict(adapter_kind="full", mode="full", task="f")
+    out = export_hf(tv.TaskVector(tau=tau, meta=meta), bb, tmp_path / "hf")
+    changed = dw.merged_params(bb.params, tau)
+    want = im.jax_outputs(kind, dataclasses.replace(bb, params=changed))
+    cls = {
+        "bert": lambda p: transformers.BertModel.from_pretrained(p, add_pooling_layer=False),
+        "t5": transformers.T5ForConditionalGeneration.from_pretrained,
+        "clip": transformers.CLIPModel.from_pretrained,
+    }[kind]
+    got = im.torch_outputs(kind, cls(out).eval())
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.abs(want - im.jax_outputs(kind, bb)).max() > 1e-3

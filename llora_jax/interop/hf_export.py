@@ -57,18 +57,14 @@ def export_hf(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True or choose another path")
     state = dict(load_state_dict(backbone.path))
-    hf = names.hf_module_names(backbone, set(state))
+    keys = set(state)
+    flat_params = T.flatten(backbone.params)
     for path, d in weight_delta(t).items():
-        mod, leaf = path.rsplit("/", 1)
-        if mod not in hf or leaf not in ("kernel", "bias"):
-            raise ExportError(
-                f"task-vector leaf {path!r} is not a dense layer's kernel or bias; only those can "
-                "be written back under HF names"
-            )
-        key = f"{hf[mod]}.{'weight' if leaf == 'kernel' else 'bias'}"
+        if path not in flat_params:
+            raise ExportError(f"task-vector leaf {path!r} is not a parameter of the backbone")
+        key = names.hf_param_key(backbone, path, keys)
         w = state[key]
-        d = np.asarray(d, np.float32)
-        d = d.T if leaf == "kernel" else d  # (in, out) -> torch's (out, in)
+        d = names.to_hf_layout(path, np.asarray(d, np.float32))
         if d.shape != w.shape:
             raise ExportError(
                 f"{path!r}: Δ has shape {d.shape}, checkpoint tensor {key!r} {w.shape}"
@@ -81,7 +77,8 @@ def export_hf(
             if (backbone.path / name).is_file():
                 shutil.copy2(backbone.path / name, stage / name)
         save_file(
-            {k: np.ascontiguousarray(v) for k, v in state.items()},
+            # order="C", not ascontiguousarray: that one turns 0-d tensors (logit_scale) into 1-d
+            {k: np.asarray(v, order="C") for k, v in state.items()},
             stage / "model.safetensors",
             metadata={"format": "pt"},
         )

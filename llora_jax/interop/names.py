@@ -68,6 +68,40 @@ def hf_module_names(backbone: Backbone, state_keys: set[str]) -> dict[str, str]:
     return out
 
 
+# Linen leaf name -> HF tensor name (Dense kernel, LayerNorm / RMSNorm scale, Embed table).
+_LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "weight": "weight"}
+
+
+def hf_param_key(backbone: Backbone, path: str, state_keys: set[str]) -> str:
+    """The HF tensor name of any Linen parameter path (checked against ``state_keys``)."""
+    if backbone.kind == "clip":
+        prefixes = {
+            t: t + "." if any(k.startswith(t + ".") for k in state_keys) else ""
+            for t in CLIP_TOWERS
+        }
+        name, _ = clip.hf_key_for(path, prefixes)
+    else:
+        mod, leaf = path.rsplit("/", 1)
+        name = f"{_generic_hf_name(mod)}.{_LEAVES.get(leaf, leaf)}"
+    hits = [k for k in state_keys if k == name or k.endswith("." + name)]
+    if len(hits) != 1:
+        raise ValueError(
+            f"Linen parameter {path!r} has no single tensor in the {backbone.kind} checkpoint "
+            f"{backbone.path}: looked for a key ending in {name!r}, found {hits[:3]}"
+        )
+    return hits[0]
+
+
+def to_hf_layout(path: str, x: np.ndarray) -> np.ndarray:
+    """A Linen parameter in torch's layout: Dense kernel (in, out) -> (out, in), conv kernel
+    HWIO -> OIHW; everything else (embedding tables, norms, biases) is stored alike."""
+    if path.endswith("/kernel") and x.ndim == 2:
+        return x.T
+    if path.endswith("/kernel") and x.ndim == 4:
+        return x.transpose(3, 2, 0, 1)
+    return x
+
+
 def resolve_modules(
     peft_modules: list[str], hf_names: dict[str, str], *, tower: str = "vision_model"
 ) -> dict[str, str]:
