@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -119,8 +120,7 @@ def export_peft(
         out = Path(out)
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} already exists; pass overwrite=True or another --out")
-        tmp = out.parent / f".{out.name}.copy"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = out.parent / f".{out.name}.copy-{uuid.uuid4().hex[:8]}"
         shutil.copytree(kept, tmp)
         if out.exists():
             shutil.rmtree(out)

@@ -8,7 +8,8 @@ Every field of PEFT's ``LoraConfig`` falls in one of three groups:
 * refused when not at their inert default (they change what the adapter computes
   or add trained weights outside A and B): see ``REFUSED``;
 * ignored: fields that only choose which modules get LoRA (the saved weights already
-  say which), training-time initialisation, or library bookkeeping.
+  say which), initialisations that leave W0 alone (the saved A, B are final), or
+  library bookkeeping.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from llora_jax import tree as T
-from llora_jax.adapters.lora import Scale
+from llora_jax.adapters.lora import Scale, adapter_layers
 from llora_jax.backbones.hf import Backbone, load_state_dict, read_safetensors
 from llora_jax.interop import names
 from llora_jax.interop.peft_config import (
@@ -54,13 +54,7 @@ class ImportedAdapter:
 
     @property
     def ranks(self) -> dict[str, int]:
-        return {m: int(lay["A"].shape[1]) for m, lay in _layers(self.phi).items()}
-
-
-def _layers(phi: dict) -> dict[str, dict]:
-    flat = T.flatten(phi)
-    mods = sorted({n.rsplit("/", 1)[0] for n in flat})
-    return {m: {"A": flat[m + "/A"], "B": flat[m + "/B"]} for m in mods}
+        return {m: int(lay["A"].shape[1]) for m, lay in adapter_layers(self.phi).items()}
 
 
 def resolve_adapter_dir(src: str | os.PathLike) -> Path:
