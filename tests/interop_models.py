@@ -151,8 +151,9 @@ def torch_outputs(kind: str, model: torch.nn.Module) -> np.ndarray:
     return out.float().numpy()
 
 
-def jax_outputs(kind: str, bb, phi=None, scale=1.0) -> np.ndarray:
-    """The same output from llora-jax's backbone ``bb`` (with adapter ``phi`` when given)."""
+def jax_outputs(kind: str, bb, phi=None, scale=1.0, **apply_kw) -> np.ndarray:
+    """The same output from llora-jax's backbone ``bb`` (with adapter ``phi`` when given;
+    ``apply_kw`` such as ``mode`` and ``phi0`` go to ``adapters.apply``)."""
     if kind == "bert":
         args, method = (token_batch(),), None
     elif kind == "t5":
@@ -165,7 +166,7 @@ def jax_outputs(kind: str, bb, phi=None, scale=1.0) -> np.ndarray:
     if phi is None:
         out = bb.module.apply({"params": bb.params}, *args, method=method)
     else:
-        out = ad.apply(bb.module, bb.params, phi, *args, scale=scale, method=method)
+        out = ad.apply(bb.module, bb.params, phi, *args, scale=scale, method=method, **apply_kw)
     if kind == "clip":
         out = out["logits_per_image"]
     return np.asarray(out, np.float32)

@@ -29,11 +29,10 @@ from tests import interop_models as im
 R, ALPHA = 4, 8
 
 
-def _write_l_lora(vision, out, zero_b0: bool, seed: int = 0) -> dict:
-    """FusionBench-layout directory for ``vision``; returns {torch module name: factors}."""
+def _write_l_lora(model, out, zero_b0: bool, seed: int = 0, targets=("q_proj", "v_proj")) -> dict:
+    """FusionBench-layout directory for ``model``; returns {torch module name: factors}."""
     pm = get_peft_model(
-        copy.deepcopy(vision),
-        LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"]),
+        copy.deepcopy(model), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(targets))
     )
     pm.peft_config["default"].save_pretrained(out)
     rng = np.random.default_rng(seed)
@@ -60,8 +59,8 @@ def _write_l_lora(vision, out, zero_b0: bool, seed: int = 0) -> dict:
     return factors
 
 
-def _reference(vision, factors) -> np.ndarray:
-    ref = copy.deepcopy(vision)
+def _reference(model, factors, kind: str = "clip_vision") -> np.ndarray:
+    ref = copy.deepcopy(model)
     s = ALPHA / R
     with torch.no_grad():
         for name, f in factors.items():
@@ -69,7 +68,7 @@ def _reference(vision, factors) -> np.ndarray:
             a, b, a0, b0 = (f[k].astype(np.float64) for k in ("A", "B", "A0", "B0"))
             dw = s * (b0 @ a0 + (b - b0) @ a0 + b0 @ (a - a0))  # torch (out, in)
             lin.weight += torch.from_numpy(dw).float()
-    return im.torch_outputs("clip_vision", ref)
+    return im.torch_outputs(kind, ref)
 
 
 @pytest.mark.parametrize("zero_b0", [True, False])
@@ -115,3 +114,16 @@ def test_l_lora_file_with_a_missing_point_is_refused(tmp_path):
     save_file(state, file)
     with pytest.raises(PeftImportError, match="params0_values"):
         fb.read_l_lora(tmp_path / "ll", im.load(vision_dir))
+
+
+def test_l_lora_file_of_a_t5_without_biases(tmp_path):
+    """Flan-T5 layers have no bias: φ0 sits at params0_values.1 and .2."""
+    model, ckpt = im.t5(tmp_path / "t5", gated=True)
+    factors = _write_l_lora(model, tmp_path / "ll", zero_b0=False, targets=("q", "v", "wi_0"))
+    assert any(k.endswith("params0_values.1") for k in load_file(tmp_path / "ll" / fb.L_LORA_FILE))
+    bb = im.load(ckpt)
+    adapter = fb.read_l_lora(tmp_path / "ll", bb)
+    got = im.jax_outputs("t5", bb, adapter.phi, adapter.scale, mode="l_lora", phi0=adapter.phi0)
+    want = _reference(model, factors, "t5")
+    assert np.abs(want - im.torch_outputs("t5", model)).max() > 1e-2
+    np.testing.assert_allclose(got, want, atol=1e-4)
