@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 
 import numpy as np
 import pytest
+from peft import LoraConfig
 from safetensors.numpy import load_file, save_file
 
-from llora_jax.interop.peft_config import PeftImportError
+from llora_jax.interop.peft_config import REFUSED, PeftImportError
 from llora_jax.interop.peft_import import read_peft_adapter
 from tests import interop_models as im
 
@@ -123,3 +125,12 @@ def test_adapter_for_other_layers_is_refused(setup, tmp_path):
     src = _variant(root, "names", tmp_path, edit_weights=rename)
     with pytest.raises(ValueError, match="q_proj"):
         read_peft_adapter(src, bb)
+
+
+def test_every_lora_variant_peft_declares_is_refused():
+    """PEFT tags the config fields that turn on a LoRA variant; each must be refused here."""
+    for field in dataclasses.fields(LoraConfig):
+        if field.metadata.get("is_lora_variant"):
+            assert field.name in REFUSED, field.name
+        for variant in field.metadata.get("lora_variants", ()):
+            assert variant not in REFUSED[field.name][0], (field.name, variant)
