@@ -7,6 +7,7 @@ import dataclasses
 import json
 import shutil
 
+import huggingface_hub
 import numpy as np
 import pytest
 from peft import LoraConfig
@@ -134,3 +135,12 @@ def test_every_lora_variant_peft_declares_is_refused():
             assert field.name in REFUSED, field.name
         for variant in field.metadata.get("lora_variants", ()):
             assert variant not in REFUSED[field.name][0], (field.name, variant)
+
+
+def test_hub_id_offline_says_how_to_pass_a_directory(setup, monkeypatch):
+    bb, _ = setup
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="hf download tanganke/no-such-adapter"):
+        read_peft_adapter("tanganke/no-such-adapter", bb)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        read_peft_adapter("./missing/adapter", bb)
