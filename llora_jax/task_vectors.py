@@ -46,6 +46,11 @@ META_FILE = "meta.json"
 # How meta["checksum"] is computed: tree.fingerprint (sha256 of paths, shapes, dtypes, bytes).
 CHECKSUM_ALGORITHM = "sha256-tree-v1"
 
+# adapter_kind: "lora" (τ = φ − φ0 in adapter space, φ0 stored), "full" (τ on backbone
+# weights), "delta_w" (dense ΔW = s·A·B at each adapted kernel's path, for adapters whose
+# φ0 is unknown, e.g. imported from PEFT; no φ0).
+KINDS = ("lora", "full", "delta_w")
+
 # Fields that must agree for task vectors to be added together. Order = the
 # order in which a difference is reported.
 COMPAT_FIELDS = (
@@ -169,6 +174,8 @@ def save(
     for k in ("base_model", "base_fingerprint", "adapter_kind", "mode", "task"):
         if k not in meta:
             raise TaskVectorError(f"task-vector meta lacks {k!r}; build it with make_meta()")
+    if meta["adapter_kind"] == "delta_w" and phi0 is not None:
+        raise TaskVectorError("a delta_w task vector lives in weight space and has no phi0")
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(meta)
     meta["structure"] = tree_lib.structure_signature(tau)

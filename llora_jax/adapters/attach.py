@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from llora_jax import tree as tree_lib
 from llora_jax.adapters.linearize import linearized_call
-from llora_jax.adapters.lora import adapter_layers, branch
+from llora_jax.adapters.lora import Scale, adapter_layers, branch, layer_scale
 
 PyTree = Any
 
@@ -49,7 +49,7 @@ def _interceptor(
     phi: PyTree,
     phi0: PyTree | None,
     mode: str,
-    scale: float,
+    scale: Scale,
     dropout: float,
     dropout_rng: jax.Array | None,
     used: set[str],
@@ -66,6 +66,7 @@ def _interceptor(
         if layer is None:
             return next_fun(*args, **kwargs)
         used.add(path)
+        s = layer_scale(scale, path)
         y = next_fun(*args, **kwargs)
         x = args[0] if args else kwargs["inputs"]
         x = x.astype(y.dtype)
@@ -75,10 +76,10 @@ def _interceptor(
         if mode == "l_lora":
             layer0 = layers0[path]
             tangent = jax.tree.map(lambda p, p0: p - p0, layer, layer0)
-            g0, dg = jax.jvp(lambda p: branch(p, x, scale), (layer0,), (tangent,))
+            g0, dg = jax.jvp(lambda p: branch(p, x, s), (layer0,), (tangent,))
             delta = g0 + dg
         else:
-            delta = branch(layer, x, scale)
+            delta = branch(layer, x, s)
         return y + delta.astype(y.dtype)
 
     return interceptor
@@ -92,7 +93,7 @@ def _apply_branchwise(
     kwargs: dict,
     *,
     mode: str,
-    scale: float,
+    scale: Scale,
     phi0: PyTree | None,
     dropout: float,
     dropout_rng: jax.Array | None,
@@ -120,7 +121,7 @@ def apply(
     phi: PyTree,
     *args: Any,
     mode: str = "lora",
-    scale: float,
+    scale: Scale,
     phi0: PyTree | None = None,
     dropout: float = 0.0,
     dropout_rng: jax.Array | None = None,
@@ -132,7 +133,8 @@ def apply(
 
     ``params`` are the frozen backbone weights, ``phi`` the adapter tree (from
     :func:`llora_jax.adapters.lora.init_lora`), ``phi0`` its linearization
-    point (required by ``l_lora`` and ``l_lora_model``). Adapter dropout is on
+    point (required by ``l_lora`` and ``l_lora_model``). ``scale`` is one float, or
+    {module path: s} for adapters whose layers have different ranks or α. Adapter dropout is on
     only when ``dropout > 0`` and ``dropout_rng`` is given. ``rngs`` are the
     backbone's own rngs (e.g. ``{"dropout": key}``); extra positional and keyword
     arguments go to the model.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -26,6 +26,19 @@ from llora_jax import tree as tree_lib
 PyTree = Any
 
 ADAPTER_LEAVES = ("A", "B")
+
+# A LoRA scale s: one float for every layer, or {module path: s} when layers differ (adapters
+# imported from PEFT with rank_pattern / alpha_pattern).
+Scale = float | Mapping[str, float]
+
+
+def layer_scale(scale: Scale, path: str) -> float:
+    """The scale of the layer at module ``path`` (``scale`` is one float or a per-layer map)."""
+    if not isinstance(scale, Mapping):
+        return scale
+    if path not in scale:
+        raise ValueError(f"per-layer LoRA scales have no entry for layer {path!r}")
+    return scale[path]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +132,7 @@ def adapter_layers(phi: PyTree) -> dict[str, PyTree]:
     return {m: {leaf: flat[f"{m}/{leaf}"] for leaf in ADAPTER_LEAVES} for m in mods}
 
 
-def delta_w(phi: PyTree, scale: float, phi0: PyTree | None = None, mode: str = "lora") -> dict:
+def delta_w(phi: PyTree, scale: Scale, phi0: PyTree | None = None, mode: str = "lora") -> dict:
     """Per-layer weight change that the adapter applies, {module path: ΔW}.
 
     ``lora``: s·A B. ``l_lora`` (per-branch linearization around φ0) is linear in
@@ -128,7 +141,7 @@ def delta_w(phi: PyTree, scale: float, phi0: PyTree | None = None, mode: str = "
     """
     layers = adapter_layers(phi)
     if mode == "lora":
-        return {m: layer_delta_w(lay, scale) for m, lay in layers.items()}
+        return {m: layer_delta_w(lay, layer_scale(scale, m)) for m, lay in layers.items()}
     if mode == "l_lora":
         if phi0 is None:
             raise ValueError("l_lora's ΔW needs phi0 (the linearization point)")
@@ -139,7 +152,7 @@ def delta_w(phi: PyTree, scale: float, phi0: PyTree | None = None, mode: str = "
             b0 = layers0[m]["B"].astype(jnp.float32)
             a = lay["A"].astype(jnp.float32)
             b = lay["B"].astype(jnp.float32)
-            out[m] = scale * (a0 @ b0 + a0 @ (b - b0) + (a - a0) @ b0)
+            out[m] = layer_scale(scale, m) * (a0 @ b0 + a0 @ (b - b0) + (a - a0) @ b0)
         return out
     raise ValueError(
         f"mode {mode!r} has no weight-space merge; only 'lora' and 'l_lora' adapters can be "
@@ -148,7 +161,7 @@ def delta_w(phi: PyTree, scale: float, phi0: PyTree | None = None, mode: str = "
 
 
 def merge_into_params(
-    params: PyTree, phi: PyTree, scale: float, phi0: PyTree | None = None, mode: str = "lora"
+    params: PyTree, phi: PyTree, scale: Scale, phi0: PyTree | None = None, mode: str = "lora"
 ) -> PyTree:
     """Backbone params with each adapted kernel replaced by W0 + ΔW (export / fast inference)."""
     flat = dict(tree_lib.flatten(params))

@@ -1,0 +1,143 @@
+"""Plain functions behind ``llora import-peft / export-peft / export-hf``.
+
+Each takes paths (or loaded objects), validates everything before it writes, and
+returns the paths it wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from llora_jax import task_vectors as tv
+from llora_jax import tree as T
+from llora_jax.backbones.hf import Backbone, load_backbone, load_state_dict
+from llora_jax.interop import delta_w as dw
+from llora_jax.interop import fusionbench as fb
+from llora_jax.interop import hf_export, peft_export
+from llora_jax.interop.peft_import import ImportedAdapter, read_peft_adapter, resolve_adapter_dir
+
+
+def _backbone(backbone: str | os.PathLike | Backbone) -> Backbone:
+    return backbone if isinstance(backbone, Backbone) else load_backbone(backbone)
+
+
+def _name(src: str | os.PathLike) -> str:
+    return Path(os.fspath(src).rstrip("/")).name
+
+
+def _check_side_files(t: tv.TaskVector, adapter: ImportedAdapter, where: Path) -> None:
+    """Refuse side files that do not describe the PEFT weights next to them (edited weights)."""
+    ours = dw.delta_w_tree(adapter.phi, adapter.scale)
+    theirs = dict(T.flatten(hf_export.weight_delta(t)))
+    for name, d in T.flatten(ours).items():
+        ref = theirs.pop(name, None)
+        if ref is None or not np.allclose(d, ref, rtol=1e-4, atol=1e-6 * float(np.abs(ref).max())):
+            raise ValueError(
+                f"{where}: {peft_export.SIDE_TENSORS} does not match adapter_model.safetensors at "
+                f"{name!r} (were the weights changed after export?); delete the llora_* side files "
+                "to import the weights as a delta_w task vector"
+            )
+    if theirs:
+        raise ValueError(
+            f"{where}: the side files name layers the adapter lacks: {sorted(theirs)[:3]}"
+        )
+
+
+def import_peft(
+    srcs: Sequence[str | os.PathLike],
+    backbone: str | os.PathLike | Backbone,
+    out: str | os.PathLike,
+    *,
+    force: bool = False,
+    tower: str = "vision_model",
+    overwrite: bool = False,
+) -> list[Path]:
+    """One task vector per adapter under ``out/<adapter name>``.
+
+    * a directory exported by llora-jax (side files present): its own task vector, exactly;
+    * a FusionBench L-LoRA directory (``linearized_adapter_model.safetensors``): an exact
+      ``l_lora`` task vector with its φ0;
+    * any other PEFT LoRA adapter: a ``delta_w`` task vector (φ0 unknown) that keeps the
+      adapter's own files in ``peft_adapter/``.
+
+    Every adapter is read and checked before anything is written.
+    """
+    bb = _backbone(backbone)
+    out = Path(out)
+    names = [_name(s) for s in srcs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two adapters share a name, their task vectors would collide: {names}")
+    for n in names:
+        if (out / n).exists() and not overwrite:
+            raise FileExistsError(f"{out / n} already exists; pass overwrite=True or another --out")
+    state_keys = set(load_state_dict(bb.path))
+    kw = dict(force=force, tower=tower, state_keys=state_keys)
+    loaded: list[tv.TaskVector | ImportedAdapter] = []
+    for src in srcs:
+        d = resolve_adapter_dir(src)
+        if (d / peft_export.SIDE_META).is_file():
+            exported = peft_export.read_exported(d)
+            _check_side_files(exported, read_peft_adapter(src, bb, **kw), d)
+            loaded.append(exported)
+        elif (d / fb.L_LORA_FILE).is_file():
+            loaded.append(fb.read_l_lora(src, bb, **kw))
+        else:
+            loaded.append(read_peft_adapter(src, bb, **kw))
+    written = []
+    for n, item in zip(names, loaded):
+        if isinstance(item, tv.TaskVector):
+            path = tv.save(out / n, item.tau, item.meta, phi0=item.phi0, overwrite=overwrite)
+        elif item.phi0 is not None:
+            path = fb.save_l_lora(out / n, item, bb, task=n, overwrite=overwrite)
+        else:
+            path = dw.save_imported(out / n, item, bb, task=n, overwrite=overwrite)
+        written.append(path)
+    return written
+
+
+def export_peft(
+    task_vector: str | os.PathLike | tv.TaskVector,
+    out: str | os.PathLike,
+    *,
+    backbone: str | os.PathLike | Backbone | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """A task vector (or merge) as a PEFT adapter directory.
+
+    An imported ``delta_w`` task vector read from disk is re-exported as the PEFT adapter
+    it came from, byte for byte; other vectors go through :func:`peft_export.export_peft`.
+    ``backbone`` defaults to the task vector's ``base_model``.
+    """
+    t = task_vector if isinstance(task_vector, tv.TaskVector) else tv.load(task_vector)
+    kept = None if t.path is None else t.path / dw.ADAPTER_DIR
+    if kept is not None and kept.is_dir() and isinstance(task_vector, (str, os.PathLike)):
+        out = Path(out)
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} already exists; pass overwrite=True or another --out")
+        tmp = out.parent / f".{out.name}.copy-{uuid.uuid4().hex[:8]}"
+        shutil.copytree(kept, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return out
+    bb = _backbone(backbone if backbone is not None else t.meta["base_model"])
+    return peft_export.export_peft(t, bb, out, overwrite=overwrite)
+
+
+def export_hf(
+    task_vector: str | os.PathLike | tv.TaskVector,
+    out: str | os.PathLike,
+    *,
+    backbone: str | os.PathLike | Backbone | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Backbone + task vector (or merge) as an HF checkpoint directory."""
+    t = task_vector if isinstance(task_vector, tv.TaskVector) else tv.load(task_vector)
+    bb = _backbone(backbone if backbone is not None else t.meta["base_model"])
+    return hf_export.export_hf(t, bb, out, overwrite=overwrite)
