@@ -14,12 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from llora_jax import task_vectors as tv
-from llora_jax import tree as T
+from llora_jax import task_vectors
+from llora_jax import tree as tree_lib
 from llora_jax.backbones.hf import Backbone, load_backbone, load_state_dict
-from llora_jax.interop import delta_w as dw
-from llora_jax.interop import fusionbench as fb
-from llora_jax.interop import hf_export, peft_export
+from llora_jax.interop import delta_w, fusionbench, hf_export, peft_export
 from llora_jax.interop.peft_import import ImportedAdapter, read_peft_adapter, resolve_adapter_dir
 
 
@@ -31,11 +29,11 @@ def _name(src: str | os.PathLike) -> str:
     return Path(os.fspath(src).rstrip("/")).name
 
 
-def _check_side_files(t: tv.TaskVector, adapter: ImportedAdapter, where: Path) -> None:
+def _check_side_files(t: task_vectors.TaskVector, adapter: ImportedAdapter, where: Path) -> None:
     """Refuse side files that do not describe the PEFT weights next to them (edited weights)."""
-    ours = dw.delta_w_tree(adapter.phi, adapter.scale)
-    theirs = dict(T.flatten(hf_export.weight_delta(t)))
-    for name, d in T.flatten(ours).items():
+    ours = delta_w.delta_w_tree(adapter.phi, adapter.scale)
+    theirs = dict(tree_lib.flatten(hf_export.weight_delta(t)))
+    for name, d in tree_lib.flatten(ours).items():
         ref = theirs.pop(name, None)
         if ref is None or not np.allclose(d, ref, rtol=1e-4, atol=1e-6 * float(np.abs(ref).max())):
             raise ValueError(
@@ -78,31 +76,33 @@ def import_peft(
             raise FileExistsError(f"{out / n} already exists; pass overwrite=True or another --out")
     state_keys = set(load_state_dict(bb.path))
     kw = dict(force=force, tower=tower, state_keys=state_keys)
-    loaded: list[tv.TaskVector | ImportedAdapter] = []
+    loaded: list[task_vectors.TaskVector | ImportedAdapter] = []
     for src in srcs:
         d = resolve_adapter_dir(src)
         if (d / peft_export.SIDE_META).is_file():
             exported = peft_export.read_exported(d)
             _check_side_files(exported, read_peft_adapter(src, bb, **kw), d)
             loaded.append(exported)
-        elif (d / fb.L_LORA_FILE).is_file():
-            loaded.append(fb.read_l_lora(src, bb, **kw))
+        elif (d / fusionbench.L_LORA_FILE).is_file():
+            loaded.append(fusionbench.read_l_lora(src, bb, **kw))
         else:
             loaded.append(read_peft_adapter(src, bb, **kw))
     written = []
     for n, item in zip(names, loaded):
-        if isinstance(item, tv.TaskVector):
-            path = tv.save(out / n, item.tau, item.meta, phi0=item.phi0, overwrite=overwrite)
+        if isinstance(item, task_vectors.TaskVector):
+            path = task_vectors.save(
+                out / n, item.tau, item.meta, phi0=item.phi0, overwrite=overwrite
+            )
         elif item.phi0 is not None:
-            path = fb.save_l_lora(out / n, item, bb, task=n, overwrite=overwrite)
+            path = fusionbench.save_l_lora(out / n, item, bb, task=n, overwrite=overwrite)
         else:
-            path = dw.save_imported(out / n, item, bb, task=n, overwrite=overwrite)
+            path = delta_w.save_imported(out / n, item, bb, task=n, overwrite=overwrite)
         written.append(path)
     return written
 
 
 def export_peft(
-    task_vector: str | os.PathLike | tv.TaskVector,
+    task_vector: str | os.PathLike | task_vectors.TaskVector,
     out: str | os.PathLike,
     *,
     backbone: str | os.PathLike | Backbone | None = None,
@@ -114,8 +114,12 @@ def export_peft(
     it came from, byte for byte; other vectors go through :func:`peft_export.export_peft`.
     ``backbone`` defaults to the task vector's ``base_model``.
     """
-    t = task_vector if isinstance(task_vector, tv.TaskVector) else tv.load(task_vector)
-    kept = None if t.path is None else t.path / dw.ADAPTER_DIR
+    t = (
+        task_vector
+        if isinstance(task_vector, task_vectors.TaskVector)
+        else task_vectors.load(task_vector)
+    )
+    kept = None if t.path is None else t.path / delta_w.ADAPTER_DIR
     if kept is not None and kept.is_dir() and isinstance(task_vector, (str, os.PathLike)):
         out = Path(out)
         if out.exists() and not overwrite:
@@ -131,13 +135,17 @@ def export_peft(
 
 
 def export_hf(
-    task_vector: str | os.PathLike | tv.TaskVector,
+    task_vector: str | os.PathLike | task_vectors.TaskVector,
     out: str | os.PathLike,
     *,
     backbone: str | os.PathLike | Backbone | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Backbone + task vector (or merge) as an HF checkpoint directory."""
-    t = task_vector if isinstance(task_vector, tv.TaskVector) else tv.load(task_vector)
+    t = (
+        task_vector
+        if isinstance(task_vector, task_vectors.TaskVector)
+        else task_vectors.load(task_vector)
+    )
     bb = _backbone(backbone if backbone is not None else t.meta["base_model"])
     return hf_export.export_hf(t, bb, out, overwrite=overwrite)

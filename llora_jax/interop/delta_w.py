@@ -20,8 +20,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from llora_jax import task_vectors as tv
-from llora_jax import tree as T
+from llora_jax import task_vectors
+from llora_jax import tree as tree_lib
 from llora_jax.adapters.lora import Scale, delta_w
 from llora_jax.backbones.hf import Backbone
 from llora_jax.fusion import weighted
@@ -35,7 +35,7 @@ ADAPTER_DIR = "peft_adapter"  # the imported adapter's own files, kept inside it
 def delta_w_tree(phi: PyTree, scale: Scale, phi0: PyTree | None = None, mode: str = "lora") -> dict:
     """{module path…: {"kernel": ΔW (in, out)}} of a LoRA / L-LoRA adapter, float32 numpy."""
     dws = delta_w(phi, scale, phi0, mode)
-    return T.unflatten({f"{m}/kernel": np.asarray(dw, np.float32) for m, dw in dws.items()})
+    return tree_lib.unflatten({f"{m}/kernel": np.asarray(dw, np.float32) for m, dw in dws.items()})
 
 
 def merged_params(params: PyTree, tau: PyTree) -> PyTree:
@@ -44,8 +44,8 @@ def merged_params(params: PyTree, tau: PyTree) -> PyTree:
     Works for a single ``delta_w`` (or ``full``) task vector and for any merge of them;
     the sum is taken in float32 and cast back to each parameter's dtype.
     """
-    flat = dict(T.flatten(params))
-    for name, d in T.flatten(tau).items():
+    flat = dict(tree_lib.flatten(params))
+    for name, d in tree_lib.flatten(tau).items():
         if name not in flat:
             raise ValueError(
                 f"task-vector leaf {name!r} is not a parameter of this backbone; "
@@ -59,7 +59,7 @@ def merged_params(params: PyTree, tau: PyTree) -> PyTree:
         flat[name] = (jnp.asarray(w, jnp.float32) + jnp.asarray(d, jnp.float32)).astype(
             jnp.result_type(w)
         )
-    return T.unflatten(flat)
+    return tree_lib.unflatten(flat)
 
 
 def merge_weighted(params: PyTree, taus: Sequence[PyTree], lambdas: Sequence[float]) -> PyTree:
@@ -69,9 +69,9 @@ def merge_weighted(params: PyTree, taus: Sequence[PyTree], lambdas: Sequence[flo
 
 def delta_w_meta(backbone: Backbone, adapter: ImportedAdapter, task: str, **extra: Any) -> dict:
     """Task-vector metadata of an imported adapter's ΔW, with where the adapter came from."""
-    return tv.make_meta(
+    return task_vectors.make_meta(
         base_model=backbone.source,
-        base_fingerprint=T.fingerprint(backbone.params),
+        base_fingerprint=tree_lib.fingerprint(backbone.params),
         adapter_kind=KIND,
         mode=KIND,
         task=task,
@@ -102,7 +102,7 @@ def save_imported(
     tau = delta_w_tree(adapter.phi, adapter.scale)
     stage = out.parent / f".{out.name}.import-{uuid.uuid4().hex[:8]}"
     try:
-        tv.save(stage, tau, delta_w_meta(backbone, adapter, task))
+        task_vectors.save(stage, tau, delta_w_meta(backbone, adapter, task))
         (stage / ADAPTER_DIR).mkdir()
         for file in (adapter.weights_file.parent / "adapter_config.json", adapter.weights_file):
             shutil.copy2(file, stage / ADAPTER_DIR / file.name)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llora_jax import task_vectors as tv
-from llora_jax import tree as T
+from llora_jax import task_vectors
+from llora_jax import tree as tree_lib
 from llora_jax.backbones.hf import Backbone, read_safetensors
 from llora_jax.interop.peft_config import PeftImportError, check_config, read_config
 from llora_jax.interop.peft_import import (
@@ -118,9 +118,9 @@ def read_l_lora(
 def l_lora_meta(backbone: Backbone, adapter: ImportedAdapter, task: str) -> dict:
     """Metadata of an ``l_lora`` task vector read from FusionBench (seed and steps unknown)."""
     cfg = adapter.config
-    return tv.make_meta(
+    return task_vectors.make_meta(
         base_model=backbone.source,
-        base_fingerprint=T.fingerprint(backbone.params),
+        base_fingerprint=tree_lib.fingerprint(backbone.params),
         adapter_kind="lora",
         mode="l_lora",
         task=task,
@@ -145,7 +145,7 @@ def save_l_lora(
     """Write an imported L-LoRA adapter as the exact task vector τ = φ − φ0 with its φ0."""
     if adapter.phi0 is None:
         raise ValueError(f"{adapter.source} carries no linearization point; import it as delta_w")
-    tau = T.sub(adapter.phi, adapter.phi0)
-    return tv.save(
+    tau = tree_lib.sub(adapter.phi, adapter.phi0)
+    return task_vectors.save(
         out, tau, l_lora_meta(backbone, adapter, task), phi0=adapter.phi0, overwrite=overwrite
     )

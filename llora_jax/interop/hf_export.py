@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from llora_jax import task_vectors as tv
-from llora_jax import tree as T
+from llora_jax import task_vectors
+from llora_jax import tree as tree_lib
 from llora_jax.adapters.lora import delta_w
 from llora_jax.backbones.hf import Backbone, load_state_dict
 from llora_jax.interop import names
@@ -37,20 +37,25 @@ SIDE_FILES = (
 )
 
 
-def weight_delta(t: tv.TaskVector) -> dict:
+def weight_delta(t: task_vectors.TaskVector) -> dict:
     """{Linen param path: Δ} that task vector ``t`` (or a merge) adds to the backbone."""
     kind = t.meta.get("adapter_kind")
     if kind in ("delta_w", "full"):
-        return dict(T.flatten(t.tau))
+        return dict(tree_lib.flatten(t.tau))
     factors, scales = lora_factors(t)  # refuses l_lora_model, says why
     dws = delta_w(
-        T.unflatten({f"{m}/{k}": v for m, f in factors.items() for k, v in f.items()}), scales
+        tree_lib.unflatten({f"{m}/{k}": v for m, f in factors.items() for k, v in f.items()}),
+        scales,
     )
     return {f"{m}/kernel": np.asarray(d) for m, d in dws.items()}
 
 
 def export_hf(
-    t: tv.TaskVector, backbone: Backbone, out: str | os.PathLike, *, overwrite: bool = False
+    t: task_vectors.TaskVector,
+    backbone: Backbone,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Write backbone + task vector ``t`` as an HF checkpoint directory (atomically)."""
     out = Path(out).absolute()
@@ -58,7 +63,7 @@ def export_hf(
         raise FileExistsError(f"{out} already exists; pass overwrite=True or choose another path")
     state = dict(load_state_dict(backbone.path))
     keys = set(state)
-    flat_params = T.flatten(backbone.params)
+    flat_params = tree_lib.flatten(backbone.params)
     for path, d in weight_delta(t).items():
         if path not in flat_params:
             raise ExportError(f"task-vector leaf {path!r} is not a parameter of the backbone")

@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from llora_jax import tree as T
+from llora_jax import tree as tree_lib
 from llora_jax.backbones import clip
 from llora_jax.backbones.hf import Backbone
 
@@ -27,7 +27,7 @@ CLIP_TOWERS = ("vision_model", "text_model")
 
 def dense_paths(params: dict) -> list[str]:
     """Module paths of every 2-D ``kernel`` (the layers LoRA can adapt)."""
-    flat = T.flatten(params)
+    flat = tree_lib.flatten(params)
     return [
         n[: -len("/kernel")] for n, v in flat.items() if n.endswith("/kernel") and np.ndim(v) == 2
     ]

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from llora_jax import task_vectors as tv
-from llora_jax import tree as T
+from llora_jax import task_vectors
+from llora_jax import tree as tree_lib
 from llora_jax.adapters.lora import adapter_layers, layer_scale
 from llora_jax.backbones.hf import Backbone, load_state_dict, read_safetensors
 from llora_jax.interop import names
@@ -52,7 +52,9 @@ def meta_scale(meta: dict) -> float | dict[str, float]:
     return meta["alpha"] / meta["rank"]
 
 
-def lora_factors(t: tv.TaskVector) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
+def lora_factors(
+    t: task_vectors.TaskVector,
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
     """{Linen module path: {"A": (in, k), "B": (k, out)}} and per-layer scales of the LoRA
     that computes exactly what task vector ``t`` computes."""
     mode = t.meta.get("mode")
@@ -67,7 +69,7 @@ def lora_factors(t: tv.TaskVector) -> tuple[dict[str, dict[str, np.ndarray]], di
             "and φ0; export a delta_w vector with export_delta_w, or a full one with export_hf"
         )
     scale = meta_scale(t.meta)
-    layers = adapter_layers(T.add(t.phi0, t.tau))
+    layers = adapter_layers(tree_lib.add(t.phi0, t.tau))
     layers0 = adapter_layers(t.phi0)
     out, scales = {}, {}
     for m, lay in layers.items():
@@ -88,7 +90,7 @@ def svd_factors(tau: dict, rtol: float | None = None) -> tuple[dict, dict[str, f
     float32's epsilon, i.e. what float32 storage of ΔW cannot tell from zero).
     """
     out, scales = {}, {}
-    for name, dw in T.flatten(tau).items():
+    for name, dw in tree_lib.flatten(tau).items():
         if not name.endswith("/kernel"):
             raise ExportError(f"delta_w leaf {name!r} is not a dense kernel")
         dw = np.asarray(dw, np.float64)
@@ -140,7 +142,7 @@ def write_peft_dir(
     scales: dict,
     backbone: Backbone,
     *,
-    side: tv.TaskVector | None = None,
+    side: task_vectors.TaskVector | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write factors as a PEFT adapter directory (atomically), with llora-jax side files."""
@@ -160,10 +162,12 @@ def write_peft_dir(
         (stage / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         save_file(tensors, stage / "adapter_model.safetensors")
         if side is not None:
-            side_tensors = {f"tau/{k}": np.asarray(v) for k, v in T.flatten(side.tau).items()}
+            side_tensors = {
+                f"tau/{k}": np.asarray(v) for k, v in tree_lib.flatten(side.tau).items()
+            }
             if side.phi0 is not None:
                 side_tensors |= {
-                    f"phi0/{k}": np.asarray(v) for k, v in T.flatten(side.phi0).items()
+                    f"phi0/{k}": np.asarray(v) for k, v in tree_lib.flatten(side.phi0).items()
                 }
             save_file(side_tensors, stage / SIDE_TENSORS)
             (stage / SIDE_META).write_text(
@@ -178,7 +182,9 @@ def write_peft_dir(
     return out
 
 
-def export_peft(t: tv.TaskVector, backbone: Backbone, out: str | os.PathLike, **kw) -> Path:
+def export_peft(
+    t: task_vectors.TaskVector, backbone: Backbone, out: str | os.PathLike, **kw
+) -> Path:
     """A ``lora`` / ``l_lora`` / ``delta_w`` task vector (single or merged) -> PEFT adapter dir."""
     if t.meta.get("adapter_kind") == "delta_w":
         factors, scales = svd_factors(t.tau)
@@ -187,7 +193,7 @@ def export_peft(t: tv.TaskVector, backbone: Backbone, out: str | os.PathLike, **
     return write_peft_dir(out, factors, scales, backbone, side=t, **kw)
 
 
-def read_exported(adapter_dir: str | os.PathLike) -> tv.TaskVector:
+def read_exported(adapter_dir: str | os.PathLike) -> task_vectors.TaskVector:
     """The task vector a PEFT directory written by :func:`export_peft` came from, bit for bit."""
     adapter_dir = Path(adapter_dir)
     for name in (SIDE_TENSORS, SIDE_META):
@@ -198,9 +204,11 @@ def read_exported(adapter_dir: str | os.PathLike) -> tv.TaskVector:
             )
     flat = read_safetensors(adapter_dir / SIDE_TENSORS)
     meta = json.loads((adapter_dir / SIDE_META).read_text())
-    tau = T.unflatten({k[4:]: v for k, v in flat.items() if k.startswith("tau/")})
+    tau = tree_lib.unflatten({k[4:]: v for k, v in flat.items() if k.startswith("tau/")})
     phi0_flat = {k[5:]: v for k, v in flat.items() if k.startswith("phi0/")}
-    phi0 = T.unflatten(phi0_flat) if phi0_flat else None
-    if phi0 is not None and meta.get("phi0_fingerprint") not in (None, T.fingerprint(phi0)):
-        raise tv.TaskVectorError(f"{adapter_dir / SIDE_TENSORS}: φ0 does not match its fingerprint")
-    return tv.TaskVector(tau=tau, meta=meta, phi0=phi0, path=adapter_dir)
+    phi0 = tree_lib.unflatten(phi0_flat) if phi0_flat else None
+    if phi0 is not None and meta.get("phi0_fingerprint") not in (None, tree_lib.fingerprint(phi0)):
+        raise task_vectors.TaskVectorError(
+            f"{adapter_dir / SIDE_TENSORS}: φ0 does not match its fingerprint"
+        )
+    return task_vectors.TaskVector(tau=tau, meta=meta, phi0=phi0, path=adapter_dir)

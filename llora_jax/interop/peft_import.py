@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from llora_jax import tree as T
+from llora_jax import tree as tree_lib
 from llora_jax.adapters.lora import Scale, adapter_layers
 from llora_jax.backbones.hf import Backbone, load_state_dict, read_safetensors
 from llora_jax.interop import names
@@ -176,7 +176,7 @@ def adapter_tree(
         state_keys = set(load_state_dict(backbone.path))
     hf_names = names.hf_module_names(backbone, state_keys)
     modules = names.resolve_modules(sorted(pairs), hf_names, tower=tower)
-    kernels = T.flatten(backbone.params)
+    kernels = tree_lib.flatten(backbone.params)
     flat: dict[str, np.ndarray] = {}
     scales: dict[str, float] = {}
     for mod, path in modules.items():
@@ -187,7 +187,7 @@ def adapter_tree(
         scales[path] = layer_scale(cfg, mod)
     distinct = set(scales.values())
     scale: Scale = distinct.pop() if len(distinct) == 1 else scales
-    return T.unflatten(flat), scale, modules
+    return tree_lib.unflatten(flat), scale, modules
 
 
 def read_peft_adapter(

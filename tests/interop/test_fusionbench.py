@@ -19,9 +19,8 @@ import transformers
 from peft import LoraConfig, get_peft_model
 from safetensors.numpy import load_file, save_file
 
-from llora_jax import adapters as ad
-from llora_jax import task_vectors as tv
-from llora_jax import tree as T
+from llora_jax import adapters, task_vectors
+from llora_jax import tree as tree_lib
 from llora_jax.interop import fusionbench as fb
 from llora_jax.interop.peft_config import PeftImportError
 from tests import interop_models as im
@@ -80,10 +79,10 @@ def test_l_lora_file_imports_with_phi0_and_outputs(tmp_path, zero_b0):
     adapter = fb.read_l_lora(tmp_path / "ll", bb)
     mod = "encoder.layers.1.self_attn.v_proj"
     path = adapter.modules[mod]
-    np.testing.assert_array_equal(T.flatten(adapter.phi0)[path + "/A"], factors[mod]["A0"].T)
-    np.testing.assert_array_equal(T.flatten(adapter.phi0)[path + "/B"], factors[mod]["B0"].T)
+    np.testing.assert_array_equal(tree_lib.flatten(adapter.phi0)[path + "/A"], factors[mod]["A0"].T)
+    np.testing.assert_array_equal(tree_lib.flatten(adapter.phi0)[path + "/B"], factors[mod]["B0"].T)
     got = np.asarray(
-        ad.apply(
+        adapters.apply(
             bb.module,
             bb.params,
             adapter.phi,
@@ -97,10 +96,10 @@ def test_l_lora_file_imports_with_phi0_and_outputs(tmp_path, zero_b0):
     want = _reference(vision, factors)
     assert np.abs(want - im.torch_outputs("clip_vision", vision)).max() > 1e-2
     np.testing.assert_allclose(got, want, atol=1e-4)
-    saved = tv.load(fb.save_l_lora(tmp_path / "tv", adapter, bb, task="t"))
+    saved = task_vectors.load(fb.save_l_lora(tmp_path / "tv", adapter, bb, task="t"))
     assert saved.meta["mode"] == "l_lora" and saved.meta["adapter_kind"] == "lora"
     assert jax.tree.all(jax.tree.map(np.array_equal, saved.phi0, adapter.phi0))
-    tau = T.sub(adapter.phi, adapter.phi0)
+    tau = tree_lib.sub(adapter.phi, adapter.phi0)
     assert jax.tree.all(jax.tree.map(np.array_equal, saved.tau, tau))
 
 

@@ -12,10 +12,8 @@ import pytest
 import transformers
 from peft import PeftModel
 
-from llora_jax import adapters as ad
-from llora_jax import fusion
-from llora_jax import task_vectors as tv
-from llora_jax import tree as T
+from llora_jax import adapters, fusion, task_vectors
+from llora_jax import tree as tree_lib
 from llora_jax.interop import delta_w as dw
 from llora_jax.interop.hf_export import export_hf
 from llora_jax.interop.peft_export import ExportError, export_peft, read_exported
@@ -32,17 +30,17 @@ def bert(tmp_path_factory):
     return model, im.load(ckpt), root
 
 
-def _lora_tv(bb, mode: str, b0: str, seed: int = 0) -> tv.TaskVector:
-    cfg = ad.LoraConfig(rank=4, alpha=6.0, targets=TARGETS, init_b=b0, b0_std=0.1)
-    phi0 = ad.init_lora(jax.random.key(seed), bb.params, cfg)
+def _lora_tv(bb, mode: str, b0: str, seed: int = 0) -> task_vectors.TaskVector:
+    cfg = adapters.LoraConfig(rank=4, alpha=6.0, targets=TARGETS, init_b=b0, b0_std=0.1)
+    phi0 = adapters.init_lora(jax.random.key(seed), bb.params, cfg)
     leaves, treedef = jax.tree.flatten(phi0)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     tau = jax.tree.unflatten(
         treedef, [0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
     )
-    meta = tv.make_meta(
+    meta = task_vectors.make_meta(
         base_model=str(bb.path),
-        base_fingerprint=T.fingerprint(bb.params),
+        base_fingerprint=tree_lib.fingerprint(bb.params),
         adapter_kind="lora",
         mode=mode,
         task="t",
@@ -51,19 +49,19 @@ def _lora_tv(bb, mode: str, b0: str, seed: int = 0) -> tv.TaskVector:
         targets=TARGETS,
         rank=cfg.rank,
         alpha=cfg.alpha,
-        phi0_fingerprint=T.fingerprint(phi0),
+        phi0_fingerprint=tree_lib.fingerprint(phi0),
         recipe={"method": "task_arithmetic", "lam": 0.3},
     )
     to_np = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
-    return tv.TaskVector(tau=to_np(tau), meta=meta, phi0=to_np(phi0))
+    return task_vectors.TaskVector(tau=to_np(tau), meta=meta, phi0=to_np(phi0))
 
 
-def _jax_out(bb, t: tv.TaskVector) -> np.ndarray:
-    phi = T.add(t.phi0, t.tau)
+def _jax_out(bb, t: task_vectors.TaskVector) -> np.ndarray:
+    phi = tree_lib.add(t.phi0, t.tau)
     s = t.meta["alpha"] / t.meta["rank"]
     ids = im.token_batch()
     return np.asarray(
-        ad.apply(bb.module, bb.params, phi, ids, mode=t.meta["mode"], phi0=t.phi0, scale=s)
+        adapters.apply(bb.module, bb.params, phi, ids, mode=t.meta["mode"], phi0=t.phi0, scale=s)
     )
 
 
@@ -122,8 +120,8 @@ def test_delta_w_merge_exports_to_peft_by_svd(bert, tmp_path):
     model, bb, root = bert
     taus = _imported(bb, root, model)
     lams = [0.6, 0.5]
-    merged = T.add(T.scale(taus[0], lams[0]), T.scale(taus[1], lams[1]))
-    meta = tv.make_meta(
+    merged = tree_lib.add(tree_lib.scale(taus[0], lams[0]), tree_lib.scale(taus[1], lams[1]))
+    meta = task_vectors.make_meta(
         base_model=str(bb.path),
         base_fingerprint="x",
         adapter_kind="delta_w",
@@ -132,7 +130,7 @@ def test_delta_w_merge_exports_to_peft_by_svd(bert, tmp_path):
         seed=0,
         steps=0,
     )
-    out = export_peft(tv.TaskVector(tau=merged, meta=meta), bb, tmp_path / "svd")
+    out = export_peft(task_vectors.TaskVector(tau=merged, meta=meta), bb, tmp_path / "svd")
     cfg = json.loads((out / "adapter_config.json").read_text())
     # query layers: rank 4 + 2, value layers 4 + 1 (the exact rank of the merged ΔW)
     assert {cfg["r"], *cfg["rank_pattern"].values()} == {5, 6} and len(cfg["rank_pattern"]) == 2
@@ -146,8 +144,8 @@ def test_export_hf_loads_in_transformers_with_the_merged_outputs(bert, tmp_path)
     model, bb, root = bert
     taus = _imported(bb, root, model)
     merged = dw.merge_weighted(bb.params, taus, [1.0, -0.7])
-    tau = T.add(taus[0], T.scale(taus[1], -0.7))
-    meta = tv.make_meta(
+    tau = tree_lib.add(taus[0], tree_lib.scale(taus[1], -0.7))
+    meta = task_vectors.make_meta(
         base_model=str(bb.path),
         base_fingerprint="x",
         adapter_kind="delta_w",
@@ -156,7 +154,7 @@ def test_export_hf_loads_in_transformers_with_the_merged_outputs(bert, tmp_path)
         seed=0,
         steps=0,
     )
-    out = export_hf(tv.TaskVector(tau=tau, meta=meta), bb, tmp_path / "hf")
+    out = export_hf(task_vectors.TaskVector(tau=tau, meta=meta), bb, tmp_path / "hf")
     got = im.torch_outputs(
         "bert", transformers.BertModel.from_pretrained(out, add_pooling_layer=False).eval()
     )
@@ -167,9 +165,11 @@ def test_export_hf_loads_in_transformers_with_the_merged_outputs(bert, tmp_path)
 def test_export_hf_of_a_t5_lora_task_vector(tmp_path):
     model, ckpt = im.t5(tmp_path / "t5", gated=True)
     bb = im.load(ckpt)
-    cfg = ad.LoraConfig(rank=2, alpha=4.0, targets=("SelfAttention/(q|v)", "wi_0"), init_b="normal")
-    phi = ad.init_lora(jax.random.key(0), bb.params, cfg)
-    t = tv.TaskVector(
+    cfg = adapters.LoraConfig(
+        rank=2, alpha=4.0, targets=("SelfAttention/(q|v)", "wi_0"), init_b="normal"
+    )
+    phi = adapters.init_lora(jax.random.key(0), bb.params, cfg)
+    t = task_vectors.TaskVector(
         tau=jax.tree.map(np.asarray, phi),
         meta=dict(adapter_kind="lora", mode="lora", rank=2, alpha=4.0, task="t"),
         phi0=jax.tree.map(np.zeros_like, phi),
@@ -177,7 +177,7 @@ def test_export_hf_of_a_t5_lora_task_vector(tmp_path):
     out = export_hf(t, bb, tmp_path / "hf")
     ids = im.token_batch()
     want = np.asarray(
-        ad.apply(
+        adapters.apply(
             bb.module,
             bb.params,
             phi,
@@ -212,8 +212,8 @@ def test_mixed_rank_adapter_exports_and_fuses(bert, tmp_path):
     merged = fusion.task_arithmetic([imported.phi, imported.phi], 0.5)  # = φ, mixed shapes
     for name in fusion.GRID_METHODS:
         out = fusion.get(name)([imported.phi, zeros], **fusion.hparam_grid(name)[-1])
-        assert T.structure_signature(out) == T.structure_signature(imported.phi), name
-    t = tv.TaskVector(tau=jax.tree.map(np.asarray, merged), meta=meta, phi0=zeros)
+        assert tree_lib.structure_signature(out) == tree_lib.structure_signature(imported.phi), name
+    t = task_vectors.TaskVector(tau=jax.tree.map(np.asarray, merged), meta=meta, phi0=zeros)
     out = export_peft(t, bb, tmp_path / "peft")
     want = im.torch_outputs(
         "bert", PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "mixed")
@@ -233,7 +233,7 @@ def test_export_hf_of_a_full_task_vector(tmp_path, kind):
         treedef, [(0.02 * rng.normal(size=np.shape(x))).astype(np.float32) for x in leaves]
     )
     meta = dict(adapter_kind="full", mode="full", task="f")
-    out = export_hf(tv.TaskVector(tau=tau, meta=meta), bb, tmp_path / "hf")
+    out = export_hf(task_vectors.TaskVector(tau=tau, meta=meta), bb, tmp_path / "hf")
     changed = dw.merged_params(bb.params, tau)
     want = im.jax_outputs(kind, dataclasses.replace(bb, params=changed))
     cls = {

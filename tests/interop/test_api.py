@@ -11,9 +11,8 @@ import pytest
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from llora_jax import adapters as ad
-from llora_jax import task_vectors as tv
-from llora_jax import tree as T
+from llora_jax import adapters, task_vectors
+from llora_jax import tree as tree_lib
 from llora_jax.interop import api
 from llora_jax.interop.delta_w import merged_params
 from llora_jax.interop.peft_export import export_peft
@@ -30,12 +29,12 @@ def test_import_export_round_trips(tmp_path):
         lora_alpha=4,
         target_modules=["query"],
     )
-    cfg = ad.LoraConfig(rank=2, alpha=4.0, targets=("query",), init_b="normal")
-    phi0 = jax.tree.map(np.asarray, ad.init_lora(jax.random.key(0), bb.params, cfg))
+    cfg = adapters.LoraConfig(rank=2, alpha=4.0, targets=("query",), init_b="normal")
+    phi0 = jax.tree.map(np.asarray, adapters.init_lora(jax.random.key(0), bb.params, cfg))
     tau = jax.tree.map(lambda x: (0.1 * x[::-1]).astype(np.float32), phi0)
-    meta = tv.make_meta(
+    meta = task_vectors.make_meta(
         base_model=str(ckpt),
-        base_fingerprint=T.fingerprint(bb.params),
+        base_fingerprint=tree_lib.fingerprint(bb.params),
         adapter_kind="lora",
         mode="lora",
         task="mine",
@@ -45,12 +44,14 @@ def test_import_export_round_trips(tmp_path):
         rank=2,
         alpha=4.0,
     )
-    export_peft(tv.TaskVector(tau=tau, meta=meta, phi0=phi0), bb, tmp_path / "src" / "mine")
+    export_peft(
+        task_vectors.TaskVector(tau=tau, meta=meta, phi0=phi0), bb, tmp_path / "src" / "mine"
+    )
 
     paths = api.import_peft(
         [tmp_path / "src" / "plain", tmp_path / "src" / "mine"], ckpt, tmp_path / "tv"
     )
-    plain, mine = (tv.load(p) for p in paths)
+    plain, mine = (task_vectors.load(p) for p in paths)
     assert plain.meta["adapter_kind"] == "delta_w"
     assert mine.meta["adapter_kind"] == "lora" and mine.meta["seed"] == 7
     assert jax.tree.all(jax.tree.map(np.array_equal, mine.tau, tau))  # exact, adapter space

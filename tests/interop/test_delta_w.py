@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from peft import PeftModel
 
-from llora_jax import fusion
-from llora_jax import task_vectors as tv
-from llora_jax import tree as T
+from llora_jax import fusion, task_vectors
+from llora_jax import tree as tree_lib
 from llora_jax.interop import delta_w as dw
 from llora_jax.interop.peft_import import read_peft_adapter
 from tests import interop_models as im
@@ -69,10 +68,10 @@ def test_fusion_methods_accept_delta_w_trees(two_adapters):
     for name in fusion.GRID_METHODS:
         hp = fusion.hparam_grid(name)[-1]
         out = fusion.get(name)(taus, **hp)
-        assert T.structure_signature(out) == T.structure_signature(taus[0]), name
+        assert tree_lib.structure_signature(out) == tree_lib.structure_signature(taus[0]), name
     ta = fusion.task_arithmetic(taus, 0.3)
-    for k, v in T.flatten(ta).items():
-        want = 0.3 * (T.flatten(taus[0])[k] + T.flatten(taus[1])[k])
+    for k, v in tree_lib.flatten(ta).items():
+        want = 0.3 * (tree_lib.flatten(taus[0])[k] + tree_lib.flatten(taus[1])[k])
         np.testing.assert_allclose(np.asarray(v), want, rtol=1e-6, atol=1e-7)
 
 
@@ -80,7 +79,7 @@ def test_save_load_provenance_and_compatibility(two_adapters, tmp_path):
     _, bb, root = two_adapters
     ads = [read_peft_adapter(root / n, bb) for n in ("a", "b")]
     paths = [dw.save_imported(tmp_path / n, ad, bb, task=n) for n, ad in zip("ab", ads)]
-    loaded = tv.load_many(paths)  # compatible: same base, kind and targets
+    loaded = task_vectors.load_many(paths)  # compatible: same base, kind and targets
     for ad, t in zip(ads, loaded):
         assert t.meta["adapter_kind"] == "delta_w" and t.phi0 is None
         want = dw.delta_w_tree(ad.phi, ad.scale)
@@ -91,16 +90,16 @@ def test_save_load_provenance_and_compatibility(two_adapters, tmp_path):
         kept = read_peft_adapter(t.path / dw.ADAPTER_DIR, bb)  # A and B kept exactly
         assert jax.tree.all(jax.tree.map(np.array_equal, kept.phi, ad.phi))
     other_kind = dict(loaded[1].meta, adapter_kind="lora")
-    with pytest.raises(tv.TaskVectorError, match="adapter_kind"):
-        tv.check_compatible([loaded[0].meta, other_kind])
+    with pytest.raises(task_vectors.TaskVectorError, match="adapter_kind"):
+        task_vectors.check_compatible([loaded[0].meta, other_kind])
     other_base = dict(loaded[1].meta, base_fingerprint="0" * 16)
-    with pytest.raises(tv.TaskVectorError, match="base_fingerprint"):
-        tv.check_compatible([loaded[0].meta, other_base])
+    with pytest.raises(task_vectors.TaskVectorError, match="base_fingerprint"):
+        task_vectors.check_compatible([loaded[0].meta, other_base])
     other_targets = dict(loaded[1].meta, targets=loaded[1].meta["targets"][:1])
-    with pytest.raises(tv.TaskVectorError, match="targets"):
-        tv.check_compatible([loaded[0].meta, other_targets])
-    with pytest.raises(tv.TaskVectorError, match="phi0"):
-        tv.save(tmp_path / "x", loaded[0].tau, loaded[0].meta, phi0=loaded[0].tau)
+    with pytest.raises(task_vectors.TaskVectorError, match="targets"):
+        task_vectors.check_compatible([loaded[0].meta, other_targets])
+    with pytest.raises(task_vectors.TaskVectorError, match="phi0"):
+        task_vectors.save(tmp_path / "x", loaded[0].tau, loaded[0].meta, phi0=loaded[0].tau)
     with pytest.raises(FileExistsError):
         dw.save_imported(paths[0], ads[0], bb, task="a")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # nothing half-written
