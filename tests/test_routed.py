@@ -64,21 +64,30 @@ def _clip():
     return m, clip.init_params(m, jax.random.key(0)), clip.DEFAULT_LORA_TARGETS
 
 
-def _adapters(params, targets, mode, ranks=(2, 4, 3), seed=10):
+MODELS = {"bert": _bert, "t5": _t5, "clip": _clip}
+
+
+@jax.jit
+def _perturbed(phi0, key):
+    leaves, tdef = jax.tree.flatten(phi0)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(
+        tdef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    )
+
+
+@functools.cache
+def _adapters(model, mode, ranks=(2, 4, 3), seed=10):
     """[(phi, phi0, scale)]: mixed ranks and scales, nonzero B (trained-looking)."""
+    _, params, targets = MODELS[model]()
     out = []
     for i, r in enumerate(ranks):
         alpha = (1.5 + i) * r  # a different scale per adapter
         cfg = ad.LoraConfig(rank=r, alpha=alpha, targets=targets)
-        phi0 = ad.init_lora(jax.random.key(seed + i), params, cfg)
-        if mode == "l_lora":  # one study: every task shares φ0 (same seed, same rank)
-            phi0 = ad.init_lora(jax.random.key(seed), params, cfg)
-        leaves, tdef = jax.tree.flatten(phi0)
-        keys = jax.random.split(jax.random.key(100 + i), len(leaves))
-        phi = jax.tree.unflatten(
-            tdef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-        )
-        out.append((phi, phi0, cfg.scale))
+        # l_lora: one study, every task shares φ0 (same seed, same rank).
+        key = jax.random.key(seed if mode == "l_lora" else seed + i)
+        phi0 = ad.init_lora(key, params, cfg)
+        out.append((_perturbed(phi0, jax.random.key(100 + i)), phi0, cfg.scale))
     return out
 
 
@@ -90,15 +99,18 @@ def _entries(adapters, mode):
 
 def _alone(module, params, adapters, mode, ids, run):
     """Reference: each example alone, with its own adapter through attach.apply."""
-    rows = []
-    for i, a in enumerate(ids):
+
+    def one(i, a):
         if a < 0:
-            rows.append(run(lambda *x, **k: module.apply({"params": params}, *x, **k), i))
-            continue
+            return run(lambda *x, **k: module.apply({"params": params}, *x, **k), i)
         phi, phi0, s = adapters[a]
         kw = dict(mode=mode, scale=s, phi0=phi0 if mode != "lora" else None)
-        rows.append(run(functools.partial(ad.apply, module, params, phi, **kw), i))
-    return np.concatenate([np.asarray(r) for r in rows])
+        return run(functools.partial(ad.apply, module, params, phi, **kw), i)
+
+    # Jitted (a closure: compiled once per example) because op-by-op Flax is slower here.
+    return np.concatenate(
+        [np.asarray(jax.jit(functools.partial(one, i, a))()) for i, a in enumerate(ids)]
+    )
 
 
 def _check(got, want):
@@ -108,8 +120,8 @@ def _check(got, want):
 @functools.cache
 def _bert_case(mode):
     """(adapters, tokens, outputs of each example alone): computed once per mode."""
-    m, params, targets = _bert()
-    adapters = _adapters(params, targets, mode, ranks=(2, 4, 3) if mode == "lora" else (3, 3, 3))
+    m, params, _ = _bert()
+    adapters = _adapters("bert", mode, (2, 4, 3) if mode == "lora" else (3, 3, 3))
     tokens = jax.random.randint(jax.random.key(1), (len(IDS), 7), 0, 50)
     want = _alone(m, params, adapters, mode, IDS, lambda f, i: f(tokens[i : i + 1]))
     return adapters, tokens, want
@@ -131,30 +143,25 @@ def test_l_lora_bank_with_b0_zero_shares_a0_and_matches():
     m, params, targets = _bert()
     cfg = ad.LoraConfig(rank=3, alpha=6.0, targets=targets)  # B0 = 0: the default init
     phi0 = ad.init_lora(jax.random.key(3), params, cfg)
-    taus = [T.scale(T.add(phi0, phi0), 0.0) for _ in range(3)]
-    adapters = []
-    for i, tau in enumerate(taus):
-        leaves, tdef = jax.tree.flatten(tau)
-        keys = jax.random.split(jax.random.key(20 + i), len(leaves))
-        tau = jax.tree.unflatten(
-            tdef, [0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-        )
-        adapters.append((T.add(phi0, tau), phi0, cfg.scale * (i + 1)))
+    # A moved too: with B0 = 0 per-branch L-LoRA ignores A − A0, and so must the bank.
+    adapters = [
+        (_perturbed(phi0, jax.random.key(20 + i)), phi0, cfg.scale * (i + 1)) for i in range(3)
+    ]
     bank = R.stack(_entries(adapters, "l_lora"))
     assert bank.kind == "shared_a"
-    assert R.bytes_per_adapter(bank) * 2 == R.bytes_per_adapter(
-        R.stack(_entries(adapters, "l_lora"), kind="factors")
-    )
+    factors = R.stack(_entries(adapters, "l_lora"), kind="factors")
+    assert R.bytes_per_adapter(bank) * 2 == R.bytes_per_adapter(factors)  # B only: half
     tokens = jax.random.randint(jax.random.key(1), (len(IDS), 6), 0, 50)
     got = R.apply(m, params, bank, jnp.array(IDS), tokens)
     want = _alone(m, params, adapters, "l_lora", IDS, lambda f, i: f(tokens[i : i + 1]))
     _check(got, want)
+    _check(R.apply(m, params, factors, jnp.array(IDS), tokens, impl="gather"), want)
 
 
 def test_merged_and_dense_delta_w_entries():
     """A fusion result is one more entry; dense ΔW entries give the same outputs."""
-    m, params, targets = _bert()
-    adapters = _adapters(params, targets, "lora", ranks=(3, 3))
+    m, params, _ = _bert()
+    adapters = _adapters("bert", "lora", (3, 3))
     (p1, phi0, s), (p2, _, _) = adapters
     # Task arithmetic in adapter space around a common φ0 (the second adapter re-based on it).
     merged = T.add(phi0, T.add(T.scale(T.sub(p1, phi0), 0.7), T.scale(T.sub(p2, phi0), 0.4)))
@@ -173,8 +180,8 @@ def test_merged_and_dense_delta_w_entries():
 
 
 def test_rank_padding_is_bit_exact():
-    m, params, targets = _bert()
-    adapters = _adapters(params, targets, "lora", ranks=(2, 6))
+    m, params, _ = _bert()
+    adapters = _adapters("bert", "lora", (2, 6))
     tokens = jax.random.randint(jax.random.key(4), (2, 5), 0, 50)
     alone = R.stack(_entries(adapters[:1], "lora"), kind="factors")
     padded = R.stack(_entries(adapters, "lora"))
@@ -184,15 +191,13 @@ def test_rank_padding_is_bit_exact():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("impl", FACTOR_IMPLS)
-def test_t5_encoder_decoder_forward(impl):
-    m, params, targets = _t5()
-    adapters = _adapters(params, targets, "lora")
-    bank = R.stack(_entries(adapters, "lora"))
+@functools.cache
+def _t5_forward_case():
+    m, params, _ = _t5()
+    adapters = _adapters("t5", "lora")
     ids = jax.random.randint(jax.random.key(5), (len(IDS), 6), 2, 40)
     dec = jax.random.randint(jax.random.key(6), (len(IDS), 4), 2, 40)
     mask = jnp.ones_like(ids)
-    got = R.apply(m, params, bank, jnp.array(IDS), ids, mask, dec, impl=impl)
     want = _alone(
         m,
         params,
@@ -201,7 +206,15 @@ def test_t5_encoder_decoder_forward(impl):
         IDS,
         lambda f, i: f(ids[i : i + 1], mask[i : i + 1], dec[i : i + 1]),
     )
-    _check(got, want)
+    return adapters, (ids, mask, dec), want
+
+
+@pytest.mark.parametrize("impl", FACTOR_IMPLS)
+def test_t5_encoder_decoder_forward(impl):
+    m, params, _ = _t5()
+    adapters, inputs, want = _t5_forward_case()
+    bank = R.stack(_entries(adapters, "lora"))
+    _check(R.apply(m, params, bank, jnp.array(IDS), *inputs, impl=impl), want)
 
 
 def _alone_apply_fn(module, phi, s):
@@ -224,8 +237,8 @@ def _t5_inputs():
 @functools.cache
 def _t5_alone_results():
     """Greedy tokens and label scores of each example run alone (computed once)."""
-    m, params, targets = _t5()
-    adapters = _adapters(params, targets, "lora")
+    m, params, _ = _t5()
+    adapters = _adapters("t5", "lora")
     ids, mask, labels, lmask = _t5_inputs()
     fns = {a: _alone_apply_fn(m, *(adapters[a][::2] if a >= 0 else (None, None))) for a in set(IDS)}
     gen, scores = [], []
@@ -239,7 +252,7 @@ def _t5_alone_results():
 @pytest.mark.parametrize("impl", FACTOR_IMPLS)
 def test_t5_greedy_decoding_and_label_scoring(impl):
     m, params, targets = _t5()
-    bank = R.stack(_entries(_adapters(params, targets, "lora"), "lora"))
+    bank = R.stack(_entries(_adapters("t5", "lora"), "lora"))
     ids, mask, labels, lmask = _t5_inputs()
     state = (params, bank, jnp.array(IDS))
     fn = R.apply_fn(m, impl)
@@ -251,22 +264,29 @@ def test_t5_greedy_decoding_and_label_scoring(impl):
     _check(scores, want_scores)
 
 
-@pytest.mark.parametrize("impl", FACTOR_IMPLS)
-def test_clip_vision_tower(impl):
-    m, params, targets = _clip()
-    adapters = _adapters(params, targets, "lora")
-    bank = R.stack(_entries(adapters, "lora"))
+@functools.cache
+def _clip_case():
+    m, params, _ = _clip()
+    adapters = _adapters("clip", "lora")
     pixels = jax.random.normal(jax.random.key(8), (len(IDS), 16, 16, 3))
-    got = R.apply(m, params, bank, jnp.array(IDS), pixels, impl=impl, method="encode_image")
     want = _alone(
         m, params, adapters, "lora", IDS, lambda f, i: f(pixels[i : i + 1], method="encode_image")
     )
+    return adapters, pixels, want
+
+
+@pytest.mark.parametrize("impl", FACTOR_IMPLS)
+def test_clip_vision_tower(impl):
+    m, params, _ = _clip()
+    adapters, pixels, want = _clip_case()
+    bank = R.stack(_entries(adapters, "lora"))
+    got = R.apply(m, params, bank, jnp.array(IDS), pixels, impl=impl, method="encode_image")
     _check(got, want)
 
 
 def test_auto_choice_and_errors():
-    m, params, targets = _bert()
-    adapters = _adapters(params, targets, "lora")
+    m, params, _ = _bert()
+    adapters = _adapters("bert", "lora")
     bank = R.stack(_entries(adapters, "lora"))
     assert R.choose_impl(bank, 8) == "onehot"  # 3 adapters × r 4 = 12 ≤ 64
     big = R.RoutedBank(
