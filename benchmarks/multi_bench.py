@@ -34,8 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 AREA = "multi_adapter"
 COMPOSITIONS = ("distinct", "uniform", "skewed", "identical")
 IMPLS = ("gather", "ragged", "onehot", "shared_a", "dense")
-# Where a form's cost makes a case pointless on a CPU (bank or FLOPs N× too large).
-MAX_N = {"onehot": 256, "dense": 16, "ragged": 1024}
+# Where a form's cost makes a case pointless (N× the FLOPs: one-hot, and ragged_dot, which
+# XLA:CPU lowers to a dense masked product; or a dense ΔW bank too large).
+MAX_N = {"onehot": 256, "dense": 16, "ragged": 256}
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 
 
@@ -207,7 +208,8 @@ def _routed_cases(rec, module, params, banks, ids, x, mask, a, case_cfg, base_ca
 
 def run(a: argparse.Namespace) -> Path:
     dev = C.jax_device()
-    label = f"{C.now_iso()}-{C.device_label(dev)}-multi-{a.model}.json"
+    stamp = C.now_iso().replace(":", "")  # like the other result files: no colons
+    label = f"{stamp}-{C.device_label(dev)}-multi-{a.model}.json"
     out = Path(a.out or ROOT / "benchmarks/results" / label)
     rec = C.Recorder(out, dev)
     module, params = build_model(a.model)

@@ -43,8 +43,8 @@ def _t5():
         d_model=16,
         d_kv=4,
         d_ff=32,
-        num_layers=2,
-        num_decoder_layers=2,
+        num_layers=1,
+        num_decoder_layers=1,
         num_heads=2,
         dropout_rate=0.0,
         dense_act_fn="gelu_new",
@@ -58,7 +58,7 @@ def _t5():
 @functools.cache
 def _clip():
     vc = VisionConfig(
-        hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=16, patch_size=8
+        hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, image_size=16, patch_size=8
     )
     m = clip.CLIP(vision=vc, text=None)
     return m, clip.init_params(m, jax.random.key(0)), clip.DEFAULT_LORA_TARGETS
@@ -92,9 +92,7 @@ def _adapters(model, mode, ranks=(2, 4, 3), seed=10):
 
 
 def _entries(adapters, mode):
-    if mode == "l_lora":
-        return [R.l_lora_entry(phi, phi0, s) for phi, phi0, s in adapters]
-    return [R.lora_entry(phi, s) for phi, _, s in adapters]
+    return [R.entry(phi, mode=mode, scale=s, phi0=phi0) for phi, phi0, s in adapters]
 
 
 def _alone(module, params, adapters, mode, ids, run):
@@ -305,5 +303,7 @@ def test_auto_choice_and_errors():
         R.stack([e[0], {k: v for k, v in list(e[1].items())[:1]}])
     with pytest.raises(ValueError, match="same A per layer"):
         R.stack(_entries(adapters, "lora"), kind="shared_a")
+    with pytest.raises(ValueError, match="cannot be routed"):
+        R.entry(adapters[0][0], mode="l_lora_model", scale=1.0)
     with pytest.raises(ValueError, match="rows for a batch of"):
         R.row_ids(jnp.array([0, 1]), 3)

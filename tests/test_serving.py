@@ -101,6 +101,7 @@ def test_bank_lru_capacity_and_outputs(three):
     root, saved = three
     bank = B.AdapterBank.from_task_vectors([root / n for n in "abc"], capacity=2)
     assert bank.kind == "factors" and bank.max_rank == 3
+    np.testing.assert_allclose(_routed(bank, [None, None]), np.repeat(_embed(), 2, 0), atol=TOL)
     got = _routed(bank, ["a", None, "b"])
     for row, n in zip(got, ["a", None, "b"]):
         want = _embed() if n is None else _embed(saved[n][0], saved[n][2].scale)
@@ -114,6 +115,8 @@ def test_bank_lru_capacity_and_outputs(three):
         bank.resolve(["a", "b", "c"])
     with pytest.raises(KeyError, match="zzz"):
         bank.resolve(["zzz"])
+    with pytest.raises(ValueError, match="share the names"):
+        B.AdapterBank.from_task_vectors([root / "a", root / "b" / ".." / "a"], capacity=1)
 
 
 def test_stale_adapter_on_disk_is_detected_and_reloaded(tmp_path):
@@ -213,7 +216,8 @@ def test_plan_batches_respects_buckets_and_capacity():
 
 def test_predict_file_validates_first_and_writes_atomically(three, tmp_path):
     root, saved = three
-    bank = B.AdapterBank.from_task_vectors([root / n for n in "abc"], capacity=2)
+    bank = B.AdapterBank.from_directory(root, capacity=2)
+    assert bank.names == ("a", "b", "c")
     task, rows = _task(), _rows()
     src, out = tmp_path / "in.jsonl", tmp_path / "preds.jsonl"
     out.write_text("old\n")

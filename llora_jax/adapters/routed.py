@@ -119,6 +119,20 @@ def l_lora_entry(phi: PyTree, phi0: PyTree, scale: float) -> dict:
     return out
 
 
+def entry(phi: PyTree, *, mode: str, scale: float, phi0: PyTree | None = None) -> dict:
+    """A bank entry from an in-memory adapter tree of ``mode`` "lora" or "l_lora"."""
+    if mode == "lora":
+        return lora_entry(phi, scale)
+    if mode == "l_lora":
+        if phi0 is None:
+            raise ValueError("an l_lora bank entry needs phi0, the adapter's linearization point")
+        return l_lora_entry(phi, phi0, scale)
+    raise ValueError(
+        f"mode {mode!r} cannot be routed: a bank holds 'lora' and 'l_lora' adapters "
+        "('l_lora_model' linearizes the whole network, which is no per-layer branch)"
+    )
+
+
 def delta_w_entry(delta_w: dict[str, Any]) -> dict:
     """A dense ΔW task vector {module path: ΔW (d_in, d_out)} as a bank entry."""
     return {path: {"W": _np(dw), "scale": 1.0} for path, dw in delta_w.items()}

@@ -154,8 +154,28 @@ class AdapterBank:
     ) -> AdapterBank:
         """Named by the mapping's keys, or by each directory's name."""
         if not isinstance(dirs, Mapping):
-            dirs = {Path(d).name: d for d in dirs}
+            names = [Path(d).name for d in dirs]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(
+                    f"task-vector directories share the names {dup[:3]}; pass a mapping "
+                    "{adapter name: directory} to name them apart"
+                )
+            dirs = dict(zip(names, dirs))
         return cls(dict(dirs), **kw)
+
+    @classmethod
+    def from_directory(cls, root: str | os.PathLike, **kw: Any) -> AdapterBank:
+        """Every task-vector directory directly under ``root``, named by its folder name."""
+        root = Path(root)
+        dirs = (
+            sorted(p for p in root.iterdir() if tv_lib.is_task_vector(p)) if root.is_dir() else []
+        )
+        if not dirs:
+            raise ValueError(
+                f"no task-vector directories under {root} (each holds meta.json and tau/)"
+            )
+        return cls.from_task_vectors(dirs, **kw)
 
     def _resolve_kind(self, kind: str, metas: dict) -> str:
         if kind != "auto":
@@ -180,14 +200,22 @@ class AdapterBank:
 
     def _read(self, name: str) -> HostEntry:
         path = self._paths[name]
-        stamp = _dir_stamp(path)
+        stamp = self._stamp(name)
         entry = _cast(entry_from_task_vector(tv_lib.load(path)), np.float32)
         return HostEntry(entry, T.fingerprint(entry), stamp)
+
+    def _stamp(self, name: str) -> tuple:
+        try:
+            return _dir_stamp(self._paths[name])
+        except FileNotFoundError as e:
+            raise tv_lib.TaskVectorError(
+                f"adapter {name!r}: its task vector at {self._paths[name]} is gone ({e.filename})"
+            ) from e
 
     def host_entry(self, name: str) -> HostEntry:
         """The adapter's host copy, re-read if its files changed since it was read."""
         h = self._host.get(name)
-        if name in self._paths and (h is None or h.stamp != _dir_stamp(self._paths[name])):
+        if name in self._paths and (h is None or h.stamp != self._stamp(name)):
             h = self._read(name)
             self._host[name] = h
         return h
@@ -263,6 +291,9 @@ class AdapterBank:
                 f"adapters not in the bank: {unknown[:5]}; the bank has {len(self.names)}"
             )
         needed = list(dict.fromkeys(n for n in names if n is not None))
+        if self._device is None:  # slot shapes come from the first adapter
+            first = self.host_entry(needed[0] if needed else self.names[0])
+            self._device = R.RoutedBank(layers=self._slot_layout(first.entry), kind=self.kind)
         if len(needed) > self.capacity:
             raise BankCapacityError(
                 f"this batch needs {len(needed)} distinct adapters but the device cache holds "
@@ -271,8 +302,6 @@ class AdapterBank:
         load: list[tuple[str, int, HostEntry]] = []
         for name in needed:
             h = self.host_entry(name)
-            if self._device is None:
-                self._device = R.RoutedBank(layers=self._slot_layout(h.entry), kind=self.kind)
             resident = self._slots.get(name)
             if resident is not None and resident[1] == h.fingerprint:
                 self.stats.hits += 1
