@@ -241,6 +241,7 @@ def run(a: argparse.Namespace) -> Path:
             "device": dev, "versions": rec.versions, "measurements": rec.items}  # fmt: skip
     C.dump(body, out)
     print(table(rec.items))
+    print(summary_table(rec.items))
     return out
 
 
@@ -261,6 +262,25 @@ def table(items: list[dict]) -> str:
             f"{d.get('time_over_base_paired', r.get('base', 1.0)):.3f} | "
             f"{r.get('merged', float('nan')):.3f} |"
         )
+    return "\n".join(lines)
+
+
+def summary_table(items: list[dict]) -> str:
+    """Markdown: routed time / base time (paired medians), one row per bank size and
+    composition, one column per implementation; "–" where a case was not run."""
+    cells: dict[tuple, dict[str, str]] = {}
+    for m in items:
+        c = m["config"]
+        if "n_adapters" not in c:
+            continue
+        v = m["derived"].get("time_over_base_paired") if m.get("median") is not None else None
+        row = cells.setdefault((c["n_adapters"], c["composition"]), {"auto": c["auto_choice"]})
+        row[c["impl"]] = "–" if v is None else f"{v:.2f}"
+    head = "| N | composition | " + " | ".join(IMPLS) + " | auto picks |"
+    lines = [head, "| ---: | --- | " + " | ".join("---:" for _ in IMPLS) + " | --- |"]
+    for (n, comp), row in cells.items():
+        vals = " | ".join(row.get(i, "–") for i in IMPLS)
+        lines.append(f"| {n} | {comp} | {vals} | {row['auto']} |")
     return "\n".join(lines)
 
 
