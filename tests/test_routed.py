@@ -18,6 +18,10 @@ from llora_jax.backbones.t5_layers import T5Spec
 TOL = 1e-5
 FACTOR_IMPLS = ("gather", "ragged", "onehot")
 IDS = [0, 2, -1, 1, 2]  # mixed adapters, a repeat and a bare-base row
+# LoRA with mixed ranks through the factor forms; an L-LoRA study (one φ0, B0 = 0) through
+# the shared-A0 form.
+MODE_IMPLS = [("lora", i) for i in FACTOR_IMPLS] + [("l_lora", "shared_a")]
+RANKS = {"lora": (2, 4, 3), "l_lora": (3, 3, 3)}
 
 
 @functools.cache
@@ -190,9 +194,9 @@ def test_rank_padding_is_bit_exact():
 
 
 @functools.cache
-def _t5_forward_case():
+def _t5_forward_case(mode):
     m, params, _ = _t5()
-    adapters = _adapters("t5", "lora")
+    adapters = _adapters("t5", mode, RANKS[mode])
     ids = jax.random.randint(jax.random.key(5), (len(IDS), 6), 2, 40)
     dec = jax.random.randint(jax.random.key(6), (len(IDS), 4), 2, 40)
     mask = jnp.ones_like(ids)
@@ -200,18 +204,18 @@ def _t5_forward_case():
         m,
         params,
         adapters,
-        "lora",
+        mode,
         IDS,
         lambda f, i: f(ids[i : i + 1], mask[i : i + 1], dec[i : i + 1]),
     )
     return adapters, (ids, mask, dec), want
 
 
-@pytest.mark.parametrize("impl", FACTOR_IMPLS)
-def test_t5_encoder_decoder_forward(impl):
+@pytest.mark.parametrize(("mode", "impl"), MODE_IMPLS)
+def test_t5_encoder_decoder_forward(mode, impl):
     m, params, _ = _t5()
-    adapters, inputs, want = _t5_forward_case()
-    bank = R.stack(_entries(adapters, "lora"))
+    adapters, inputs, want = _t5_forward_case(mode)
+    bank = R.stack(_entries(adapters, mode))
     _check(R.apply(m, params, bank, jnp.array(IDS), *inputs, impl=impl), want)
 
 
@@ -263,21 +267,21 @@ def test_t5_greedy_decoding_and_label_scoring(impl):
 
 
 @functools.cache
-def _clip_case():
+def _clip_case(mode):
     m, params, _ = _clip()
-    adapters = _adapters("clip", "lora")
+    adapters = _adapters("clip", mode, RANKS[mode])
     pixels = jax.random.normal(jax.random.key(8), (len(IDS), 16, 16, 3))
     want = _alone(
-        m, params, adapters, "lora", IDS, lambda f, i: f(pixels[i : i + 1], method="encode_image")
+        m, params, adapters, mode, IDS, lambda f, i: f(pixels[i : i + 1], method="encode_image")
     )
     return adapters, pixels, want
 
 
-@pytest.mark.parametrize("impl", FACTOR_IMPLS)
-def test_clip_vision_tower(impl):
+@pytest.mark.parametrize(("mode", "impl"), MODE_IMPLS)
+def test_clip_vision_tower(mode, impl):
     m, params, _ = _clip()
-    adapters, pixels, want = _clip_case()
-    bank = R.stack(_entries(adapters, "lora"))
+    adapters, pixels, want = _clip_case(mode)
+    bank = R.stack(_entries(adapters, mode))
     got = R.apply(m, params, bank, jnp.array(IDS), pixels, impl=impl, method="encode_image")
     _check(got, want)
 
