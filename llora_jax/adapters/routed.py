@@ -138,12 +138,6 @@ def delta_w_entry(delta_w: dict[str, Any]) -> dict:
     return {path: {"W": _np(dw), "scale": 1.0} for path, dw in delta_w.items()}
 
 
-def entry_nbytes(entry: dict, kind: str = "factors", itemsize: int = 4) -> int:
-    """Device bytes one entry takes in a bank of ``kind`` (``shared_a``: B only)."""
-    keys = {"factors": ("A", "B"), "shared_a": ("B",), "dense": ("W",)}[kind]
-    return sum(int(np.size(lay[k])) * itemsize for lay in entry.values() for k in keys if k in lay)
-
-
 def _entry_kind(i: int, entry: dict) -> str:
     kinds = {"W" in lay for lay in entry.values()}
     if len(kinds) != 1:
