@@ -238,3 +238,24 @@ def test_predict_file_validates_first_and_writes_atomically(three, tmp_path):
     assert [g["adapter"] for g in got] == [r["adapter"] for r in rows]
     np.testing.assert_allclose(got[2]["prediction"], _alone_logits(task, rows[2], saved), atol=TOL)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_bank_of_in_memory_entries_merged_and_dense():
+    """A fusion result is one more entry; dense ΔW entries make a dense bank."""
+    tau1, phi0, cfg = _adapter(1, phi0_seed=4)
+    tau2, _, _ = _adapter(2, phi0_seed=4)
+    phi1 = T.add(phi0, tau1)
+    merged = T.add(phi0, T.add(T.scale(tau1, 0.5), T.scale(tau2, 0.5)))
+    bank = B.AdapterBank(
+        {
+            "merged": R.entry(merged, mode="lora", scale=cfg.scale),
+            "one": R.entry(phi1, mode="lora", scale=cfg.scale),
+        },
+        capacity=2,
+    )
+    got = _routed(bank, ["merged", "one"])
+    np.testing.assert_allclose(got[:1], _embed(merged, cfg.scale), rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(got[1:], _embed(phi1, cfg.scale), rtol=TOL, atol=TOL)
+    dense = B.AdapterBank({"d": R.delta_w_entry(ad.delta_w(phi1, cfg.scale))}, capacity=1)
+    assert dense.kind == "dense"
+    np.testing.assert_allclose(_routed(dense, ["d", None])[:1], _embed(phi1, cfg.scale), atol=TOL)
