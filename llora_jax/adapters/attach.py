@@ -18,7 +18,7 @@ Interception happens at trace time, so all of this composes with ``jit``,
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import flax.linen as nn
@@ -45,31 +45,75 @@ def _dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def _interceptor(
-    phi: PyTree,
-    phi0: PyTree | None,
-    mode: str,
-    scale: Scale,
-    dropout: float,
-    dropout_rng: jax.Array | None,
+def dense_interceptor(
+    layer_paths: Collection[str],
+    delta_fn: Callable[[str, jax.Array], jax.Array],
     used: set[str],
 ) -> Callable:
-    layers = adapter_layers(phi)
-    layers0 = adapter_layers(phi0) if phi0 is not None else None
+    """An interceptor that adds ``delta_fn(path, x)`` to every adapted ``nn.Dense`` output.
+
+    ``layer_paths`` are module paths ("encoder/layer_0/attention/self/query"); a Dense call
+    whose path is among them returns ``y + delta_fn(path, x)`` (x cast to y's dtype), and its
+    path is added to ``used`` so that callers can check every adapted layer was reached.
+    The single-adapter modes here and the routed (per-example) mode in
+    :mod:`llora_jax.adapters.routed` share it.
+    """
 
     def interceptor(next_fun, args, kwargs, context):
         mod = context.module
         if context.method_name != "__call__" or not isinstance(mod, nn.Dense):
             return next_fun(*args, **kwargs)
         path = "/".join(mod.path)
-        layer = layers.get(path)
-        if layer is None:
+        if path not in layer_paths:
             return next_fun(*args, **kwargs)
         used.add(path)
-        s = layer_scale(scale, path)
         y = next_fun(*args, **kwargs)
         x = args[0] if args else kwargs["inputs"]
-        x = x.astype(y.dtype)
+        return y + delta_fn(path, x.astype(y.dtype)).astype(y.dtype)
+
+    return interceptor
+
+
+def apply_intercepted(
+    module: nn.Module,
+    params: PyTree,
+    args: tuple,
+    kwargs: dict,
+    *,
+    interceptor: Callable,
+    layer_paths: Collection[str],
+    used: set[str],
+    method: Any,
+    rngs: dict | None,
+) -> Any:
+    """``module.apply`` under ``interceptor``; a full forward pass must reach every layer."""
+    with nn.intercept_methods(interceptor):
+        out = module.apply({"params": params}, *args, method=method, rngs=rngs, **kwargs)
+    missing = sorted(set(layer_paths) - used)
+    if missing and (method is None or method == "__call__"):
+        # A full forward pass must reach every adapted layer; otherwise the adapter
+        # tree does not fit this model (wrong paths) and training would be silently wrong.
+        raise ValueError(
+            f"{len(missing)} adapter layers were never called by the model, e.g. {missing[:3]}; "
+            "the adapter was made for a different backbone or with wrong target paths"
+        )
+    return out
+
+
+def _branch_delta(
+    phi: PyTree,
+    phi0: PyTree | None,
+    mode: str,
+    scale: Scale,
+    dropout: float,
+    dropout_rng: jax.Array | None,
+) -> tuple[dict, Callable[[str, jax.Array], jax.Array]]:
+    layers = adapter_layers(phi)
+    layers0 = adapter_layers(phi0) if phi0 is not None else None
+
+    def delta(path: str, x: jax.Array) -> jax.Array:
+        layer = layers[path]
+        s = layer_scale(scale, path)
         if dropout > 0.0 and dropout_rng is not None:
             # One mask per layer, derived from the path: stable across retraces.
             x = _dropout(x, dropout, jax.random.fold_in(dropout_rng, zlib.crc32(path.encode())))
@@ -77,12 +121,10 @@ def _interceptor(
             layer0 = layers0[path]
             tangent = jax.tree.map(lambda p, p0: p - p0, layer, layer0)
             g0, dg = jax.jvp(lambda p: branch(p, x, s), (layer0,), (tangent,))
-            delta = g0 + dg
-        else:
-            delta = branch(layer, x, s)
-        return y + delta.astype(y.dtype)
+            return g0 + dg
+        return branch(layer, x, s)
 
-    return interceptor
+    return layers, delta
 
 
 def _apply_branchwise(
@@ -101,18 +143,18 @@ def _apply_branchwise(
     rngs: dict | None,
 ) -> Any:
     used: set[str] = set()
-    icpt = _interceptor(phi, phi0, mode, scale, dropout, dropout_rng, used)
-    with nn.intercept_methods(icpt):
-        out = module.apply({"params": params}, *args, method=method, rngs=rngs, **kwargs)
-    missing = sorted(set(adapter_layers(phi)) - used)
-    if missing and (method is None or method == "__call__"):
-        # A full forward pass must reach every adapted layer; otherwise the adapter
-        # tree does not fit this model (wrong paths) and training would be silently wrong.
-        raise ValueError(
-            f"{len(missing)} adapter layers were never called by the model, e.g. {missing[:3]}; "
-            "the adapter was made for a different backbone or with wrong target paths"
-        )
-    return out
+    layers, delta = _branch_delta(phi, phi0, mode, scale, dropout, dropout_rng)
+    return apply_intercepted(
+        module,
+        params,
+        args,
+        kwargs,
+        interceptor=dense_interceptor(layers, delta, used),
+        layer_paths=layers,
+        used=used,
+        method=method,
+        rngs=rngs,
+    )
 
 
 def apply(

@@ -16,7 +16,7 @@ from llora_jax import tree as tree_lib
 from llora_jax.interop import api
 from llora_jax.interop.delta_w import merged_params
 from llora_jax.interop.peft_export import export_peft
-from tests import interop_models as im
+from tests.fixtures import interop_models as im
 
 
 def test_import_export_round_trips(tmp_path):

@@ -14,7 +14,7 @@ from llora_jax import fusion, task_vectors
 from llora_jax import tree as tree_lib
 from llora_jax.interop import delta_w as dw
 from llora_jax.interop.peft_import import read_peft_adapter
-from tests import interop_models as im
+from tests.fixtures import interop_models as im
 
 TARGETS = ["query", "value", "intermediate.dense"]
 

@@ -18,7 +18,7 @@ from llora_jax.interop import delta_w as dw
 from llora_jax.interop.hf_export import export_hf
 from llora_jax.interop.peft_export import ExportError, export_peft, read_exported
 from llora_jax.interop.peft_import import read_peft_adapter
-from tests import interop_models as im
+from tests.fixtures import interop_models as im
 
 TARGETS = ("query", "value", "intermediate/dense")
 

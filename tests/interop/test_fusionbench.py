@@ -23,7 +23,7 @@ from llora_jax import adapters, task_vectors
 from llora_jax import tree as tree_lib
 from llora_jax.interop import fusionbench as fb
 from llora_jax.interop.peft_config import PeftImportError
-from tests import interop_models as im
+from tests.fixtures import interop_models as im
 
 R, ALPHA = 4, 8
 

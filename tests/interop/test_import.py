@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 
 from llora_jax.interop.peft_import import read_peft_adapter
-from tests import interop_models as im
+from tests.fixtures import interop_models as im
 
 TOL = 1e-4
 

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from llora_jax.interop.peft_config import REFUSED, PeftImportError
 from llora_jax.interop.peft_import import read_peft_adapter
-from tests import interop_models as im
+from tests.fixtures import interop_models as im
 
 
 @pytest.fixture(scope="module")
