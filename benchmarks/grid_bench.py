@@ -165,7 +165,7 @@ def build_grid_model(model: str, st: GridSettings, tiny: bool, cache: dict | Non
 
 
 def run(
-    models: list[str],
+    model_names: list[str],
     rec: Recorder,
     *,
     tiny: bool,
@@ -175,7 +175,7 @@ def run(
     """Batched vs one-at-a-time merge grids; returns {name: predictions}."""
     st = settings
     preds_out: dict[str, Any] = {}
-    for model in models:
+    for model in model_names:  # (a parameter named ``models`` hid the module)
         b = build_grid_model(model, st, tiny, cache)
         arrays = models.synthetic_arrays(model, st.n_examples, b.shapes, b.config, seed=3)
         one = take(arrays, st.eval_batch)

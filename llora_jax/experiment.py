@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from llora_jax import data, tasks
 from llora_jax.adapters import LoraConfig
 from llora_jax.backbones import hf, tokenizers
-from llora_jax.backbones.attention import with_attention_impl
+from llora_jax.backbones.attention import attention_for_method, with_attention_impl
 from llora_jax.data import vision
 from llora_jax.evaluation import grid as grid_eval
 from llora_jax.tasks import Experiment
@@ -139,12 +139,7 @@ def build(c: Any, cache: BackboneCache | None = None) -> Experiment:
     check_method(c.method)
     if c.kind not in tasks.KINDS:
         raise ValueError(f"unknown config.kind {c.kind!r}; valid kinds: {', '.join(tasks.KINDS)}")
-    attention = str(c.get("attention_impl", "auto"))
-    if attention == "cudnn" and c.method == "l_lora_model":
-        raise ValueError(
-            "config.attention_impl='cudnn' cannot run method 'l_lora_model': the cuDNN kernel "
-            "has no forward-mode derivative (jax.jvp); use attention_impl 'auto' or 'xla'"
-        )
+    attention = attention_for_method(str(c.get("attention_impl", "auto")), c.method)
     cache = cache or BackboneCache()
     dtype = compute_dtype(c.dtype)
     splits = _load_splits(c)  # first: a missing dataset is reported before any model loads

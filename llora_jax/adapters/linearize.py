@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from llora_jax.backbones.attention import forward_mode_ad
+
 PyTree = Any
 
 
@@ -26,7 +28,8 @@ def linearized_call(f: Callable[[PyTree], Any], phi0: PyTree, tau: PyTree) -> An
 
     Integer outputs (token ids, say) are returned as f(φ0): they have no tangent.
     """
-    y0, dy = jax.jvp(f, (phi0,), (tau,))
+    with forward_mode_ad():  # attention "auto" picks a path with a forward-mode rule
+        y0, dy = jax.jvp(f, (phi0,), (tau,))
     return jax.tree.map(lambda a, b: a + b if _is_float(a) else a, y0, dy)
 
 
@@ -36,7 +39,8 @@ def linearize_outputs(f: Callable[[PyTree], Any], phi0: PyTree, taus: PyTree) ->
     With these, the output of the linearized model at φ0 + Σ λ_i τ_i is exactly
     f(φ0) + Σ λ_i (J τ_i): :func:`combine_linear`.
     """
-    y0, jvp_fn = jax.linearize(f, phi0)
+    with forward_mode_ad():
+        y0, jvp_fn = jax.linearize(f, phi0)
     return y0, jax.vmap(jvp_fn)(taus)
 
 

@@ -293,7 +293,8 @@ def test_t5_cached_decoding_equal(t5_case):
     assert _max_diff(steps(got_m, params), steps(ref_m, params)) < TOL32
 
 
-# ----------------------------------------------------------------------------- threading, cudnn
+# ----------------------------------------------------------------------------- threading
+# (the cuDNN branch, its choice and its inputs: test_attention_choice.py)
 
 
 def test_config_reaches_every_attention(monkeypatch, bert_case, clip_case, t5_case):
@@ -345,59 +346,3 @@ def test_unknown_impl_is_refused():
         dataclasses.replace(BERT, attention_impl="Auto")
     with pytest.raises(ValueError, match="VisionConfig"):
         dataclasses.replace(VISION, attention_impl="")
-
-
-def test_cudnn_inputs_are_full_and_same_as_xla(monkeypatch):
-    """What the "cudnn" branch hands jax (bias/mask spanning (T, S), bias in the input dtype,
-    masked logits clamped) gives the XLA result; cuDNN itself needs a GPU."""
-    calls = []
-    real = jax.nn.dot_product_attention
-
-    def fake(q, k, v, *, bias, mask, scale, implementation):
-        calls.append((bias, mask, implementation))
-        return real(q, k, v, bias=bias, mask=mask, scale=scale, implementation="xla")
-
-    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
-    b, t, s, n, h = 2, 4, 6, 3, 8
-    q, k, v = (RNG.normal(size=(b, x, n, h)).astype(jnp.bfloat16) for x in (t, s, s))
-    rel = RNG.normal(size=(1, n, t, s)).astype(np.float32)
-    # Additive padding bias (HF's float32 minimum) for the keys of row 1 past 2, and a boolean
-    # mask for those of row 1 past 3.
-    pad = np.where(_mask([6, 2], s)[:, None, None, :] > 0, 0.0, np.finfo(np.float32).min)
-    keep = _mask([6, 3], s)[:, None, None, :] > 0
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def run(impl):
-        out = clip_layers.fused_attention(q, k, v, bias=rel + pad, mask=keep, scale=0.5, impl=impl)
-        return out, calls[-1][0], calls[-1][1]  # what reached jax.nn.dot_product_attention
-
-    (got, bias, mask), (want, _, _) = run("cudnn"), run("xla")
-    assert [c[2] for c in calls] == ["cudnn", "xla"]
-    assert bias.shape == (b, n, t, s) and bias.dtype == jnp.bfloat16
-    assert float(np.min(_f32(bias))) >= -(2.0**41) and mask.shape == (b, 1, t, s)
-    assert _max_diff(got, want) < 0.05
-
-
-@pytest.mark.parametrize("with_masks", [False, True])
-def test_cudnn_odd_lengths_are_padded_to_even_and_give_the_xla_result(monkeypatch, with_masks):
-    """jax's cuDNN path refuses odd lengths when training with a bias (ViT-B/16 has 197
-    tokens): the branch pads one row / column, masks the padded key and drops its query."""
-    calls = []
-    real = jax.nn.dot_product_attention
-
-    def fake(q, k, v, *, bias, mask, scale, implementation):
-        calls.append((q.shape, k.shape, mask))
-        return real(q, k, v, bias=bias, mask=mask, scale=scale, implementation="xla")
-
-    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
-    b, t, s, n, h = 2, 5, 7, 3, 8
-    q, k, v = (RNG.normal(size=(b, x, n, h)).astype(jnp.bfloat16) for x in (t, s, s))
-    bias = RNG.normal(size=(1, n, t, s)).astype(np.float32) if with_masks else None
-    keep = (_mask([7, 4], s)[:, None, None, :] > 0) if with_masks else None
-    got = clip_layers.fused_attention(q, k, v, bias=bias, mask=keep, scale=0.5, impl="cudnn")
-    (qs, ks, mask), _ = calls[0], calls.clear()
-    assert qs[1] == 6 and ks[1] == 8 and mask.shape[-2:] == (6, 8)
-    assert not np.asarray(mask[..., 7]).any()  # the padded key is never attended to
-    want = clip_layers.fused_attention(q, k, v, bias=bias, mask=keep, scale=0.5, impl="xla")
-    assert got.shape == want.shape == (b, t, n, h)
-    assert _max_diff(got, want) < 0.05
