@@ -184,10 +184,10 @@ def make_plan(preset: str) -> Plan:
         return _gpu_vit_attention()
     if preset == "gpu_train_matrix":
         return _gpu_train_matrix()
-    if preset.startswith("issue22_"):
-        from benchmarks import plans_issue22  # imports Plan from here: not at module level
+    if preset.startswith("target_"):
+        from benchmarks import gpu_target_plans  # imports Plan from here: not at module level
 
-        return plans_issue22.make(preset)
+        return gpu_target_plans.make(preset)
     raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
 
 
@@ -199,10 +199,10 @@ PRESETS = (
     "gpu_t5_and_scaling",
     "gpu_vit_attention",
     "gpu_train_matrix",
-    "issue22_vit",
-    "issue22_t5",
-    "issue22_dis",
-    "issue22_clip_grid",
+    "target_vit",
+    "target_t5",
+    "target_dis",
+    "target_clip_grid",
 )
 
 

@@ -1,15 +1,15 @@
 """One command per target of issue 22, each self-contained, each writing JSON under ``--out``.
 
-    python -m benchmarks.issue22 TARGET [--out DIR] [--tiny]
+    python -m benchmarks.gpu_targets TARGET [--out DIR] [--tiny]
 
 Targets, in the order a GPU session runs them (``benchmarks/NOTES.md``, "Issue 22", has the
 predictions and the device commands):
 
 * ``check``: "auto" is cuDNN's kernel here and equals XLA's result (``attention_check``);
-* ``vit``: ViT-B/16 LoRA train steps vs PEFT, MFU, l_lora / lora (preset ``issue22_vit``);
-* ``dis``: the T5 21×21 ``l_lora`` disentanglement grid (preset ``issue22_dis``);
-* ``clip_grid``: CLIP merge grids vs PEFT one at a time, batched MFU (``issue22_clip_grid``);
-* ``t5``: Flan-T5-base LoRA train steps vs PEFT (preset ``issue22_t5``);
+* ``vit``: ViT-B/16 LoRA train steps vs PEFT, MFU, l_lora / lora (preset ``target_vit``);
+* ``dis``: the T5 21×21 ``l_lora`` disentanglement grid (preset ``target_dis``);
+* ``clip_grid``: CLIP merge grids vs PEFT one at a time, batched MFU (``target_clip_grid``);
+* ``t5``: Flan-T5-base LoRA train steps vs PEFT (preset ``target_t5``);
 * ``stream``: the streaming JPEG pipeline feeding the ViT step (``stream_bench``; grain).
 
 A target that failed or ran out of time is rerun alone: targets share nothing but the code.
@@ -22,7 +22,7 @@ import argparse
 import os
 
 from benchmarks import attention_check, run
-from benchmarks.plans_issue22 import TARGETS
+from benchmarks.gpu_target_plans import TARGETS
 
 ALL = ("check", *TARGETS, "stream")
 
@@ -35,7 +35,7 @@ def command(target: str, out: str, tiny: bool) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.issue22", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_targets", description=__doc__)
     p.add_argument("target", choices=ALL)
     p.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     p.add_argument("--tiny", action="store_true", help="tiny models: a CPU smoke test")

@@ -2,7 +2,7 @@
 
 Each preset is one target of the issue, measured with its same-run references (PEFT's step,
 the bf16 matmul peak, and where it helps the XLA attention of before). Run them with
-``python -m benchmarks.issue22 TARGET`` (which calls ``benchmarks.run`` with the areas and
+``python -m benchmarks.gpu_targets TARGET`` (which calls ``benchmarks.run`` with the areas and
 budget below); ``benchmarks/NOTES.md`` ("Issue 22") gives the order and the predictions.
 """
 
@@ -14,10 +14,10 @@ from benchmarks.train_bench import TrainCase
 
 # target -> (preset, areas for --only, --budget-s): every call ends well inside 10 minutes.
 TARGETS: dict[str, tuple[str, str, int]] = {
-    "vit": ("issue22_vit", "peak,torch_train,train", 420),
-    "dis": ("issue22_dis", "peak,disentangle", 420),
-    "clip_grid": ("issue22_clip_grid", "peak,torch_grid,grid", 420),
-    "t5": ("issue22_t5", "peak,torch_train,train", 420),
+    "vit": ("target_vit", "peak,torch_train,train", 420),
+    "dis": ("target_dis", "peak,disentangle", 420),
+    "clip_grid": ("target_clip_grid", "peak,torch_grid,grid", 420),
+    "t5": ("target_t5", "peak,torch_train,train", 420),
 }
 
 
@@ -37,7 +37,7 @@ def vit() -> Plan:
     ]
     torch_train = [_clip("lora", 128), _clip("lora", 256)]
     return Plan(
-        "issue22_vit",
+        "target_vit",
         False,
         train,
         torch_train,
@@ -55,7 +55,7 @@ def t5() -> Plan:
     """Flan-T5-base LoRA bf16 b64 against PEFT (keep ≥ 6×), l_lora / lora (≤ 1.05×)."""
     train = [TrainCase("t5", m, "bf16", 64) for m in ("lora", "l_lora")]
     return Plan(
-        "issue22_t5",
+        "target_t5",
         False,
         train,
         [TrainCase("t5", "lora", "bf16", 64)],
@@ -72,7 +72,7 @@ def t5() -> Plan:
 def dis() -> Plan:
     """Flan-T5-base 21×21 ``l_lora`` disentanglement grid on 2 × 640 examples (≤ 60 s)."""
     grid = GridSettings(dis_methods=("l_lora",), dis_one_at_a_time=21, compile_workers=4)
-    return Plan("issue22_dis", False, [], [], grid, models=("t5",), grid_models=("t5",))
+    return Plan("target_dis", False, [], [], grid, models=("t5",), grid_models=("t5",))
 
 
 def clip_grid() -> Plan:
@@ -80,7 +80,7 @@ def clip_grid() -> Plan:
     K = 21 / 441 (their MFU)."""
     grid = GridSettings(ks=(1, 21, 441), methods=("lora",), one_at_a_time=21, compile_workers=4)
     return Plan(
-        "issue22_clip_grid",
+        "target_clip_grid",
         False,
         [],
         [],
@@ -91,7 +91,7 @@ def clip_grid() -> Plan:
     )
 
 
-PRESETS = {"issue22_vit": vit, "issue22_t5": t5, "issue22_dis": dis, "issue22_clip_grid": clip_grid}
+PRESETS = {"target_vit": vit, "target_t5": t5, "target_dis": dis, "target_clip_grid": clip_grid}
 
 
 def make(preset: str) -> Plan:

@@ -1,6 +1,6 @@
-"""Issue 22's targets, pass or miss, from the JSON files that ``benchmarks.issue22`` wrote.
+"""Issue 22's targets, pass or miss, from the JSON files that ``benchmarks.gpu_targets`` wrote.
 
-    python -m benchmarks.issue22_report DIR [DIR ...]     # folders searched recursively
+    python -m benchmarks.gpu_target_report DIR [DIR ...]     # folders searched recursively
 
 Reads every ``*.json`` below the folders (the merged ``benchmarks.run`` results of the
 targets vit / dis / clip_grid / t5, ``attention_check.json``, ``stream_bench.json``) and
@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks import issue22_floors
+from benchmarks import gpu_target_floors
 
 DIS_NAME = "T5 21x21 l_lora disentanglement, 2 x 640"
 
@@ -71,7 +71,7 @@ def targets(ms: dict, special: dict) -> list[tuple[str, float | None, str, float
     dis = ms.get("disentangle/t5/l_lora/G21")
     out.append(("T5 21x21 l_lora disentanglement: seconds", dis and dis["median"], "<=", 60.0))
     if dis and dis.get("peak"):
-        fl = next(r["flops"] for r in issue22_floors.rows() if r["what"] == DIS_NAME)
+        fl = next(r["flops"] for r in gpu_target_floors.rows() if r["what"] == DIS_NAME)
         out.append(
             ("T5 disentanglement: MFU (reported)", fl / dis["median"] / dis["peak"], ">=", 0.0)
         )
@@ -119,7 +119,7 @@ def targets(ms: dict, special: dict) -> list[tuple[str, float | None, str, float
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.issue22_report")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_target_report")
     p.add_argument("folders", nargs="+")
     ms, special = load(p.parse_args(argv).folders)
     print("| target | value | threshold | result |\n| --- | --- | --- | --- |")

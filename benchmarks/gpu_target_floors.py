@@ -8,7 +8,7 @@ unfused path adds and a fused kernel removes: per score element (batch x heads x
 in a train step (that, plus the backward's fp32 dP and bf16 dS). Times at the bf16 matmul peak
 and HBM bandwidth given (defaults: the H100's measured 621 TFLOP/s, ~3.0 TB/s).
 
-    python -m benchmarks.issue22_floors [--peak-tflops 621] [--tbps 3.0]
+    python -m benchmarks.gpu_target_floors [--peak-tflops 621] [--tbps 3.0]
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def rows() -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.issue22_floors")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_target_floors")
     p.add_argument("--peak-tflops", type=float, default=621.0)
     p.add_argument("--tbps", type=float, default=3.0)
     a = p.parse_args(argv)
