@@ -27,6 +27,7 @@ import numpy as np
 
 from benchmarks import common
 from llora_jax import tree as tree_lib
+from llora_jax.evaluation import batches as eval_batches
 from llora_jax.evaluation import grid as grid_eval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +150,7 @@ def bench_eval(
             paid = sum(
                 int(np.prod(b["input_ids"].shape))
                 for e in exps.values()
-                for b, _ in grid_eval.device_batches(e.arrays["validation"], batch, pack)[0]
+                for b, _ in eval_batches.device_batches(e.arrays["validation"], batch, pack)[0]
             )
             return first, first_s, samples, paid
 

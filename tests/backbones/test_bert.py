@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from llora_jax import tree as tree_lib
-from llora_jax.backbones import activations, bert, hf, pooling, tokenizers
+from llora_jax.backbones import activations, bert, bert_hf, hf, pooling, tokenizers
 
 TINY = dict(
     vocab_size=80,
@@ -137,7 +137,7 @@ def test_mean_pool_and_normalize_closed_form():
 
 def test_logical_axes_and_lora_targets(tiny):
     _, path, _ = tiny
-    module = bert.module_from_hf_config(transformers.AutoConfig.from_pretrained(path))
+    module = bert_hf.module_from_hf_config(transformers.AutoConfig.from_pretrained(path))
     boxed = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 3), jnp.int32))
     boxed = boxed["params"]
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -194,10 +194,10 @@ def test_params_from_hf_missing_key(tiny):
     with pytest.raises(
         ValueError, match=r"lacks key 'encoder\.layer\.1\.attention\.self\.value\.bias'"
     ):
-        bert.params_from_hf(state, model.config)
+        bert_hf.params_from_hf(state, model.config)
     # A "bert." prefix (BertFor* checkpoints) is accepted.
     prefixed = {"bert." + k: v.numpy() for k, v in model.state_dict().items()}
-    p = bert.params_from_hf(prefixed, model.config)
+    p = bert_hf.params_from_hf(prefixed, model.config)
     assert p["encoder"]["layer_1"]["attention"]["self"]["value"]["bias"].shape == (48,)
 
 

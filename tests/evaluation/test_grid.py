@@ -61,10 +61,3 @@ def test_linear_shortcut_requires_l_lora_model():
     tm = toy.toy_task_model()
     with pytest.raises(ValueError, match="only for l_lora_model"):
         grid_eval.make_linear_grid_fn(tm, AdapterSpec("lora", LORA))
-
-
-def test_iterate_batches_pads_with_zero_weight():
-    arrays = {"x": np.arange(10)}
-    got = list(grid_eval.iterate_batches(arrays, 4))
-    assert [n for _, n in got] == [4, 4, 2]
-    assert got[-1][0]["weight"].tolist() == [1, 1, 0, 0]

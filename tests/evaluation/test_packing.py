@@ -11,6 +11,7 @@ from llora_jax import forward
 from llora_jax.adapters import LoraConfig
 from llora_jax.backbones import bert, hf, pooling, tokenizers
 from llora_jax.data import get_task
+from llora_jax.evaluation import batches as eval_batches
 from llora_jax.evaluation import grid as grid_eval
 from llora_jax.evaluation import packing
 from llora_jax.tasks import text_encoder
@@ -128,5 +129,5 @@ def test_packed_predictions_and_grids_equal_unpacked(tmp_path):
     assert got.shape == (5, 70)
     np.testing.assert_array_equal(got, ref)
     assert len({tuple(r) for r in got}) > 1  # the merges differ: the test can tell them apart
-    batches, n = grid_eval.device_batches(arrays, 4, pack=True)
+    batches, n = eval_batches.device_batches(arrays, 4, pack=True)
     assert n == 70 and all(b["input_ids"].shape == (4, 64) for b, _ in batches)

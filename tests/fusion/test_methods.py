@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from llora_jax import fusion, interference
+from llora_jax.fusion import common as fusion_common
 
 # ---------------------------------------------------------------- reference helpers
 
@@ -161,10 +162,10 @@ def test_ties_matches_reference(k):
 def test_ties_threshold_ties_kept_and_zeros_dropped():
     # d = 6, k = 0.25 -> m = 2; |3| ties at the threshold: all three kept.
     tau = {"w": jnp.array([3.0, -3.0, 1.0, 3.0, 0.0, 2.0])}
-    (mask,) = fusion._common.topk_masks([tau], 0.25)
+    (mask,) = fusion_common.topk_masks([tau], 0.25)
     np.testing.assert_array_equal(mask["w"], [True, True, False, True, False, False])
     # with many zeros the threshold is 0, yet zeros are not "kept".
-    (mask,) = fusion._common.topk_masks([{"w": jnp.array([0.0, 0.0, 0.0, 1.0])}], 0.75)
+    (mask,) = fusion_common.topk_masks([{"w": jnp.array([0.0, 0.0, 0.0, 1.0])}], 0.75)
     np.testing.assert_array_equal(mask["w"], [False, False, False, True])
     # exact cancellation elects no sign -> 0.
     out = fusion.ties([{"w": jnp.array([1.0])}, {"w": jnp.array([-1.0])}], k=1.0, lam=1.0)

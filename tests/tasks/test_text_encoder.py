@@ -61,6 +61,7 @@ def test_length_sorted_trimmed_evaluation_equals_full_width(tmp_path):
     """Evaluation sorts token inputs by length and trims each batch to its longest row
     (a power of two ≥ 16): the logits of every row equal the full-width (64) forward's,
     and predictions come back in the dataset's order."""
+    from llora_jax.evaluation import batches as eval_batches
     from llora_jax.evaluation import grid as grid_eval
 
     words = "a fine film dull and slow the best of year not good at all".split()
@@ -81,33 +82,33 @@ def test_length_sorted_trimmed_evaluation_equals_full_width(tmp_path):
     )
     logits = jax.jit(lambda b: forward.forward(tm, ad, trainable, phi0, b)["logits"])
     full = np.asarray(logits(arrays))
-    ordered, inverse = grid_eval.by_length(arrays)
+    ordered, inverse = eval_batches.by_length(arrays)
     lengths = ordered["attention_mask"].sum(1)
     assert np.all(np.diff(lengths) >= 0) and lengths[-1] > 32
     widths = []
-    for b, _ in grid_eval.iterate_batches(ordered, 4, trim=True):
+    for b, _ in eval_batches.iterate_batches(ordered, 4, trim=True):
         w = b["input_ids"].shape[1]
         widths.append(w)
         assert b["attention_mask"].shape[1] == b["token_type_ids"].shape[1] == w
         assert w >= b["attention_mask"].sum(1).max() and w in (16, 32, 64)
     assert widths[0] == 16 and widths[-1] == 64  # trimmed, and never beyond the stored 64
     trimmed = np.concatenate(
-        [np.asarray(logits(b))[:n] for b, n in grid_eval.iterate_batches(ordered, 4, trim=True)]
+        [np.asarray(logits(b))[:n] for b, n in eval_batches.iterate_batches(ordered, 4, trim=True)]
     )[inverse]
     np.testing.assert_allclose(trimmed, full, rtol=1e-5, atol=1e-5)
     unpacked = dataclasses.replace(tm, packable=False)  # text heads pack by default
     preds = grid_eval.predict(unpacked, ad, trainable, phi0, arrays, batch_size=4)
     np.testing.assert_array_equal(preds, full.argmax(-1))
     # A dataset evaluated again reuses its sorted, trimmed batches already on the device.
-    first, n = grid_eval.device_batches(arrays, 4)
-    again, n2 = grid_eval.device_batches(arrays, 4)
+    first, n = eval_batches.device_batches(arrays, 4)
+    again, n2 = eval_batches.device_batches(arrays, 4)
     assert again is first and n == n2 == 40 and len(first) == 10
     assert [b["input_ids"].shape[1] for b, _ in first] == widths
     assert sorted(np.concatenate([s for _, s in first]).tolist()) == list(range(40))
     # Without an attention mask nothing is sorted or trimmed.
     plain = {"x": np.arange(6)}
-    assert grid_eval.by_length(plain)[1] is None
-    assert [b["x"].tolist() for b, _ in grid_eval.iterate_batches(plain, 4, trim=True)] == [
+    assert eval_batches.by_length(plain)[1] is None
+    assert [b["x"].tolist() for b, _ in eval_batches.iterate_batches(plain, 4, trim=True)] == [
         [0, 1, 2, 3],
         [4, 5, 5, 5],
     ]

@@ -16,6 +16,7 @@ from llora_jax import experiment, task_vectors
 from llora_jax.adapters import LoraConfig
 from llora_jax.study import finetune as study_finetune
 from llora_jax.study import runner as study
+from llora_jax.study.spec import base_study
 from llora_jax.train import group as train_group
 from llora_jax.train import loop as train_loop
 from llora_jax.train import optim
@@ -147,7 +148,7 @@ def off(tmp_path_factory, words):  # noqa: F811
 
 def _study(path: Path, dropout: bool, **fields):
     """A tiny text study (study.load_config/_experiments are how a study builds runs)."""
-    s = study.base_study("group", str(ROOT / "configs/minilm.py"), "tiny")
+    s = base_study("group", str(ROOT / "configs/minilm.py"), "tiny")
     s.overrides = (
         ("backbone", str(path)),
         ("data.data_dir", str(data_dir())),
