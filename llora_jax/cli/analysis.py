@@ -24,11 +24,14 @@ from llora_jax.study.runner import environment
 def load_member(run_dir: str | os.PathLike, cache: experiment.BackboneCache) -> search.Member:
 
     run = Path(run_dir)
+    if run.name == "task_vector" and (run.parent / "config.json").is_file():
+        run = run.parent  # the task vector of a run directory
     cfg_path = run / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(
-            f"{cfg_path} not found: pass run directories written by `finetune` or by "
-            "`import-peft --config` (each holds config.json and task_vector/)"
+            f"{cfg_path} not found: pass run directories written by `finetune`, or import "
+            "adapters with `llora import-peft ... --config=configs/<model>.py` (each run "
+            "directory holds config.json, naming the task's data, and task_vector/)"
         )
     c = ConfigDict(json.loads(cfg_path.read_text()))
     # Any kind of task vector (trained, or imported: delta_w / l_lora without scores).

@@ -12,13 +12,42 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 
-from llora_jax import task_vectors
+from llora_jax import fusion, task_vectors
 from llora_jax import tree as tree_lib
 from llora_jax.backbones.hf import Backbone, load_backbone, load_state_dict
 from llora_jax.interop import delta_w, fusionbench, hf_export, peft_export
 from llora_jax.interop.peft_import import ImportedAdapter, read_peft_adapter, resolve_adapter_dir
+
+
+def resolve_task_vector(path: str | os.PathLike) -> Path:
+    """A task-vector directory, or the ``task_vector/`` of a run directory."""
+    p = Path(path)
+    if not task_vectors.is_task_vector(p) and task_vectors.is_task_vector(p / "task_vector"):
+        return p / "task_vector"
+    return p
+
+
+def merge_task_vectors(
+    paths: Sequence[str | os.PathLike], method: str, hparams: dict | None = None
+) -> task_vectors.TaskVector:
+    """The fusion ``method``'s merge of compatible task vectors (run or task-vector dirs),
+    with the recipe (method, hyper-parameters, tasks, sources) in its metadata."""
+    tvs = task_vectors.load_many([resolve_task_vector(p) for p in paths])
+    hparams = dict(hparams or {})
+    tau = fusion.get(method)([t.tau for t in tvs], **hparams)
+    tau = jax.tree.map(lambda x: np.asarray(x, np.float32), tau)
+    recipe = {
+        "method": method,
+        "hparams": hparams,
+        "tasks": [t.task for t in tvs],
+        "sources": [os.fspath(t.path) for t in tvs],
+    }
+    meta = {**tvs[0].meta, "task": "+".join(t.task for t in tvs), "recipe": recipe}
+    meta["metrics"] = {}
+    return task_vectors.TaskVector(tau=tau, meta=meta, phi0=tvs[0].phi0)
 
 
 def _backbone(backbone: str | os.PathLike | Backbone) -> Backbone:
