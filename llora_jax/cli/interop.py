@@ -1,7 +1,8 @@
 """``llora import-peft / export-peft / export-hf``: adapters in and out of llora-jax.
 
   llora import-peft SRC... --backbone B --out DIR [--force] [--tower vision_model]
-                    [--config configs/clip.py[:arg] [--tasks t1,t2,...]] [--overwrite]
+                    [--config configs/clip.py[:arg] [--tasks t1,...] [--set k=v ...]]
+                    [--overwrite]
       one task vector per adapter (PEFT LoRA -> delta_w; FusionBench L-LoRA -> l_lora;
       an adapter exported by llora-jax -> its own task vector). With --config, each lands
       in a run directory DIR/<task>/{config.json, task_vector/} that `llora fuse` (and
@@ -59,6 +60,12 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
         p.add_argument("--tower", default="vision_model", help="CLIP tower of prefix-less keys")
         p.add_argument("--config", help="configs/<model>.py[:arg]: write run directories")
         p.add_argument("--tasks", default="", help="task names, one per SRC (default: dir names)")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            help="with --config: a config field, key=value (e.g. data.source=hf); repeatable",
+        )
     else:
         p.add_argument("tvs", nargs="+", metavar="TV", help="task-vector or run directories")
         p.add_argument("--backbone", help="default: the task vector's base_model")
@@ -69,12 +76,13 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
     return p
 
 
-def _hparams(items: Sequence[str]) -> dict:
+def _key_values(items: Sequence[str], flag: str = "--hparam") -> dict:
+    """{key: value} of ``key=value`` items; values are JSON where they parse, else strings."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise UserError(f"--hparam {item!r}: expected key=value, e.g. --hparam lam=0.3")
+            raise UserError(f"{flag} {item!r}: expected key=value, e.g. {flag} lam=0.3")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -85,8 +93,9 @@ def _hparams(items: Sequence[str]) -> dict:
 def _write_configs(args: argparse.Namespace, names: list[str], paths: list[Path]) -> None:
     """config.json of each imported run: the config file with this backbone and task."""
     path, _, arg = args.config.partition(":")
+    overrides = _key_values(args.set, "--set")
     for name, tv_path in zip(names, paths):
-        c = load_config(path, arg)
+        c = load_config(path, arg, overrides)
         c.backbone = args.backbone
         c.task = name
         mode = json.loads((tv_path / "meta.json").read_text()).get("mode")
@@ -103,8 +112,16 @@ def import_peft(args: argparse.Namespace) -> list[Path]:
     names = [t for t in args.tasks.split(",") if t] or None
     if names is not None and len(names) != len(args.srcs):
         raise UserError(f"--tasks names {len(names)} tasks for {len(args.srcs)} adapters")
-    if args.config and not Path(args.config.partition(":")[0]).is_file():
-        raise UserError(f"--config {args.config}: no such config file (e.g. configs/clip.py)")
+    if args.config:  # the config (and its --set fields) is checked before any import
+        path, _, arg = args.config.partition(":")
+        if not Path(path).is_file():
+            raise UserError(f"--config {args.config}: no such config file (e.g. configs/clip.py)")
+        try:
+            load_config(path, arg, _key_values(args.set, "--set"))
+        except KeyError as e:
+            raise UserError(f"--set: {e.args[0]}") from None
+    elif args.set:
+        raise UserError("--set sets fields of --config; pass --config=configs/<model>.py")
     bb = load_backbone(args.backbone)
     paths = api.import_peft(
         args.srcs,
@@ -127,7 +144,7 @@ def export(cmd: str, args: argparse.Namespace) -> Path:
     if len(args.tvs) > 1 and not args.fusion:
         raise UserError(f"{cmd}: {len(args.tvs)} task vectors need --fusion NAME to merge them")
     if args.fusion:
-        tv = api.merge_task_vectors(args.tvs, args.fusion, _hparams(args.hparam))
+        tv = api.merge_task_vectors(args.tvs, args.fusion, _key_values(args.hparam))
     else:
         tv = api.resolve_task_vector(args.tvs[0])
     fn = api.export_peft if cmd == "export-peft" else api.export_hf

@@ -93,14 +93,19 @@ def test_export_of_a_merge_loads_in_peft(adapters, tmp_path):
 def test_import_with_config_writes_run_directories(adapters, tmp_path):
     _, ckpt, root = adapters
     argv = ["--config", REPO / "configs" / "minilm.py", "--tasks", "sst2,rte"]
+    argv += ["--set", "data.eval_limit=8"]
     srcs = [root / "src" / n for n in ("alpha", "beta")]
     assert _run("import-peft", *srcs, "--backbone", ckpt, "--out", tmp_path, *argv) == 0
     for task in ("sst2", "rte"):
         run = tmp_path / task
         c = json.loads((run / "config.json").read_text())
         assert (c["task"], c["backbone"], c["method"]) == (task, str(ckpt), "lora")
+        assert c["data"]["eval_limit"] == 8
         assert task_vectors.load(run / "task_vector").meta["task"] == task
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+    bad = ["--config", REPO / "configs" / "minilm.py", "--set", "data.no_such=1"]
+    assert _run("import-peft", srcs[0], "--backbone", ckpt, "--out", tmp_path / "b", *bad) == 2
+    assert not (tmp_path / "b").exists()  # refused before anything was imported
 
 
 def test_the_llora_command_dispatches_and_reports_errors_in_one_line(tmp_path):
