@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,11 +15,16 @@ import pytest
 import transformers
 from peft import PeftModel
 
-from llora_jax import task_vectors
+from llora_jax import experiment, task_vectors
 from llora_jax import tree as tree_lib
+from llora_jax.cli import analysis as cli_analysis
 from llora_jax.cli import interop as cli
+from llora_jax.evaluation import grid as grid_eval
 from llora_jax.interop.delta_w import merged_params
+from llora_jax.types import AdapterSpec
 from tests import interop_models as im
+from tests.conftest import data_dir
+from tests.fixtures import tiny_models
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -128,3 +134,38 @@ def test_the_llora_command_dispatches_and_reports_errors_in_one_line(tmp_path):
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith("error:") and "missing" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_fuse_of_imported_adapters_end_to_end(tmp_path):
+    """PEFT adapters on a tiny BERT with a tokenizer -> import-peft --config -> fuse, on the
+    local rte / sst2 data; the single-task scores are the vectors' own (λ = 1) scores."""
+    data = data_dir()
+    ckpt = tiny_models.tiny_bert(tmp_path / "bert", ["good", "bad", "movie"], dropout=0.0)
+    model = transformers.BertModel.from_pretrained(ckpt).eval()
+    for i, task in enumerate(("rte", "sst2")):
+        im.peft_adapter(
+            copy.deepcopy(model),
+            tmp_path / "src" / task,
+            seed=i + 1,
+            r=2,
+            lora_alpha=4,
+            target_modules=["query", "value"],
+        )
+    srcs = [tmp_path / "src" / t for t in ("rte", "sst2")]
+    argv = ["--config", REPO / "configs" / "minilm.py:tiny", "--set", f"data.data_dir={data}"]
+    assert _run("import-peft", *srcs, "--backbone", ckpt, "--out", tmp_path / "runs", *argv) == 0
+    runs = [str(tmp_path / "runs" / t) for t in ("rte", "sst2")]
+    res = json.loads(
+        cli_analysis.fuse_runs(runs, ["task_arithmetic"], tmp_path / "fuse").read_text()
+    )
+    entry = res["fusion"]["delta_w"]["task_arithmetic"]["rte+sst2"]["-1"]
+    assert set(entry["test"]) == {"rte", "sst2"} and "lam" in entry["hparams"]
+    # rte's single-task score: its ΔW added onto the weights by hand, the plain model run
+    member = cli_analysis.load_member(runs[0], experiment.BackboneCache())
+    exp = member.exp
+    tm = dataclasses.replace(exp.tm, params=merged_params(exp.tm.params, member.tv.tau))
+    arrays = exp.arrays["test"]
+    preds = grid_eval.predict(tm, AdapterSpec("full"), {}, None, arrays, 8)
+    want = exp.metric_fn(preds, arrays)["accuracy"]
+    assert res["single"]["delta_w"]["rte"]["-1"]["test"]["accuracy"] == pytest.approx(want)
+    assert (tmp_path / "fuse" / "report.md").is_file()
