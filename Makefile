@@ -29,7 +29,8 @@ ifeq ($(origin LLORA_DATA_DIR),undefined)
 endif
 
 .PHONY: help install install-test test demo lint format clean finetune finetune-all fuse \
-	disentangle report reproduce-text reproduce-clip reproduce-t5 bench bench-text
+	disentangle report reproduce-text reproduce-clip reproduce-t5 bench bench-text \
+	import-peft export-peft export-hf
 
 help:
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -110,3 +111,28 @@ format: install-test ## apply ruff format and autofixes
 
 clean: ## remove the virtual environment and outputs
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache
+
+# Interop: PEFT / FusionBench adapters in, PEFT adapters and HF checkpoints out.
+# ADAPTERS: adapter directories (or hub ids), space separated; TV: task-vector or run
+# directories (several with MERGE=<fusion method> [HPARAMS="lam=0.3"]: their merge).
+ADAPTERS ?=
+BACKBONE ?=
+IMPORT_CONFIG ?=
+TV ?=
+MERGE ?=
+HPARAMS ?=
+DEST ?=
+_MERGE_ARGS = $(if $(MERGE),--fusion=$(MERGE) $(foreach h,$(HPARAMS),--hparam=$(h)),)
+
+import-peft: install ## import ADAPTERS="dir ..." onto BACKBONE into DEST; IMPORT_CONFIG=configs/<model>.py[:arg] writes run dirs for `make fuse RUNS=...`
+	@test -n "$(ADAPTERS)" -a -n "$(BACKBONE)" -a -n "$(DEST)" || (echo "set ADAPTERS=\"dir ...\" BACKBONE=<HF model dir or hub id> DEST=<out dir>"; exit 2)
+	$(PY) -m llora_jax.cli import-peft $(ADAPTERS) --backbone=$(BACKBONE) --out=$(DEST) \
+		$(if $(IMPORT_CONFIG),--config=$(IMPORT_CONFIG),) $(ARGS)
+
+export-peft: install ## task vector TV (or the MERGE=<method> of several) as a PEFT adapter directory DEST
+	@test -n "$(TV)" -a -n "$(DEST)" || (echo "set TV=<task vector or run dir> DEST=<out dir>"; exit 2)
+	$(PY) -m llora_jax.cli export-peft $(TV) --out=$(DEST) $(_MERGE_ARGS) $(ARGS)
+
+export-hf: install ## task vector TV (or the MERGE=<method> of several) merged into the backbone: an HF checkpoint DEST
+	@test -n "$(TV)" -a -n "$(DEST)" || (echo "set TV=<task vector or run dir> DEST=<out dir>"; exit 2)
+	$(PY) -m llora_jax.cli export-hf $(TV) --out=$(DEST) $(_MERGE_ARGS) $(ARGS)

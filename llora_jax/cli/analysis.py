@@ -15,7 +15,7 @@ from pathlib import Path
 from ml_collections import ConfigDict
 
 from llora_jax import experiment, task_vectors
-from llora_jax.fusion import search
+from llora_jax.fusion import programs, search
 from llora_jax.interference.disentangle import DEFAULT_GRID, disentanglement_error
 from llora_jax.report import summary as report
 from llora_jax.study.runner import environment
@@ -24,14 +24,18 @@ from llora_jax.study.runner import environment
 def load_member(run_dir: str | os.PathLike, cache: experiment.BackboneCache) -> search.Member:
 
     run = Path(run_dir)
+    if run.name == "task_vector" and (run.parent / "config.json").is_file():
+        run = run.parent  # the task vector of a run directory
     cfg_path = run / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(
-            f"{cfg_path} not found: pass run directories written by `finetune` "
-            "(each holds config.json and task_vector/)"
+            f"{cfg_path} not found: pass run directories written by `finetune`, or import "
+            "adapters with `llora import-peft ... --config=configs/<model>.py` (each run "
+            "directory holds config.json, naming the task's data, and task_vector/)"
         )
     c = ConfigDict(json.loads(cfg_path.read_text()))
-    return search.Member(exp=experiment.build(c, cache), tv=task_vectors.load(run / "task_vector"))
+    # Any kind of task vector (trained, or imported: delta_w / l_lora without scores).
+    return programs.make_member(experiment.build(c, cache), task_vectors.load(run / "task_vector"))
 
 
 def _header(members: Sequence[search.Member]) -> dict:

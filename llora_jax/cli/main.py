@@ -8,6 +8,7 @@ Commands:
   disentangle   disentanglement-error heatmap for the two task vectors of --runs
   report        tables and figures from --results=results.json
   study         run a whole study (experiments/<study>/study.py)
+  import-peft, export-peft, export-hf   adapters in and out (``cli/interop.py``)
 
 Every library function takes explicit arguments; only this file and
 ``experiment.py`` read configs.
@@ -25,6 +26,7 @@ from ml_collections import config_flags
 
 from llora_jax import experiment
 from llora_jax.cli import analysis as cli_analysis
+from llora_jax.cli import interop as cli_interop
 from llora_jax.data import DataError, DataNotFoundError
 from llora_jax.study import runner as study
 from llora_jax.study.spec import StudySpecError
@@ -32,6 +34,7 @@ from llora_jax.task_vectors import TaskVectorError
 from llora_jax.train.loop import TrainingDiverged
 
 COMMANDS = ("finetune", "finetune-all", "fuse", "disentangle", "report", "study")
+COMMANDS += cli_interop.COMMANDS  # parsed by argparse in cli/interop.py, dispatched in entry()
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "fine-tuning config file (configs/*.py)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory of the run")
@@ -113,6 +116,8 @@ def _main_with_clear_errors(argv: list[str]) -> None:
 def entry() -> None:
     # Configs import `configs.common`: make the repository root importable.
     sys.path.insert(0, os.getcwd())
+    if len(sys.argv) > 1 and sys.argv[1] in cli_interop.COMMANDS:  # argparse: positional SRC…
+        sys.exit(cli_interop.main(sys.argv[1:]))
     app.run(_main_with_clear_errors)
 
 

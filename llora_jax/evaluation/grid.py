@@ -10,6 +10,8 @@ first result is read back.
 For ``l_lora_model`` task vectors the outputs are exactly linear in λ, so
 ``predict_grid_linear`` needs one forward pass and one JVP per task vector,
 then only a contraction for any number of merges.
+Weight-space task vectors (``delta_w``, spec ``AdapterSpec(DELTA_W)``) merge from a zero
+base: the model is W0 + Σ λ ΔW on the adapted kernels, run with no adapter attached.
 """
 
 from __future__ import annotations
@@ -26,9 +28,13 @@ import numpy as np
 from llora_jax import adapters, forward
 from llora_jax import tree as tree_lib
 from llora_jax.evaluation.batches import device_batches, gather
+from llora_jax.interop.delta_w import KIND as DELTA_W
+from llora_jax.interop.delta_w import merged_params
 from llora_jax.types import AdapterSpec, TaskModel, functions_key
 
 PyTree = Any
+# The backbone run as it is (its weights already merged): "full" with nothing trainable.
+_PLAIN = AdapterSpec("full")
 
 
 def _frozen(tm: TaskModel, phi0: PyTree | None) -> dict:
@@ -37,6 +43,15 @@ def _frozen(tm: TaskModel, phi0: PyTree | None) -> dict:
 
 def _bind(tm: TaskModel, frozen: dict) -> TaskModel:
     return dataclasses.replace(tm, params=frozen["params"], head=frozen["head"])
+
+
+def _outputs(tm: TaskModel, spec: AdapterSpec, trainable: PyTree, frozen: dict, batch) -> dict:
+    """The task model's outputs; for ``delta_w`` ``trainable`` is Σ λ ΔW, added onto W0."""
+    if spec.method == DELTA_W:
+        params = merged_params(frozen["params"], trainable)
+        tmx = dataclasses.replace(tm, params=params, head=frozen["head"])
+        return forward.forward(tmx, _PLAIN, {}, None, batch)
+    return forward.forward(_bind(tm, frozen), spec, trainable, frozen["phi0"], batch)
 
 
 _PREDICT_FNS: dict = {}
@@ -53,8 +68,7 @@ def make_predict_fn(tm: TaskModel, spec: AdapterSpec) -> Callable:
         return _PREDICT_FNS[key]
 
     def fn(trainable, frozen, batch):
-        out = forward.forward(_bind(tm, frozen), spec, trainable, frozen["phi0"], batch)
-        return tm.predict(out, batch)
+        return tm.predict(_outputs(tm, spec, trainable, frozen, batch), batch)
 
     _PREDICT_FNS[key] = jax.jit(fn)
     return _PREDICT_FNS[key]
@@ -102,15 +116,15 @@ _merged_trainable = jax.jit(merged_trainable)
 def make_grid_predict_fn(tm: TaskModel, spec: AdapterSpec) -> Callable:
     """jit(base, taus, lambdas (C, n), frozen, batch) -> predictions (C, B).
 
-    ``base`` is φ0 for adapters (θ0 restricted to what trained for ``full``). The C
+    ``base`` is φ0 for adapters (θ0 restricted to what trained for ``full``, zeros shaped
+    like ΔW for ``delta_w``). The C
     merged models are vmapped; ``GridEvaluator`` calls it one chunk of C models at a
     time, so memory stays bounded and grids of any size share one compiled program.
     """
 
     def one(base, taus, lam, frozen, batch):
         trainable = merged_trainable(base, taus, lam)
-        out = forward.forward(_bind(tm, frozen), spec, trainable, frozen["phi0"], batch)
-        return tm.predict(out, batch)
+        return tm.predict(_outputs(tm, spec, trainable, frozen, batch), batch)
 
     return jax.jit(jax.vmap(one, in_axes=(None, None, 0, None, None)))
 

@@ -10,14 +10,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llora_jax import forward, fusion
 from llora_jax import tree as tree_lib
 from llora_jax.evaluation import grid as grid_eval
 from llora_jax.fusion.common import thresholds_of_count
-from llora_jax.task_vectors import TaskVector
+from llora_jax.interop.delta_w import KIND as DELTA_W
+from llora_jax.interop.peft_export import meta_scale
+from llora_jax.task_vectors import TaskVector, TaskVectorError
 from llora_jax.tasks import Experiment
-from llora_jax.types import TaskModel, functions_key
+from llora_jax.types import METHODS, AdapterSpec, TaskModel, functions_key
 
 PyTree = Any
 
@@ -116,9 +119,61 @@ def isolation_parts(taus: list[PyTree], masks: Any, p: float) -> PyTree:
 
 
 def base_vector(members: Sequence[Member]) -> tuple[PyTree, PyTree | None]:
-    """(base, φ0): φ0 for adapters; θ0 restricted to what trained for full fine-tuning."""
+    """(base, φ0): φ0 for adapters; θ0 restricted to what trained for full fine-tuning;
+    zeros shaped like ΔW for ``delta_w`` (the evaluator adds Σ λ ΔW onto W0)."""
     m0 = members[0]
     if m0.exp.spec.method == "full":
         return forward.full_trainable(m0.exp.tm), None
+    if m0.exp.spec.method == DELTA_W:
+        return jax.tree.map(jnp.zeros_like, m0.tv.tau), None
     # The exact linearization point the vectors were trained from.
     return m0.tv.phi0, m0.tv.phi0
+
+
+def spec_for(spec: AdapterSpec, meta: dict) -> AdapterSpec:
+    """The adapter spec that evaluates a task vector of ``meta`` on an experiment built with
+    ``spec``: ``delta_w`` vectors run W0 + ΔW with no adapter; adapter-space vectors take the
+    vector's own mode and LoRA scale (an imported one may differ from the config's α / r)."""
+    kind = meta.get("adapter_kind")
+    if kind == DELTA_W:
+        return AdapterSpec(DELTA_W, spec.lora)
+    if kind != "lora":
+        return spec
+    mode = meta.get("mode", spec.method)
+    method = mode if mode in METHODS else spec.method
+    if meta.get("scale") is None and not (meta.get("rank") and meta.get("alpha")):
+        return AdapterSpec(method, spec.lora)  # no scale recorded: the config's α / r
+    scale = meta_scale(meta)
+    if isinstance(scale, dict):
+        if len(set(scale.values())) != 1:
+            raise TaskVectorError(
+                f"task vector {meta.get('task')!r} has a different LoRA scale per layer "
+                "(PEFT rank_pattern / alpha_pattern), which the fusion evaluator's adapter "
+                "spec cannot express; import the adapter as a delta_w task vector instead"
+            )
+        scale = next(iter(scale.values()))
+    lora = spec.lora
+    if float(scale) != lora.scale:
+        lora = dataclasses.replace(lora, alpha=float(scale) * lora.rank)
+    return AdapterSpec(method, lora)
+
+
+def make_member(exp: Experiment, tv: TaskVector, batch_size: int = 64) -> Member:
+    """A fusion member of ``exp`` (built from a config, any method) and a task vector of any
+    kind (trained here or imported). A vector without single-task scores in its metadata
+    (imported ones) is evaluated alone (λ = 1) on validation and test first, so that
+    normalized scores have their denominators."""
+    member = Member(exp=dataclasses.replace(exp, spec=spec_for(exp.spec, tv.meta)), tv=tv)
+    metrics = tv.meta.get("metrics") or {}
+    if f"test/{exp.primary_metric}" in metrics and f"val/{exp.primary_metric}" in metrics:
+        return member
+    base, phi0 = base_vector([member])
+    ev = member.grid(batch_size, 8)
+    scores = dict(metrics)
+    for split, prefix in (("validation", "val"), ("test", "test")):
+        arrays = exp.arrays[split]
+        preds = ev.predict(base, phi0, [tv.tau], np.ones((1, 1), np.float32), arrays, exp.tm)
+        for k, v in exp.metric_fn(preds[0], arrays).items():
+            scores[f"{prefix}/{k}"] = float(v)
+    meta = {**tv.meta, "metrics": scores}
+    return dataclasses.replace(member, tv=dataclasses.replace(tv, meta=meta))

@@ -12,13 +12,42 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 
-from llora_jax import task_vectors
+from llora_jax import fusion, task_vectors
 from llora_jax import tree as tree_lib
 from llora_jax.backbones.hf import Backbone, load_backbone, load_state_dict
 from llora_jax.interop import delta_w, fusionbench, hf_export, peft_export
 from llora_jax.interop.peft_import import ImportedAdapter, read_peft_adapter, resolve_adapter_dir
+
+
+def resolve_task_vector(path: str | os.PathLike) -> Path:
+    """A task-vector directory, or the ``task_vector/`` of a run directory."""
+    p = Path(path)
+    if not task_vectors.is_task_vector(p) and task_vectors.is_task_vector(p / "task_vector"):
+        return p / "task_vector"
+    return p
+
+
+def merge_task_vectors(
+    paths: Sequence[str | os.PathLike], method: str, hparams: dict | None = None
+) -> task_vectors.TaskVector:
+    """The fusion ``method``'s merge of compatible task vectors (run or task-vector dirs),
+    with the recipe (method, hyper-parameters, tasks, sources) in its metadata."""
+    tvs = task_vectors.load_many([resolve_task_vector(p) for p in paths])
+    hparams = dict(hparams or {})
+    tau = fusion.get(method)([t.tau for t in tvs], **hparams)
+    tau = jax.tree.map(lambda x: np.asarray(x, np.float32), tau)
+    recipe = {
+        "method": method,
+        "hparams": hparams,
+        "tasks": [t.task for t in tvs],
+        "sources": [os.fspath(t.path) for t in tvs],
+    }
+    meta = {**tvs[0].meta, "task": "+".join(t.task for t in tvs), "recipe": recipe}
+    meta["metrics"] = {}
+    return task_vectors.TaskVector(tau=tau, meta=meta, phi0=tvs[0].phi0)
 
 
 def _backbone(backbone: str | os.PathLike | Backbone) -> Backbone:
@@ -55,8 +84,12 @@ def import_peft(
     force: bool = False,
     tower: str = "vision_model",
     overwrite: bool = False,
+    names: Sequence[str] | None = None,
+    leaf: str = "",
 ) -> list[Path]:
-    """One task vector per adapter under ``out/<adapter name>``.
+    """One task vector per adapter under ``out/<adapter name>`` (``out/<name>/<leaf>`` when
+    ``leaf`` is given, e.g. "task_vector" for run directories; ``names`` replaces the
+    adapter directory names).
 
     * a directory exported by llora-jax (side files present): its own task vector, exactly;
     * a FusionBench L-LoRA directory (``linearized_adapter_model.safetensors``): an exact
@@ -68,12 +101,15 @@ def import_peft(
     """
     bb = _backbone(backbone)
     out = Path(out)
-    names = [_name(s) for s in srcs]
+    names = list(names) if names is not None else [_name(s) for s in srcs]
+    if len(names) != len(srcs):
+        raise ValueError(f"{len(srcs)} adapters need as many names, got {len(names)}: {names}")
     if len(set(names)) != len(names):
         raise ValueError(f"two adapters share a name, their task vectors would collide: {names}")
-    for n in names:
-        if (out / n).exists() and not overwrite:
-            raise FileExistsError(f"{out / n} already exists; pass overwrite=True or another --out")
+    targets = [out / n / leaf if leaf else out / n for n in names]
+    for t in targets:
+        if t.exists() and not overwrite:
+            raise FileExistsError(f"{t} already exists; pass overwrite=True or another --out")
     state_keys = set(load_state_dict(bb.path))
     kw = dict(force=force, tower=tower, state_keys=state_keys)
     loaded: list[task_vectors.TaskVector | ImportedAdapter] = []
@@ -88,15 +124,16 @@ def import_peft(
         else:
             loaded.append(read_peft_adapter(src, bb, **kw))
     written = []
-    for n, item in zip(names, loaded):
+    for n, target, item in zip(names, targets, loaded):
+        target.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(item, task_vectors.TaskVector):
             path = task_vectors.save(
-                out / n, item.tau, item.meta, phi0=item.phi0, overwrite=overwrite
+                target, item.tau, item.meta, phi0=item.phi0, overwrite=overwrite
             )
         elif item.phi0 is not None:
-            path = fusionbench.save_l_lora(out / n, item, bb, task=n, overwrite=overwrite)
+            path = fusionbench.save_l_lora(target, item, bb, task=n, overwrite=overwrite)
         else:
-            path = delta_w.save_imported(out / n, item, bb, task=n, overwrite=overwrite)
+            path = delta_w.save_imported(target, item, bb, task=n, overwrite=overwrite)
         written.append(path)
     return written
 

@@ -19,6 +19,8 @@ import numpy as np
 from llora_jax import interference
 from llora_jax.fusion import search
 from llora_jax.interference.disentangle import disentanglement_error
+from llora_jax.interop.delta_w import KIND as DELTA_W
+from llora_jax.interop.peft_export import meta_scale
 from llora_jax.study.finetune import log
 from llora_jax.study.spec import StudySpec
 
@@ -34,8 +36,12 @@ def record_interference(s: StudySpec, results, method, seed, members, tasks) -> 
         "delta_w_mean_off_diagonal": None,
     }
     phi0 = members[tasks[0]].tv.phi0
-    if phi0 is not None:
-        scale = members[tasks[0]].exp.spec.lora.scale
+    if members[tasks[0]].tv.meta.get("adapter_kind") == DELTA_W:  # τ is ΔW already
+        entry["delta_w_matrix"] = entry["matrix"]
+        entry["delta_w_mean_off_diagonal"] = entry["mean_off_diagonal"]
+    elif phi0 is not None:
+        # The vector's own scale (one float, or per layer for imported adapters).
+        scale = meta_scale(members[tasks[0]].tv.meta)
         # L-LoRA (and the whole-model linearization, to first order) changes W by the
         # linear part of s·A B around (A0, B0); LoRA by the full product.
         lin = method in ("l_lora", "l_lora_model")

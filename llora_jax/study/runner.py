@@ -34,7 +34,7 @@ import optax
 
 from llora_jax import experiment, task_vectors
 from llora_jax import tree as tree_lib
-from llora_jax.fusion import search
+from llora_jax.fusion import programs
 from llora_jax.study import spec
 from llora_jax.study.analysis import (
     ResultCache,
@@ -183,7 +183,7 @@ def _members(out, tasks, exps, results, method, seed, chosen) -> tuple[dict, dic
         loaded = task_vectors.load(wd / "task_vector")
         fps[task] = tree_lib.fingerprint(loaded.tau)
         # On the device once: every merge of the block reuses these arrays.
-        members[task] = search.Member(exp=exp, tv=task_vectors.on_device(loaded))
+        members[task] = programs.make_member(exp, task_vectors.on_device(loaded))
         m = members[task].tv.meta["metrics"]
         results["single"].setdefault(method, {}).setdefault(task, {})[str(seed)] = {
             "val": {k[4:]: v for k, v in m.items() if k.startswith("val/")},
