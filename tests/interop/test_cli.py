@@ -22,9 +22,8 @@ from llora_jax.cli import interop as cli
 from llora_jax.evaluation import grid as grid_eval
 from llora_jax.interop.delta_w import merged_params
 from llora_jax.types import AdapterSpec
-from tests import interop_models as im
 from tests.conftest import data_dir
-from tests.fixtures import tiny_models
+from tests.fixtures import interop_models, tiny_models
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,9 +31,9 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    model, ckpt = im.bert(root / "base")
+    model, ckpt = interop_models.bert(root / "base")
     for name, seed, r in (("alpha", 1, 2), ("beta", 2, 3)):
-        im.peft_adapter(
+        interop_models.peft_adapter(
             copy.deepcopy(model),
             root / "src" / name,
             seed=seed,
@@ -61,8 +60,12 @@ def test_import_then_export_round_trips(adapters, tmp_path):
         assert (tmp_path / "peft" / name).read_bytes() == (src / name).read_bytes()
     # export-hf: transformers loads the merged checkpoint; outputs equal PEFT's adapter
     assert _run("export-hf", tv, "--out", tmp_path / "hf") == 0
-    want = im.torch_outputs("bert", PeftModel.from_pretrained(copy.deepcopy(model), src).eval())
-    got = im.torch_outputs("bert", transformers.BertModel.from_pretrained(tmp_path / "hf").eval())
+    want = interop_models.torch_outputs(
+        "bert", PeftModel.from_pretrained(copy.deepcopy(model), src).eval()
+    )
+    got = interop_models.torch_outputs(
+        "bert", transformers.BertModel.from_pretrained(tmp_path / "hf").eval()
+    )
     np.testing.assert_allclose(got, want, atol=1e-4)
     # an existing output is refused in one line, not overwritten
     assert _run("export-hf", tv, "--out", tmp_path / "hf") == 2
@@ -77,14 +80,14 @@ def test_export_of_a_merge_loads_in_peft(adapters, tmp_path):
     assert _run("export-peft", *tvs, "--out", tmp_path / "merged", *argv) == 0
     cfg = json.loads((tmp_path / "merged" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA"
-    got = im.torch_outputs(
+    got = interop_models.torch_outputs(
         "bert", PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "merged").eval()
     )
-    bb = im.load(ckpt)
+    bb = interop_models.load(ckpt)
     taus = [task_vectors.load(p).tau for p in tvs]
     merged = tree_lib.scale(tree_lib.add(taus[0], taus[1]), 0.5)
     want = np.asarray(
-        bb.module.apply({"params": merged_params(bb.params, merged)}, im.token_batch())
+        bb.module.apply({"params": merged_params(bb.params, merged)}, interop_models.token_batch())
     )
     np.testing.assert_allclose(got, want, atol=1e-4)
     side = json.loads((tmp_path / "merged" / "llora_meta.json").read_text())
@@ -143,7 +146,7 @@ def test_fuse_of_imported_adapters_end_to_end(tmp_path):
     ckpt = tiny_models.tiny_bert(tmp_path / "bert", ["good", "bad", "movie"], dropout=0.0)
     model = transformers.BertModel.from_pretrained(ckpt).eval()
     for i, task in enumerate(("rte", "sst2")):
-        im.peft_adapter(
+        interop_models.peft_adapter(
             copy.deepcopy(model),
             tmp_path / "src" / task,
             seed=i + 1,

@@ -21,7 +21,7 @@ from llora_jax.interop.delta_w import merged_params
 from llora_jax.study.analysis import record_interference
 from llora_jax.tasks import Experiment
 from llora_jax.types import AdapterSpec, TaskModel
-from tests import interop_models as im
+from tests.fixtures import interop_models
 
 TARGETS = ["query", "value", "intermediate.dense"]
 CLASSES = 3
@@ -54,7 +54,7 @@ def _task_model(bb, predict, seed=0) -> TaskModel:
 def _arrays(seed, n=12):
     rng = np.random.default_rng(seed)
     return {
-        "ids": rng.integers(2, im.VOCAB - 2, (n, 7)).astype(np.int32),
+        "ids": rng.integers(2, interop_models.VOCAB - 2, (n, 7)).astype(np.int32),
         "label": rng.integers(0, CLASSES, n).astype(np.int32),
     }
 
@@ -79,9 +79,9 @@ def _direct_logits(tm, params, arrays):
 def imported(tmp_path_factory):
     """A tiny BERT, three PEFT adapters (different ranks and α) imported as delta_w vectors."""
     root = tmp_path_factory.mktemp("wiring")
-    model, ckpt = im.bert(root / "base")
+    model, ckpt = interop_models.bert(root / "base")
     for i, (r, alpha) in enumerate([(4, 8), (2, 3), (3, 9)]):
-        im.peft_adapter(
+        interop_models.peft_adapter(
             copy.deepcopy(model),
             root / "src" / f"task{i}",
             seed=i + 1,
@@ -89,7 +89,7 @@ def imported(tmp_path_factory):
             lora_alpha=alpha,
             target_modules=TARGETS,
         )
-    bb = im.load(ckpt)
+    bb = interop_models.load(ckpt)
     srcs = sorted((root / "src").iterdir())
     paths = api.import_peft(srcs, bb, root / "tv")
     tvs = [task_vectors.load(p) for p in paths]
