@@ -129,7 +129,7 @@ def test_a_diverging_member_is_named(tmp_path):
         train_loop.Run(tmp_path / "ok", 0, 1e-2, None, data, meta={"task": "toy"}),
         train_loop.Run(tmp_path / "bad", 1, 1e-2, None, bad, meta={"task": "toy"}),
     ]
-    with pytest.raises(train_loop.TrainingDiverged, match="bad: non-finite"):
+    with pytest.raises(train_loop.TrainingDiverged, match="bad: training diverged: non-finite"):
         train_loop.fit(tm, spec, oc, lc, members)
     assert not (tmp_path / "ok" / "task_vector").exists()
 
