@@ -96,6 +96,7 @@ def test_threefry_keys_reproduce_single_runs_even_with_dropout(tmp_path):
             "loss",
             "accuracy",
             "grad_norm",
+            "grad_norm_max",
             "nonfinite",
             "examples_per_s",
         }
