@@ -24,6 +24,7 @@ Every library function takes explicit arguments; only this package and
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -157,7 +158,7 @@ def _causes(err: BaseException) -> list[BaseException]:
     return seen
 
 
-def _flag_error(err: Exception) -> BaseException:
+def _flag_error(err: Exception, argv: list[str]) -> BaseException:
     """The error to report for ``err``, raised while the flags (and the config file) parse."""
     # The innermost: ml_collections re-raises a config file's error as a copy whose message
     # embeds the traceback; the original (e.g. configs/common.py's ConfigError) is inside.
@@ -170,10 +171,14 @@ def _flag_error(err: Exception) -> BaseException:
         text = f"{lines[0]} {lines[-1]}" if any("Traceback" in x for x in lines) else str(err)
         return errors.UsageError(errors.one_line(text))
     if isinstance(err, (AttributeError, KeyError)):  # --config.<field> of no such field
-        first = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
-        text = errors.one_line(first)
+        name = next((c.args[0] for c in reversed(_causes(err)) if c.args), str(err))
+        hint = re.search(r'Did you mean "([^"]+)"', str(err))
+        fix = f' (did you mean "{hint.group(1)}"?)' if hint else ""
+        given = [a.split("=")[0] for a in argv if a.startswith("--config.") and name in a]
+        flag = given[0] if given else f"--config.{name}"
         return errors.UsageError(
-            f"a --config.<field> override names no field of the config: {text}"
+            f"{flag}: the config has no field {name!r}{fix}; the fields are those of the "
+            "config file (configs/common.py and its extras)"
         )
     if isinstance(err, OSError):  # the config file cannot be read
         return errors.UsageError(f"--config: {errors.one_line(str(err))}")
@@ -185,7 +190,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except Exception as err:  # noqa: BLE001 - sorted into user errors and bugs below
-        reported = _flag_error(err)
+        reported = _flag_error(err, argv)
         if reported is err:
             raise
         if any(reported is c for c in _causes(err)):
