@@ -10,9 +10,8 @@ import pytest
 from llora_jax import task_vectors
 from llora_jax.adapters import LoraConfig
 from llora_jax.data import streaming
-from llora_jax.train import health, run_dir
+from llora_jax.train import health, optim, run_dir
 from llora_jax.train import loop as train_loop
-from llora_jax.train import optim
 from llora_jax.types import AdapterSpec
 from tests.fixtures import toy
 
