@@ -35,6 +35,7 @@ import optax
 from llora_jax import experiment, task_vectors
 from llora_jax import tree as tree_lib
 from llora_jax.fusion import search
+from llora_jax.report import summary as report_summary
 from llora_jax.study import spec
 from llora_jax.study.analysis import (
     ResultCache,
@@ -212,7 +213,7 @@ def _write_results(results: dict, out: Path, report: bool = True) -> tuple[Path,
     # the readable forms.
     tmp.write_text(json.dumps(_significant(results), separators=(",", ":"), default=float))
     os.replace(tmp, path)
-    return path, (report.write_report(results, out) if report else None)
+    return path, (report_summary.write_report(results, out) if report else None)
 
 
 def _significant(x: Any) -> Any:
