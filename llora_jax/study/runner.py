@@ -35,6 +35,7 @@ import optax
 from llora_jax import experiment, task_vectors
 from llora_jax import tree as tree_lib
 from llora_jax.fusion import programs
+from llora_jax.report import summary as report_summary
 from llora_jax.study import spec
 from llora_jax.study.analysis import (
     ResultCache,
@@ -181,6 +182,8 @@ def _members(out, tasks, exps, results, method, seed, chosen) -> tuple[dict, dic
         exp = dataclasses.replace(exps[task])
         exp.spec = AdapterSpec(method, exp.spec.lora)
         loaded = task_vectors.load(wd / "task_vector")
+        # Scores are normalised by this vector's own test score: refuse other data.
+        experiment.check_scored_data(loaded.meta, exp, recorded_by=f"the task vector of {wd}")
         fps[task] = tree_lib.fingerprint(loaded.tau)
         # On the device once: every merge of the block reuses these arrays.
         members[task] = programs.make_member(exp, task_vectors.on_device(loaded))
@@ -210,7 +213,7 @@ def _write_results(results: dict, out: Path, report: bool = True) -> tuple[Path,
     # the readable forms.
     tmp.write_text(json.dumps(_significant(results), separators=(",", ":"), default=float))
     os.replace(tmp, path)
-    return path, (report.write_report(results, out) if report else None)
+    return path, (report_summary.write_report(results, out) if report else None)
 
 
 def _significant(x: Any) -> Any:

@@ -16,11 +16,13 @@ import dataclasses
 import difflib
 from typing import Any
 
+from llora_jax.errors import UserError
+
 DEFAULT_FUSION = ("average", "task_arithmetic", "ties", "dare", "lorahub", "isolation")
 DEFAULT_GRID = tuple(round(-2.0 + 0.2 * i, 1) for i in range(21))
 
 
-class StudySpecError(ValueError):
+class StudySpecError(UserError, ValueError):
     """A study field that does not exist or has a value of the wrong kind."""
 
 

@@ -15,8 +15,7 @@ import pytest
 from llora_jax import experiment, task_vectors
 from llora_jax.adapters import LoraConfig
 from llora_jax.study import finetune as study_finetune
-from llora_jax.study import runner as study
-from llora_jax.study.spec import base_study
+from llora_jax.study import spec as study_spec
 from llora_jax.train import group as train_group
 from llora_jax.train import loop as train_loop
 from llora_jax.train import optim
@@ -97,6 +96,7 @@ def test_threefry_keys_reproduce_single_runs_even_with_dropout(tmp_path):
             "loss",
             "accuracy",
             "grad_norm",
+            "grad_norm_max",
             "nonfinite",
             "examples_per_s",
         }
@@ -130,7 +130,7 @@ def test_a_diverging_member_is_named(tmp_path):
         train_loop.Run(tmp_path / "ok", 0, 1e-2, None, data, meta={"task": "toy"}),
         train_loop.Run(tmp_path / "bad", 1, 1e-2, None, bad, meta={"task": "toy"}),
     ]
-    with pytest.raises(train_loop.TrainingDiverged, match="bad: non-finite"):
+    with pytest.raises(train_loop.TrainingDiverged, match="bad: training diverged: non-finite"):
         train_loop.fit(tm, spec, oc, lc, members)
     assert not (tmp_path / "ok" / "task_vector").exists()
 
@@ -147,8 +147,8 @@ def off(tmp_path_factory, words):  # noqa: F811
 
 
 def _study(path: Path, dropout: bool, **fields):
-    """A tiny text study (study.load_config/_experiments are how a study builds runs)."""
-    s = base_study("group", str(ROOT / "configs/minilm.py"), "tiny")
+    """A tiny text study (study_finetune.load_config/_experiments are how a study builds runs)."""
+    s = study_spec.base_study("group", str(ROOT / "configs/minilm.py"), "tiny")
     s.overrides = (
         ("backbone", str(path)),
         ("data.data_dir", str(data_dir())),
@@ -157,14 +157,14 @@ def _study(path: Path, dropout: bool, **fields):
     )
     s.progress = False
     for k, v in fields.items():
-        s[k] = v
+        setattr(s, k, v)
     return s
 
 
 def _configs(s, method, runs):
     out = []
     for task, seed, lr in runs:
-        c = study.load_config(s.config, s.config_arg, dict(s.overrides))
+        c = study_finetune.load_config(s.config, s.config_arg, dict(s.overrides))
         c.task, c.method, c.seed = task, method, seed
         c.optim.learning_rate = lr
         out.append(c)
