@@ -25,13 +25,14 @@ from ml_collections import config_flags
 
 from llora_jax import experiment
 from llora_jax.cli import analysis as cli_analysis
+from llora_jax.cli import predict as cli_predict
 from llora_jax.data import DataError, DataNotFoundError
 from llora_jax.study import runner as study
 from llora_jax.study.spec import StudySpecError
 from llora_jax.task_vectors import TaskVectorError
 from llora_jax.train.loop import TrainingDiverged
 
-COMMANDS = ("finetune", "finetune-all", "fuse", "disentangle", "report", "study")
+COMMANDS = ("finetune", "finetune-all", "fuse", "disentangle", "report", "study", "predict")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "fine-tuning config file (configs/*.py)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory of the run")
@@ -95,6 +96,8 @@ def main(argv: list[str]) -> None:
             out=_OUT.value,
             sets=_SET.value,
         )
+    elif cmd == "predict":
+        cli_predict.run()
     else:
         cli_analysis.run(
             cmd, runs=_RUNS.value, fusion=_FUSION.value, out=_OUT.value, results=_RESULTS.value
