@@ -29,7 +29,8 @@ ifeq ($(origin LLORA_DATA_DIR),undefined)
 endif
 
 .PHONY: help install install-test test demo lint format clean finetune finetune-all fuse \
-	disentangle report reproduce-text reproduce-clip reproduce-t5 bench bench-text
+	disentangle report reproduce-text reproduce-clip reproduce-t5 bench bench-text \
+	predict bench-multi
 
 help:
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -110,3 +111,12 @@ format: install-test ## apply ruff format and autofixes
 
 clean: ## remove the virtual environment and outputs
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache
+
+predict: install ## batch prediction over a bank of adapters: BANK=<dir of task vectors> INPUT=rows.jsonl [PRED=preds.jsonl] [CAPACITY=64] [BATCH=32]
+	@test -n "$(BANK)" -a -n "$(INPUT)" || (echo "set BANK=<directory of task vectors> INPUT=rows.jsonl [PRED=preds.jsonl]"; exit 2)
+	$(PY) -m llora_jax.cli predict --bank=$(BANK) --input=$(INPUT) --out=$(or $(PRED),$(OUT)/preds.jsonl) \
+		--capacity=$(or $(CAPACITY),64) --batch-size=$(or $(BATCH),32)
+
+bench-multi: install ## many adapters on one base: routed throughput vs the base model (JSON in benchmarks/results/)
+	$(PY) -m benchmarks.multi_bench --model tiny $(ARGS)
+	$(PY) -m benchmarks.multi_bench --model minilm --adapters 1,16,256,1024 --batch 16 --seq 32 $(ARGS)
