@@ -200,6 +200,7 @@ def run_baselines(rec, module, params, x, mask, a, targets, n_tokens):
         rank=a.rank,
         dtype=a.dtype,
         ragged_pallas=a.ragged_pallas,
+        targets=a.targets or "default",
     )
     base_fn = _base_fn(module)
     out = {
@@ -250,7 +251,7 @@ def run(a: argparse.Namespace) -> Path:
     if a.ragged_pallas:  # GPU: the Pallas Triton lowering of ragged_dot (issue 23)
         jax.config.update("jax_ragged_dot_use_gpu_pallas_triton_lowering", True)
     module, params = build_model(a.model, DTYPES[a.dtype], a.model_dir)
-    targets = bert.DEFAULT_LORA_TARGETS
+    targets = tuple(a.targets.split(",")) if a.targets else bert.DEFAULT_LORA_TARGETS
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.integers(5, 90, (a.batch, a.seq)), jnp.int32)
     mask = jnp.ones_like(x)
@@ -335,6 +336,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument(
+        "--targets", default="", help="adapted layers (regexes, comma-separated; default q,v)"
+    )
     ap.add_argument("--dtype", default="f32", choices=tuple(DTYPES), help="weights, bank, compute")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
