@@ -20,6 +20,7 @@ from typing import Any
 
 from absl import flags
 
+from llora_jax import experiment
 from llora_jax.errors import UserError, run_cli
 from llora_jax.serving import row_tasks
 from llora_jax.serving.bank import AdapterBank
@@ -66,7 +67,12 @@ def predict_command(
         raise PredictUsageError(f"--bank {bank_dir}: {e}") from e
     # Every row is parsed and its adapter checked before any model loads.
     read_rows(bank, input_jsonl)
-    tasks = row_tasks.tasks_from_configs(bank.metas, config)
+    # One config: every row is its task's; else each adapter's stored config.
+    tasks = (
+        row_tasks.row_task_from_config(config, experiment.BackboneCache())
+        if config is not None
+        else row_tasks.tasks_from_configs(bank.metas)
+    )
     out = predict_file(
         bank,
         tasks,

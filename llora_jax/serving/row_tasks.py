@@ -161,15 +161,12 @@ def _pad_heads(tasks: dict[str, RowTask]) -> dict[str, RowTask]:
     }
 
 
-def tasks_from_configs(metas: Mapping[str, dict], config: Any | None = None) -> dict[str, RowTask]:
-    """{task name: RowTask} for a bank's adapters (``metas``: name → task-vector meta).
-
-    Each task's model comes from ``config`` when given (every row then uses its task),
-    else from the ``meta["config"]`` its fine-tuning run stored. Adapters without one
-    (imported PEFT adapters) need ``config``."""
+def tasks_from_configs(metas: Mapping[str, dict]) -> dict[str, RowTask]:
+    """{task name: RowTask} for a bank's adapters (``metas``: name → task-vector meta),
+    each task's model from the ``meta["config"]`` its fine-tuning run stored. Adapters
+    without one (imported PEFT adapters) need one config for all rows instead
+    (:func:`row_task_from_config`)."""
     cache = experiment.BackboneCache()
-    if config is not None:
-        return {str(config.task): row_task_from_config(config, cache)}
     configs: dict[str, Any] = {}
     missing = []
     for name, meta in metas.items():

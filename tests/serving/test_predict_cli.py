@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
 
 from configs import minilm
 from llora_jax import experiment, forward, task_vectors
@@ -19,10 +20,13 @@ from llora_jax.cli import predict as cli_predict
 from llora_jax.data import get_task
 from llora_jax.evaluation import grid as grid_eval
 from llora_jax.fusion.programs import Member
+from llora_jax.interop import api as interop
+from llora_jax.interop import delta_w as dw
 from llora_jax.serving import members as members_lib
 from llora_jax.serving import predict as predict_lib
 from llora_jax.serving import row_tasks
 from llora_jax.tasks import Experiment, text_encoder
+from tests.fixtures import interop_models as im
 from tests.fixtures import tiny_models
 
 SST2 = ["a fine film", "dull and slow", "the best of the year", "not good at all", "fine"]
@@ -202,3 +206,32 @@ def test_predict_members_equals_per_task_evaluation(bank_dir):
         ad, phi, phi0 = saved["user_a" if m.task == "sst2" else "rte_1"]
         want = grid_eval.predict(m.exp.tm, ad, phi, phi0, m.exp.arrays["test"], batch_size=2)
         np.testing.assert_allclose(got[m.task], want, rtol=1e-5, atol=1e-5)
+
+
+def test_predict_command_with_a_config_serves_imported_peft_adapters(bank_dir, tmp_path):
+    """Imported adapters carry no fine-tuning config: --config names the task model."""
+    _, path, _ = bank_dir
+    im.peft_adapter(
+        transformers.BertModel.from_pretrained(path),
+        tmp_path / "peft_a",
+        seed=3,
+        r=2,
+        lora_alpha=4,
+        target_modules=["query", "value"],
+    )
+    interop.import_peft([tmp_path / "peft_a"], path, tmp_path / "bank")
+    rows = [{"id": i, "adapter": "peft_a", "sentence": s} for i, s in enumerate(SST2)]
+    src, out = tmp_path / "rows.jsonl", tmp_path / "preds.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ValueError, match="carry no fine-tuning config.*--config"):
+        cli_predict.predict_command(tmp_path / "bank", src, out, progress=False)
+    c = _config(path, "sst2")
+    cli_predict.predict_command(tmp_path / "bank", src, out, config=c, progress=False)
+    got = [json.loads(ln)["prediction"] for ln in out.read_text().splitlines()]
+    # Reference: the base model with W0 + ΔW folded in, evaluated per row.
+    rt = row_tasks.row_task_from_config(c, experiment.BackboneCache())
+    tau = task_vectors.load(tmp_path / "bank" / "peft_a").tau
+    tm = dataclasses.replace(rt.task_model, params=dw.merged_params(rt.task_model.params, tau))
+    arrays = rt.encode(rows)
+    logits = tm.readout(_base_call(tm), arrays, tm.head, False)["logits"]
+    assert got == [get_task("sst2").label_names[int(i)] for i in np.argmax(logits, -1)]
