@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from benchmarks.multi_bench import DTYPES, build_model, params_at
+from benchmarks.multi_bench import DTYPES, params_at
+from benchmarks.multi_models import build_model
 from llora_jax import adapters
 from llora_jax.adapters import routed
 from llora_jax.backbones import bert
