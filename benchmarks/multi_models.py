@@ -36,6 +36,7 @@ TINY_VIT = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
     image_size=32, patch_size=8,
 )  # fmt: skip
+T5_ENCODER_QV = (r"^encoder/.*SelfAttention/(q|v)/kernel$",)
 MODELS = ("tiny", "bert-base", "minilm", "t5-base", "clip-b16", "tiny-t5", "tiny-clip")
 
 
