@@ -30,7 +30,7 @@ endif
 
 .PHONY: help install install-test test demo lint format clean finetune finetune-all fuse \
 	disentangle report reproduce-text reproduce-clip reproduce-t5 bench bench-text \
-	import-peft export-peft export-hf
+	import-peft export-peft export-hf predict bench-multi
 
 help:
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -136,3 +136,12 @@ export-peft: install ## task vector TV (or the MERGE=<method> of several) as a P
 export-hf: install ## task vector TV (or the MERGE=<method> of several) merged into the backbone: an HF checkpoint DEST
 	@test -n "$(TV)" -a -n "$(DEST)" || (echo "set TV=<task vector or run dir> DEST=<out dir>"; exit 2)
 	$(PY) -m llora_jax.cli export-hf $(TV) --out=$(DEST) $(_MERGE_ARGS) $(ARGS)
+
+predict: install ## batch prediction over a bank of adapters: BANK=<dir of task vectors> INPUT=rows.jsonl [PRED=preds.jsonl] [CAPACITY=64] [BATCH=32]
+	@test -n "$(BANK)" -a -n "$(INPUT)" || (echo "set BANK=<directory of task vectors> INPUT=rows.jsonl [PRED=preds.jsonl]"; exit 2)
+	$(PY) -m llora_jax.cli predict --bank=$(BANK) --input=$(INPUT) --out=$(or $(PRED),$(OUT)/preds.jsonl) \
+		--capacity=$(or $(CAPACITY),64) --batch-size=$(or $(BATCH),32)
+
+bench-multi: install ## many adapters on one base: routed throughput vs the base model (JSON in benchmarks/results/)
+	$(PY) -m benchmarks.multi_bench --model tiny $(ARGS)
+	$(PY) -m benchmarks.multi_bench --model minilm --adapters 1,16,256,1024 --batch 16 --seq 32 $(ARGS)

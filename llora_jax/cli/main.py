@@ -8,6 +8,7 @@ Commands:
   disentangle   disentanglement-error heatmap for the two task vectors of --runs
   report        tables and figures from --results=results.json
   study         run a whole study (experiments/<study>/study.py)
+  predict       batch prediction over a bank of adapters (cli/predict.py)
   import-peft, export-peft, export-hf   adapters in and out (cli/interop.py, argparse)
 
 Errors a user can cause (a bad flag, config value or config-file argument, missing
@@ -37,6 +38,7 @@ from ml_collections import config_flags
 from llora_jax import config_checks, errors, experiment, fusion
 from llora_jax.cli import analysis as cli_analysis
 from llora_jax.cli import interop as cli_interop
+from llora_jax.cli import predict as cli_predict
 from llora_jax.study import runner as study
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "fine-tuning config file (configs/*.py)")
@@ -135,6 +137,7 @@ COMMANDS: dict[str, Callable[[], None]] = {
     "disentangle": analysis("disentangle"),
     "report": analysis("report"),
     "study": run_study,
+    "predict": cli_predict.run,
 }
 
 

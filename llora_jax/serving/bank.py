@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy as np
 from llora_jax import task_vectors
 from llora_jax import tree as tree_lib
 from llora_jax.adapters import routed
+from llora_jax.serving import entries
 
 PyTree = Any
 
@@ -71,36 +71,6 @@ def _dir_stamp(path: Path) -> tuple:
         st = os.stat(p)
         out.append((st.st_ino, st.st_size, st.st_mtime_ns))
     return tuple(out)
-
-
-def entry_from_task_vector(t: task_vectors.TaskVector) -> dict:
-    """A routed-bank entry from a loaded task vector (φ = φ0 + τ)."""
-    meta, where = t.meta, t.path or t.task
-    if meta.get("adapter_kind") != "lora":
-        raise ValueError(
-            f"{where}: adapter_kind {meta.get('adapter_kind')!r} cannot be routed; a bank holds "
-            "LoRA / L-LoRA adapters (full fine-tuning deltas are whole models)"
-        )
-    mode = meta.get("mode")
-    if mode not in ("lora", "l_lora"):
-        raise ValueError(
-            f"{where}: mode {mode!r} cannot be routed (l_lora_model linearizes the whole "
-            "network, which is no per-layer branch); a bank holds lora and l_lora adapters"
-        )
-    if t.phi0 is None:
-        raise ValueError(f"{where}: the task vector has no phi0, needed to rebuild φ = φ0 + τ")
-    scale = float(meta["alpha"]) / float(meta["rank"])
-    phi = tree_lib.add(t.phi0, t.tau)
-    return (
-        routed.lora_entry(phi, scale) if mode == "lora" else routed.l_lora_entry(phi, t.phi0, scale)
-    )
-
-
-def _cast(entry: dict, dtype: Any) -> dict:
-    return {
-        p: {k: (v if k == "scale" else np.asarray(v).astype(dtype)) for k, v in lay.items()}
-        for p, lay in entry.items()
-    }
 
 
 class AdapterBank:
@@ -140,8 +110,9 @@ class AdapterBank:
             if not task_vectors.is_task_vector(path):
                 raise ValueError(f"adapter {name!r}: {path} is not a task-vector directory")
             self._paths[name] = path
-            metas[name] = _read_meta(path)
+            metas[name] = entries.read_meta(path)
         self.names = tuple(sources)
+        self.metas = metas  # task-vector metadata by name (none for in-memory entries)
         self.kind = self._resolve_kind(kind, metas)
         self.max_rank = max_rank or self._declared_max_rank(metas)
         self._slots: collections.OrderedDict[str, tuple[int, str]] = collections.OrderedDict()
@@ -186,13 +157,18 @@ class AdapterBank:
             if kind not in routed.BANK_KINDS:
                 raise ValueError(f"unknown bank kind {kind!r}; valid: auto, {routed.BANK_KINDS}")
             return kind
-        if any("W" in lay for h in self._host.values() for lay in h.entry.values()):
+        dense_in_memory = any("W" in lay for h in self._host.values() for lay in h.entry.values())
+        if dense_in_memory or any(m.get("adapter_kind") == "delta_w" for m in metas.values()):
             return "dense"
         phi0s = {m.get("phi0_fingerprint") for m in metas.values()}
         modes = {m.get("mode") for m in metas.values()}
         if not self._host and modes == {"l_lora"} and len(phi0s) == 1:
             return "shared_a"
         return "factors"
+
+    def task_of(self, name: str) -> str | None:
+        """The task an adapter was trained for (its task vector's ``meta["task"]``)."""
+        return self.metas.get(name, {}).get("task")
 
     def _declared_max_rank(self, metas: dict) -> int:
         ranks = [int(m.get("rank") or 0) for m in metas.values()]
@@ -205,7 +181,9 @@ class AdapterBank:
     def _read(self, name: str) -> HostEntry:
         path = self._paths[name]
         stamp = self._stamp(name)
-        entry = _cast(entry_from_task_vector(task_vectors.load(path)), np.float32)
+        entry = entries.cast_entry(
+            entries.entry_from_task_vector(task_vectors.load(path)), np.float32
+        )
         return HostEntry(entry, tree_lib.fingerprint(entry), stamp)
 
     def _stamp(self, name: str) -> tuple:
@@ -371,13 +349,3 @@ def _scatter(bank: routed.RoutedBank, new: dict, slots: jax.Array) -> routed.Rou
         for k, v in new[p].items():
             layers[p][k] = lay[k].at[slots].set(v.astype(lay[k].dtype))
     return routed.RoutedBank(layers=layers, kind=bank.kind)
-
-
-def _read_meta(path: Path) -> dict:
-    """Only the metadata, without restoring the arrays (the bank reads those lazily)."""
-    try:
-        return json.loads((path / task_vectors.META_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise task_vectors.TaskVectorError(
-            f"{path / task_vectors.META_FILE} is not valid JSON: {e}"
-        ) from e

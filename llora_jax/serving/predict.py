@@ -21,7 +21,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,16 @@ from tqdm import tqdm
 
 from llora_jax.adapters import routed
 from llora_jax.data import tokenize
+from llora_jax.errors import UserError
 from llora_jax.serving.bank import AdapterBank
 from llora_jax.types import TaskModel
 
 log = logging.getLogger(__name__)
+
+
+class PredictInputError(UserError, ValueError):
+    """Input rows that cannot be predicted (bad JSON, unknown adapter, missing fields)."""
+
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 MIN_BUCKET = 8
@@ -109,11 +115,17 @@ def _bucket(length: int, max_length: int) -> int:
 
 
 def plan_batches(
-    adapters: Sequence[str | None], buckets: Sequence[int], batch_size: int, capacity: int
+    adapters: Sequence[str | None],
+    buckets: Sequence[int],
+    batch_size: int,
+    capacity: int,
+    groups: Sequence[str] | None = None,
 ) -> list[list[int]]:
-    """Row indices grouped by (bucket, adapter); a batch never spans two buckets or holds
-    more than ``capacity`` distinct adapters."""
-    order = sorted(range(len(adapters)), key=lambda i: (buckets[i], adapters[i] or "", i))
+    """Row indices grouped by (group, bucket, adapter); a batch never spans two groups
+    (tasks) or buckets, or holds more than ``capacity`` distinct adapters."""
+    groups = groups or [""] * len(adapters)
+    key = [(groups[i], buckets[i]) for i in range(len(adapters))]
+    order = sorted(range(len(adapters)), key=lambda i: (key[i], adapters[i] or "", i))
     batches: list[list[int]] = []
     cur: list[int] = []
     names: set[str | None] = set()
@@ -121,7 +133,7 @@ def plan_batches(
         new_name = adapters[i] is not None and adapters[i] not in names
         full = len(cur) == batch_size
         too_many = new_name and len(names - {None}) >= capacity
-        if cur and (full or buckets[i] != buckets[cur[0]] or too_many):
+        if cur and (full or key[i] != key[cur[0]] or too_many):
             batches.append(cur)
             cur, names = [], set()
         cur.append(i)
@@ -131,60 +143,97 @@ def plan_batches(
     return batches
 
 
+Tasks = RowTask | Mapping[str, RowTask]
+
+
+def row_task_names(bank: AdapterBank, tasks: Tasks, rows: Sequence[dict]) -> list[str]:
+    """Each row's task: ``""`` for one RowTask; with a mapping, the row's ``"task"`` field,
+    else the task its adapter was trained for (``bank.task_of``)."""
+    if isinstance(tasks, RowTask):
+        return [""] * len(rows)
+    out = []
+    for r in rows:
+        name = r.get("task")
+        if name is None and r.get("adapter") is not None:
+            name = bank.task_of(r["adapter"])
+        out.append(name)
+    return out
+
+
+def _encode(task: RowTask, rows: Sequence[dict]) -> tuple[dict, list[int]]:
+    """(arrays, each row's length bucket) of one task's rows."""
+    arrays = {k: np.asarray(v) for k, v in task.encode(rows).items()}
+    if "attention_mask" in arrays:
+        width = arrays["attention_mask"].shape[1]
+        lengths = arrays["attention_mask"].sum(axis=1)
+        return arrays, [_bucket(int(n), width) for n in lengths]
+    return arrays, [0] * len(rows)
+
+
 def predict_rows(
     bank: AdapterBank,
-    task: RowTask,
+    task: Tasks,
     rows: Sequence[dict],
     *,
     batch_size: int = 32,
     impl: str = "auto",
     progress: bool = True,
 ) -> list[Any]:
-    """Predictions for ``rows`` (validated by the caller), in input order."""
+    """Predictions for ``rows`` (validated by the caller), in input order.
+
+    ``task``: one RowTask for every row, or {task name: RowTask} (rows of one batch then
+    share a task, whose head the batch uses; task models whose functions and head shapes
+    agree share one compiled program)."""
     if not rows:
         return []
-    arrays = task.encode(rows)
-    tm = task.task_model
-    token_len = arrays["input_ids"].shape[1] if "input_ids" in arrays else 0
-    if "attention_mask" in arrays:
-        lengths = np.asarray(arrays["attention_mask"]).sum(axis=1)
-        buckets = [_bucket(int(n), token_len) for n in lengths]
-    else:
-        lengths = np.zeros(len(rows), np.int64)
-        buckets = [0] * len(rows)
+    names = row_task_names(bank, task, rows)
+    by_task = {"": task} if isinstance(task, RowTask) else task
+    where, buckets = [0] * len(rows), [0] * len(rows)
+    arrays = {}
+    for t in dict.fromkeys(names):
+        idx = [i for i, n in enumerate(names) if n == t]
+        arrays[t], bks = _encode(by_task[t], [rows[i] for i in idx])
+        for j, (i, b) in enumerate(zip(idx, bks)):
+            where[i], buckets[i] = j, b
     adapters = [r.get("adapter") for r in rows]
-    run = _predict_fn(tm.module, tm.readout, tm.predict, impl)
+    tokens = sum(buckets)  # bucketed tokens, an upper bound on real tokens
     preds: list[Any] = [None] * len(rows)
     start = time.perf_counter()
     with tqdm(total=len(rows), disable=not progress, desc="predict", unit="row") as bar:
-        for idx in plan_batches(adapters, buckets, batch_size, bank.capacity):
+        for idx in plan_batches(adapters, buckets, batch_size, bank.capacity, names):
+            rt = by_task[names[idx[0]]]
+            tm = rt.task_model
+            run = _predict_fn(tm.module, tm.readout, tm.predict, impl)
             # Pad to a fixed batch with copies of the first row run on the base model.
-            padded = idx + [idx[0]] * (batch_size - len(idx))
-            names = [adapters[i] for i in idx] + [None] * (batch_size - len(idx))
-            dev_bank, ids = bank.resolve(names)
-            batch = {}
-            for k, v in arrays.items():
-                v = np.asarray(v)[padded]
-                batch[k] = v[:, : buckets[idx[0]]] if k in task.token_keys else v
+            pos = [where[i] for i in idx]
+            pos += [pos[0]] * (batch_size - len(idx))
+            ids_names = [adapters[i] for i in idx] + [None] * (batch_size - len(idx))
+            dev_bank, ids = bank.resolve(ids_names)
+            width = buckets[idx[0]]
+            batch = {
+                k: (v[pos][:, :width] if k in rt.token_keys else v[pos])
+                for k, v in arrays[names[idx[0]]].items()
+            }
             out = np.asarray(run(tm.params, tm.head, dev_bank, ids, batch))
             for j, i in enumerate(idx):
-                preds[i] = task.decode(out[j])
+                preds[i] = rt.decode(out[j])
             bar.update(len(idx))
     secs = time.perf_counter() - start
     log.info(
-        "predicted %d rows in %.2f s: %.1f examples/s, %.1f tokens/s (cache: %s)",
+        "predicted %d rows in %.2f s: %.1f examples/s, %.1f tokens/s (padded to buckets; "
+        "cache: %s)",
         len(rows),
         secs,
         len(rows) / secs,
-        float(lengths.sum()) / secs,
+        tokens / secs,
         dataclasses.asdict(bank.stats),
     )
     return preds
 
 
-def validate_rows(bank: AdapterBank, task: RowTask, lines: Sequence[str]) -> list[dict]:
+def validate_rows(bank: AdapterBank, task: Tasks | None, lines: Sequence[str]) -> list[dict]:
     """Parse and check every line; raise one error naming each bad row (its line number)
-    and its adapter."""
+    and its adapter. ``task=None`` checks JSON and adapters only (before models load)."""
     rows, problems = [], []
     known = set(bank.names)
     for n, line in enumerate(lines, start=1):
@@ -199,29 +248,52 @@ def validate_rows(bank: AdapterBank, task: RowTask, lines: Sequence[str]) -> lis
             problems.append(f"row {n}: a JSON object is needed, got {type(row).__name__}")
             continue
         name = row.get("adapter")
+        fields = _fields(task)
         if "adapter" not in row:
             problems.append(f"row {n}: no 'adapter' field (a bank name, or null for the base)")
         elif name is not None and name not in known:
             problems.append(f"row {n}: adapter {name!r} is not in the bank")
-        missing = [f for f in task.fields if row.get(f) is None]
+        elif task is not None and not isinstance(task, RowTask):
+            t = row_task_names(bank, task, [row])[0]
+            if t not in task:
+                how = "a 'task' field" if name is None else f"a task in adapter {name!r}'s meta"
+                problems.append(
+                    f"row {n} (adapter {name!r}): task {t!r} is not one of {sorted(task)}; "
+                    f"give {how}"
+                )
+            else:
+                fields = task[t].fields
+        missing = [f for f in fields if row.get(f) is None]
         if missing:
             problems.append(f"row {n} (adapter {name!r}): missing field(s) {missing}")
         rows.append(row)
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ValueError(
+        raise PredictInputError(
             f"{len(problems)} bad input row(s), nothing was predicted: "
             + "; ".join(problems[:5])
             + more
             + f". Each row needs 'adapter' (one of the bank's {len(known)} names, or null) "
-            f"and the fields {list(task.fields)}"
+            f"and its task's fields"
         )
     return rows
 
 
+def _fields(task: Tasks | None) -> tuple[str, ...]:
+    return task.fields if isinstance(task, RowTask) else ()
+
+
+def read_rows(bank: AdapterBank, input_jsonl: str | os.PathLike, task: Tasks | None = None):
+    """The validated rows of a JSON-lines file (see :func:`validate_rows`)."""
+    src = Path(input_jsonl)
+    if not src.is_file():
+        raise PredictInputError(f"no input file {src} (one JSON object a line)")
+    return validate_rows(bank, task, src.read_text().splitlines())
+
+
 def predict_file(
     bank: AdapterBank,
-    task: RowTask,
+    task: Tasks,
     input_jsonl: str | os.PathLike,
     out_jsonl: str | os.PathLike,
     *,
@@ -231,11 +303,8 @@ def predict_file(
 ) -> dict:
     """Predict every row of ``input_jsonl`` into ``out_jsonl`` (one JSON object a line,
     in input order: ``{"adapter", "prediction"}`` plus the row's ``"id"`` if it has one)."""
-    src, dst = Path(input_jsonl), Path(out_jsonl)
-    if not src.is_file():
-        raise FileNotFoundError(f"no input file {src}")
-    lines = src.read_text().splitlines()
-    rows = validate_rows(bank, task, lines)
+    dst = Path(out_jsonl)
+    rows = read_rows(bank, input_jsonl, task)
     preds = predict_rows(bank, task, rows, batch_size=batch_size, impl=impl, progress=progress)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"

@@ -36,3 +36,18 @@ def test_tiny_multi_bench_runs_every_case(tmp_path):
         if "max_abs_diff_vs_gather" in m["config"]
     ]
     assert diffs and max(diffs) <= 1e-5
+
+
+def test_tiny_t5_encoder_and_clip_vision_run_and_agree(tmp_path):
+    """The T5 encoder and CLIP vision-tower forms (issue 23's backbones) in tiny form."""
+    for model in ("tiny-t5", "tiny-clip"):
+        out = tmp_path / f"{model}.json"
+        argv = ["--model", model, "--adapters", "3", "--batch", "4", "--seq", "8"]
+        argv += ["--repeats", "1", "--impls", "gather,onehot,shared_a", "--out", str(out)]
+        argv += ["--compositions", "distinct"]
+        multi_bench.main(argv)
+        items = json.loads(out.read_text())["measurements"]
+        assert not [m["name"] for m in items if m["error"]], model
+        assert {"N=3 distinct gather", "N=3 distinct shared_a"} <= {m["name"] for m in items}
+        diffs = [m["config"]["max_abs_diff_vs_gather"] for m in items if "max_abs_diff_vs_gather" in m["config"]]  # fmt: skip
+        assert len(diffs) == 2 and max(diffs) <= 1e-5, model

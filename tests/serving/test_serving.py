@@ -11,7 +11,7 @@ import pytest
 from llora_jax import adapters, task_vectors
 from llora_jax import tree as tree_lib
 from llora_jax.adapters import routed
-from llora_jax.backbones import bert
+from llora_jax.backbones import bert, pooling
 from llora_jax.serving import bank as bank_lib
 from llora_jax.serving import predict as predict_lib
 from llora_jax.types import TaskModel
@@ -163,7 +163,7 @@ def _task():
 
     def readout(call, batch, head, train):
         h = call(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        return {"logits": bert.mean_pool(h, batch["attention_mask"]) @ head}
+        return {"logits": pooling.mean_pool(h, batch["attention_mask"]) @ head}
 
     head = jax.random.normal(jax.random.key(5), (16, 3))
     tm = TaskModel(m, params, readout, None, lambda out, batch: out["logits"], head=head)
