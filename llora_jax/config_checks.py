@@ -15,6 +15,7 @@ from typing import Any
 
 from llora_jax.backbones.attention import ATTENTION_IMPLS
 from llora_jax.errors import ConfigError
+from llora_jax.train import optim
 from llora_jax.train.sharding import RULES
 from llora_jax.types import METHODS
 
@@ -28,15 +29,16 @@ __all__ = [
     "validate_run_config",
 ]
 
-# Names the library accepts (kept beside the checks; experiment.KINDS and
-# train.make_optimizer use the same names).
+# Names the library accepts. KINDS is tasks.KINDS (tests/test_config_checks.py checks they
+# agree: the tasks package is too heavy to import for a config check).
 KINDS = ("text_encoder", "t5", "clip")
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = optim.OPTIMIZERS
+SCHEDULES = optim.SCHEDULES
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARAM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 RNG_IMPLS = ("rbg", "unsafe_rbg", "threefry2x32")
-SOURCES = ("auto", "local", "tfds")
+SOURCES = ("auto", "local", "tfds", "hf")
+SOURCE_PREFIXES = ("hf:", "folder:")  # hf:<hub id or dir>[#<config>], folder:<root>
 INIT_B = ("zero", "normal")
 TEMPLATES = ("paper", "ensemble")
 IMAGE_MODES = ("clip", "resize")
@@ -82,6 +84,17 @@ def _one_of(names: Iterable[str]) -> Check:
         return None
 
     return check
+
+
+def _source(v: Any) -> str | None:
+    if isinstance(v, str) and any(v.startswith(p) and v[len(p) :].strip() for p in SOURCE_PREFIXES):
+        return None
+    if v in SOURCES:
+        return None
+    return (
+        f"unknown value {v!r}; valid: {', '.join(SOURCES)}, hf:<hub id or directory>[#<config>], "
+        "folder:<root>"
+    )
 
 
 def _text(v: Any) -> str | None:
@@ -131,7 +144,9 @@ RULES_BY_FIELD: dict[str, Check] = {
     "tensorboard": _bool,
     "rng_impl": _one_of(RNG_IMPLS),
     "eval_batch_size": _int(1),
-    "data.source": _one_of(SOURCES),
+    "data.source": _source,
+    "data.skip_corrupt": _bool,
+    "data.workers": _int(0),
     "data.val_size": _int(0),
     "data.val_max": _int(0),
     "data.max_len": _int(1),

@@ -17,7 +17,15 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn, TextIO
 
-__all__ = ["USER_ERROR_EXIT_CODE", "ConfigError", "UserError", "exit_with", "one_line", "run_cli"]
+__all__ = [
+    "USER_ERROR_EXIT_CODE",
+    "ConfigError",
+    "UsageError",
+    "UserError",
+    "exit_with",
+    "one_line",
+    "run_cli",
+]
 
 USER_ERROR_EXIT_CODE = 2  # the usual exit status of a command-line usage mistake
 
@@ -28,6 +36,10 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A configuration value or config-file argument that cannot be used."""
+
+
+class UsageError(UserError):
+    """A command line that cannot be run: an unknown command or flag, a missing flag."""
 
 
 def one_line(message: str) -> str:

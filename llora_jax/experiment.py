@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from llora_jax import data, tasks
+from llora_jax import config_checks, data, tasks
 from llora_jax.adapters import LoraConfig
 from llora_jax.backbones import hf, tokenizers
 from llora_jax.backbones.attention import attention_for_method, with_attention_impl
 from llora_jax.data import vision
+from llora_jax.data.fingerprint import check_same_data, task_fingerprint
 from llora_jax.evaluation import grid as grid_eval
 from llora_jax.tasks import Experiment
 from llora_jax.train import group as train_group
@@ -105,7 +107,9 @@ def loop_config(c: Any, progress: bool = True) -> train_loop.LoopConfig:
     )
 
 
-def _load_splits(c: Any) -> dict[str, Any]:
+def load_splits(c: Any) -> dict[str, Any]:
+    """The task's train / validation / test splits as config ``c`` reads them (data only:
+    ``finetune-all`` checks every task's data before it trains the first)."""
     kw = dict(
         data_dir=c.data.data_dir or None,
         source=c.data.source,
@@ -135,21 +139,25 @@ def _kind_arguments(c: Any) -> dict:
 
 
 def build(c: Any, cache: BackboneCache | None = None) -> Experiment:
-    """Build the experiment that config ``c`` describes."""
+    """Build the experiment that config ``c`` describes (validated before anything loads).
+
+    ``Experiment.data`` records where each split came from and a hash of its rows
+    (``task_fingerprint``): it goes into ``run.json`` and the task vector's meta."""
     check_method(c.method)
     if c.kind not in tasks.KINDS:
         raise ValueError(f"unknown config.kind {c.kind!r}; valid kinds: {', '.join(tasks.KINDS)}")
     attention = attention_for_method(str(c.get("attention_impl", "auto")), c.method)
+    config_checks.validate_run_config(c)
     cache = cache or BackboneCache()
     dtype = compute_dtype(c.dtype)
-    splits = _load_splits(c)  # first: a missing dataset is reported before any model loads
+    splits = load_splits(c)  # first: a missing dataset is reported before any model loads
     bb, tok = cache.get(c.backbone, dtype, compute_dtype(c.param_dtype), attention)
     limits = {
         "train": int(c.data.train_limit),
         "validation": int(c.data.eval_limit),
         "test": int(c.data.eval_limit),
     }
-    return tasks.BUILDERS[c.kind](
+    exp = tasks.BUILDERS[c.kind](
         bb,
         tok,
         splits,
@@ -158,6 +166,27 @@ def build(c: Any, cache: BackboneCache | None = None) -> Experiment:
         limits=limits,
         **_kind_arguments(c),
     )
+    return dataclasses.replace(exp, data=task_fingerprint(splits))
+
+
+def check_scored_data(meta: dict, exp: Experiment, recorded_by: str) -> None:
+    """Refuse to score a task vector on other validation / test rows than it was scored on.
+
+    ``meta``: the task vector's meta (``meta["data"]`` is the provenance ``finetune``
+    recorded); ``exp``: the experiment its run's config builds now. Vectors made before
+    provenance was recorded cannot be checked: a warning says so.
+    """
+    recorded = meta.get("data")
+    if not recorded:
+        warnings.warn(
+            f"{recorded_by} records no data provenance (made before llora-jax recorded it); "
+            "cannot check that it is scored on the data it was made with",
+            stacklevel=2,
+        )
+        return
+    if exp.data is None:
+        return  # an experiment built without a config (tests, library use)
+    check_same_data(recorded, exp.data, splits=("validation", "test"), recorded_by=recorded_by)
 
 
 # ----------------------------------------------------------------------------- running
@@ -205,14 +234,22 @@ def _periodic_eval(exp: Experiment, c: Any) -> Callable[[Any, Any], dict]:
 
 
 def _meta(exp: Experiment, c: Any) -> dict:
-    return {"task": exp.task, "model": c.model, "config": json.loads(c.to_json_best_effort())}
+    return {
+        "task": exp.task,
+        "model": c.model,
+        "config": json.loads(c.to_json_best_effort()),
+        "data": exp.data,  # provenance: fuse / disentangle / the study check it
+    }
 
 
-def _write_config(c: Any, workdir: str | Path) -> Path:
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(c.to_json_best_effort(indent=2, sort_keys=True))
-    return workdir
+def _run_record(exp: Experiment, c: Any) -> dict:
+    """What the loop records in and checks against ``run.json``, and the ``config.json`` it
+    writes once the workdir is claimed (after a ``--restart`` moved the old one aside)."""
+    return dict(
+        config=json.loads(c.to_json_best_effort()),
+        data_fingerprint=exp.data["digest"] if exp.data else None,
+        files={"config.json": c.to_json_best_effort(indent=2, sort_keys=True)},
+    )
 
 
 def run_finetune(
@@ -222,15 +259,17 @@ def run_finetune(
     progress: bool = True,
     mesh: Any = None,
     exp: Experiment | None = None,
+    restart: bool = False,
 ) -> dict:
     """Fine-tune one task as configured; writes checkpoints, metrics and the task vector.
 
     ``exp``: an already built experiment of this task and config (a study reuses one
     per task: data, tokenisation and heads do not depend on method, seed or rate).
+    ``restart``: move an old run in ``workdir`` aside and start over (``--restart``).
     Returns the final metrics ({"val/...": ..., "test/...": ...}).
     """
+    config_checks.validate_run_config(c)
     exp = build(c, cache) if exp is None else _with_method(exp, c)
-    workdir = _write_config(c, workdir)
     return train_loop.finetune(
         exp.tm,
         exp.spec,
@@ -242,6 +281,8 @@ def run_finetune(
         final_eval=_final_eval(exp, c),
         meta=_meta(exp, c),
         mesh=mesh,
+        restart=restart,
+        **_run_record(exp, c),
     )
 
 
@@ -298,6 +339,8 @@ def run_finetune_group(
     Returns every run's final metrics, in order.
     """
 
+    for c in configs:
+        config_checks.validate_run_config(c)
     check_group_configs(configs)
     if len(workdirs) != len(configs) or (exps is not None and len(exps) != len(configs)):
         raise ValueError(
@@ -330,10 +373,9 @@ def run_finetune_group(
             final_eval=_final_eval(e, c),
             evaluate=_periodic_eval(e, c),
             meta=_meta(e, c),
+            **_run_record(e, c),
         )
         for c, wd, e in zip(configs, workdirs, exps)
     ]
     train_group.check_runs(members)  # before anything is written
-    for c, wd in zip(configs, workdirs):
-        _write_config(c, wd)
     return train_loop.fit(exps[0].tm, exps[0].spec, oc, lc, members, mesh=mesh, group_step=True)

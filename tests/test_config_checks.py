@@ -79,7 +79,7 @@ BAD = [
     ("attention_impl", "flash", "attention_impl unknown value 'flash'"),
     ("rng_impl", "threefry", "rng_impl unknown value 'threefry'"),
     ("tensorboard", "yes", "tensorboard must be true or false"),
-    ("data.source", "hf", "data.source unknown value 'hf'"),
+    ("data.source", "hugginface", "data.source unknown value 'hugginface'"),
     ("data.max_len", 0, "data.max_len must be >= 1"),
     ("data.val_size", -1, "data.val_size must be >= 0"),
     ("data.train_limit", -1, "data.train_limit must be >= 0"),
@@ -176,3 +176,42 @@ def test_known_arguments_still_work():
     assert t5.get_config("large").model == "flan_t5_large"
     assert clip.get_config("l14,tiny").model == "clip_vit_l14"
     assert common.parse_arg("", ("tiny",), "x.py") == set()
+
+
+@pytest.mark.parametrize(
+    "source, ok",
+    [
+        ("auto", True),
+        ("hf", True),
+        ("hf:tanganke/dtd", True),
+        ("hf:/data/hf/sun397#default", True),
+        ("folder:/data/pets", True),
+        ("hf:", False),
+        ("folder: ", False),
+        ("huggingface", False),
+    ],
+)
+def test_every_data_source_the_loader_reads_is_accepted(source, ok):
+    problems = config_checks.config_problems(_with("data.source", source))
+    assert (problems == []) == ok, problems
+    if not ok:
+        assert "hf:<hub id or directory>" in problems[0]
+
+
+def test_streaming_fields_are_checked():
+    assert config_checks.config_problems(_with("data.workers", -1)) == [
+        "data.workers must be >= 0, got -1"
+    ]
+    assert (
+        "must be true or false"
+        in config_checks.config_problems(_with("data.skip_corrupt", "yes"))[0]
+    )
+
+
+def test_names_agree_with_the_modules_that_use_them():
+    from llora_jax import tasks  # heavy: only this test needs the task builders
+    from llora_jax.train import optim
+
+    assert config_checks.KINDS == tasks.KINDS
+    assert config_checks.OPTIMIZERS == optim.OPTIMIZERS
+    assert config_checks.SCHEDULES == optim.SCHEDULES

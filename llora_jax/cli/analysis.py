@@ -2,7 +2,9 @@
 
 A run directory is what ``finetune`` writes: ``config.json`` (the exact config)
 and ``task_vector/``. The config rebuilds each task's readout and data, so the
-merged models are evaluated exactly as the single-task ones were.
+merged models are evaluated exactly as the single-task ones were; a task vector
+scored on other validation or test rows than the data now loaded is refused
+(``experiment.check_scored_data``), and so is a run or task given twice.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from ml_collections import ConfigDict
 
 from llora_jax import experiment, task_vectors
+from llora_jax.errors import UsageError
 from llora_jax.fusion import search
 from llora_jax.interference.disentangle import DEFAULT_GRID, disentanglement_error
 from llora_jax.report import summary as report
@@ -26,12 +29,34 @@ def load_member(run_dir: str | os.PathLike, cache: experiment.BackboneCache) -> 
     run = Path(run_dir)
     cfg_path = run / "config.json"
     if not cfg_path.is_file():
-        raise FileNotFoundError(
+        raise UsageError(
             f"{cfg_path} not found: pass run directories written by `finetune` "
             "(each holds config.json and task_vector/)"
         )
-    c = ConfigDict(json.loads(cfg_path.read_text()))
-    return search.Member(exp=experiment.build(c, cache), tv=task_vectors.load(run / "task_vector"))
+    tv = task_vectors.load(run / "task_vector")
+    exp = experiment.build(ConfigDict(json.loads(cfg_path.read_text())), cache)
+    experiment.check_scored_data(tv.meta, exp, recorded_by=f"the task vector of {run}")
+    return search.Member(exp=exp, tv=tv)
+
+
+def check_distinct(runs: Sequence[str]) -> None:
+    """Refuse a run directory given twice (it would count one task twice)."""
+    resolved = [Path(r).resolve() for r in runs]
+    twice = sorted({str(r) for r in resolved if resolved.count(r) > 1})
+    if twice:
+        raise UsageError(f"--runs names {', '.join(twice)} more than once; give each run once")
+
+
+def check_distinct_tasks(members: Sequence[search.Member], runs: Sequence[str]) -> None:
+    """Refuse two runs of one task: fusion merges one task vector per task."""
+    tasks = [m.task for m in members]
+    twice = sorted({t for t in tasks if tasks.count(t) > 1})
+    if twice:
+        which = [f"{r} ({t})" for r, t in zip(runs, tasks) if t in twice]
+        raise UsageError(
+            f"--runs holds several runs of task(s) {twice}: {', '.join(which)}; fusion merges "
+            "one task vector per task, so give one run per task"
+        )
 
 
 def _header(members: Sequence[search.Member]) -> dict:
@@ -68,8 +93,10 @@ def _header(members: Sequence[search.Member]) -> dict:
 
 
 def fuse_runs(runs: Sequence[str], methods: Sequence[str], out: Path) -> Path:
+    check_distinct(runs)
     cache = experiment.BackboneCache()
     members = [load_member(r, cache) for r in runs]
+    check_distinct_tasks(members, runs)
     task_vectors.check_compatible([m.tv for m in members])
     res = _header(members)
     mode, seed = members[0].tv.meta["mode"], str(members[0].tv.meta["seed"])
@@ -91,7 +118,8 @@ def fuse_runs(runs: Sequence[str], methods: Sequence[str], out: Path) -> Path:
 def disentangle_runs(runs: Sequence[str], out: Path, n_examples: int = 640) -> Path:
 
     if len(runs) != 2:
-        raise ValueError(f"disentangle takes exactly 2 run directories, got {len(runs)}")
+        raise UsageError(f"disentangle takes exactly 2 run directories, got {len(runs)}")
+    check_distinct(runs)
     cache = experiment.BackboneCache()
     m1, m2 = (load_member(r, cache) for r in runs)
     xi = disentanglement_error(m1, m2, DEFAULT_GRID, n_examples=n_examples)
@@ -123,12 +151,12 @@ def run(
 ) -> None:
     if cmd == "report":
         if not results:
-            raise ValueError("report needs --results=path/to/results.json")
+            raise UsageError("report needs --results=path/to/results.json")
         target = Path(out) if out else Path(results).parent
         print(f"report: {report.write_report(report.load_results(results), target)}")
         return
     if not runs:
-        raise ValueError(f"{cmd} needs --runs=dir1,dir2,... (run directories of `finetune`)")
+        raise UsageError(f"{cmd} needs --runs=dir1,dir2,... (run directories of `finetune`)")
     target = Path(out or "runs/analysis")
     if cmd == "fuse":
         fuse_runs(runs, list(fusion) or ["task_arithmetic", "ties"], target)

@@ -181,6 +181,8 @@ def _members(out, tasks, exps, results, method, seed, chosen) -> tuple[dict, dic
         exp = dataclasses.replace(exps[task])
         exp.spec = AdapterSpec(method, exp.spec.lora)
         loaded = task_vectors.load(wd / "task_vector")
+        # Scores are normalised by this vector's own test score: refuse other data.
+        experiment.check_scored_data(loaded.meta, exp, recorded_by=f"the task vector of {wd}")
         fps[task] = tree_lib.fingerprint(loaded.tau)
         # On the device once: every merge of the block reuses these arrays.
         members[task] = search.Member(exp=exp, tv=task_vectors.on_device(loaded))

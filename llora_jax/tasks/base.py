@@ -25,6 +25,8 @@ class Experiment:
     # Optional second readout at the end of a run: (trainable, phi0, split) -> metrics
     # (T5: greedy generation + exact match, beside label-word scoring).
     extra_eval: Callable[[Any, Any, str], dict] | None = None
+    # Provenance of the splits it was built from (data.fingerprint.task_fingerprint).
+    data: dict | None = None
 
 
 def limit_rows(n: int, limit: int) -> np.ndarray:

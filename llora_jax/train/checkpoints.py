@@ -2,7 +2,7 @@
 
 Layout written by Orbax (0.12): ``<ckpt_dir>/<step>/`` per committed step, holding
 ``_CHECKPOINT_METADATA`` and (locally and on GCS) ``commit_success.txt``, plus one folder
-per item (``default/``) with its ``_METADATA``. A save that was killed leaves
+per item (``state/``, ``data/``) with its ``_METADATA`` (a JSON item: ``metadata``). A save that was killed leaves
 ``<step>.orbax-checkpoint-tmp-<n>`` behind; such folders are never a checkpoint.
 
 * ``remove_stale_tmp`` deletes those temporary folders. Call it under the workdir lock
@@ -28,7 +28,8 @@ __all__ = ["checkpoint_steps", "newest_valid_step", "remove_stale_tmp", "validat
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
 COMMIT_MARKERS = ("commit_success.txt", "_CHECKPOINT_METADATA")
-ITEM_METADATA = "_METADATA"
+# An item's own metadata: ``_METADATA`` (pytree items), ``metadata`` (JSON items).
+ITEM_METADATA = ("_METADATA", "metadata")
 
 
 def checkpoint_steps(ckpt_dir: str | os.PathLike) -> list[int]:
@@ -72,8 +73,8 @@ def validate_checkpoint(
     if not items:
         return "no checkpoint items inside"
     for item in items:
-        if not (item / ITEM_METADATA).is_file():
-            return f"item {item.name!r} lacks {ITEM_METADATA}"
+        if not any((item / m).is_file() for m in ITEM_METADATA):
+            return f"item {item.name!r} lacks {' or '.join(ITEM_METADATA)}"
     if restore is not None:
         try:
             restore(int(step_dir.name))

@@ -3,16 +3,20 @@
 A run (``Run``) is what differs between runs of one method: workdir, seed, learning
 rate, head, training data, evaluation callbacks and metadata. ``fit`` trains R runs:
 
-* R = 1 (``group=False``): the plain jitted step, Orbax checkpoints every
-  ``ckpt_every`` steps, resumed from ``workdir/checkpoints`` (batches are a seeded
-  permutation per epoch, resumable at any step, so a resumed run sees exactly the
-  batches it would have seen). Backbone weights may be sharded (``frozen_shardings``).
+* R = 1 (``group=False``): the plain jitted step, Orbax checkpoints (train state and
+  data position, ``state_io``) every ``ckpt_every`` steps at healthy steps, resumed from
+  the newest valid one in ``workdir/checkpoints``, so a resumed run sees exactly the
+  batches it would have seen: arrays are seeded permutations indexed by step; a
+  streaming source (``Run.batches``, e.g. ``data.streaming.make_batch_iterator``) has
+  its ``get_state()`` saved and restored. Backbone weights may be sharded
+  (``frozen_shardings``).
 * R > 1 (or ``group=True``): the step vmapped over (train state, head, φ0, batch,
   dropout key) with the backbone broadcast (``group``), no mid-run checkpoints (a study
   resumes a group run by run, skipping members whose task vector exists).
 
-Both share the mesh, logging (metrics.jsonl + TensorBoard), progress bar, NaN guard and
-export (``export.export_run``).
+Both share the run records and workdir locks (``resume``), the mesh, logging
+(metrics.jsonl + TensorBoard), progress bar, health guard (``guard``) and export
+(``export.export_run``).
 """
 
 from __future__ import annotations
@@ -20,30 +24,31 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from llora_jax import data, forward
 from llora_jax import tree as tree_lib
 from llora_jax.errors import UserError
-from llora_jax.train import group, sharding, step
+from llora_jax.train import group, resume, run_dir, sharding, state_io, step
 from llora_jax.train.export import export_run
+from llora_jax.train.guard import Guard, Interval, TrainingDiverged
+from llora_jax.train.health import HealthRule
 from llora_jax.train.metrics_log import MetricsLog
 from llora_jax.train.optim import OptimConfig, make_optimizer
+from llora_jax.train.stream import Positions
 from llora_jax.types import AdapterSpec, TaskModel
 
 PyTree = Any
 
 
-class TrainingDiverged(UserError, RuntimeError):
-    """The loss became NaN/inf; the last good checkpoint is kept."""
+__all__ = ["LoopConfig", "Run", "TrainingDiverged", "finetune", "fit"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,7 @@ class LoopConfig:
     # of its compile time was threefry's dropout bits), with the same statistics.
     rng_impl: str = "rbg"
     tensorboard: bool = True  # event files under <workdir>/tensorboard beside metrics.jsonl
+    health: HealthRule = HealthRule()  # when a step is healthy / the run diverged
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -71,16 +77,32 @@ class Run:
     ``final_eval(trainable, phi0)``: the final {"val/...": ..., "test/...": ...} written to
     ``metrics.json`` and the task vector's meta. ``meta``: extra task-vector metadata
     (names the "task").
+
+    Training data: ``train_arrays`` (equal-length arrays, batched by ``data.batches``) or
+    ``batches``, a streaming source with ``get_state()`` / ``set_state()`` (e.g.
+    ``data.streaming.make_batch_iterator(..., num_epochs=None)``; single runs only).
+    Provenance for ``run.json``: ``config`` (the run's config as a nested dict; default:
+    the loop's own settings in the config's field names) and ``data_fingerprint`` (the
+    task's ``task_fingerprint`` digest; default: a hash of ``train_arrays``). ``files``:
+    {name: text} written into the workdir once it is claimed (e.g. ``config.json``).
     """
 
     workdir: str | os.PathLike
     seed: int
     learning_rate: float
     head: PyTree
-    train_arrays: dict[str, np.ndarray]
+    train_arrays: dict[str, np.ndarray] | None
     final_eval: Callable[[PyTree, PyTree], dict] | None = None
     evaluate: Callable[[PyTree, PyTree], dict] | None = None
     meta: dict = dataclasses.field(default_factory=dict)
+    batches: Any = None
+    config: Mapping[str, Any] | None = None
+    data_fingerprint: str | None = None
+    files: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.train_arrays is None) == (self.batches is None):
+            raise ValueError(f"Run {self.workdir}: give exactly one of train_arrays and batches")
 
 
 def finetune(
@@ -88,7 +110,7 @@ def finetune(
     spec: AdapterSpec,
     oc: OptimConfig,
     lc: LoopConfig,
-    train_arrays: dict[str, np.ndarray],
+    train_arrays: dict[str, np.ndarray] | None,
     workdir: str | os.PathLike,
     *,
     evaluate: Callable[[PyTree, PyTree], dict] | None = None,
@@ -96,8 +118,13 @@ def finetune(
     meta: dict | None = None,
     mesh: Mesh | None = None,
     frozen_shardings: PyTree | None = None,
+    restart: bool = False,
+    **run_fields: Any,
 ) -> dict:
-    """Fine-tune one run (``fit`` with R = 1); returns its final metrics."""
+    """Fine-tune one run (``fit`` with R = 1); returns its final metrics.
+
+    ``run_fields``: the other ``Run`` fields (``batches``, ``config``, ``data_fingerprint``,
+    ``files``)."""
     run = Run(
         workdir=workdir,
         seed=lc.seed,
@@ -107,8 +134,11 @@ def finetune(
         final_eval=final_eval,
         evaluate=evaluate,
         meta=dict(meta or {}),
+        **run_fields,
     )
-    return fit(tm, spec, oc, lc, [run], mesh=mesh, frozen_shardings=frozen_shardings)[0]
+    return fit(
+        tm, spec, oc, lc, [run], mesh=mesh, frozen_shardings=frozen_shardings, restart=restart
+    )[0]
 
 
 def fit(
@@ -121,6 +151,7 @@ def fit(
     mesh: Mesh | None = None,
     frozen_shardings: PyTree | None = None,
     group_step: bool | None = None,
+    restart: bool = False,
 ) -> list[dict]:
     """Fine-tune every run; export each run's task vector and metrics.json.
 
@@ -128,6 +159,13 @@ def fit(
     predict; its head is unused: every run brings one). ``oc.learning_rate`` and
     ``lc.seed`` are ignored (each run brings its own); everything else is shared.
     ``group_step``: vmap the step over the runs (default: when there is more than one).
+    ``restart``: move each workdir's old run aside and start over (``--restart``).
+
+    Before the first step, process 0 locks every workdir for the whole call, refuses to
+    resume a workdir recorded with other result-determining fields (``run.json``), and
+    records this run's (``resume.claim``). A single run resumes from its newest valid
+    checkpoint (state and data position); checkpoints are saved only at healthy steps
+    and a divergence raises ``TrainingDiverged`` (``guard``).
 
     Dropout in a group: run r's key is ``jax.random.key(seed_r + 1, impl=lc.rng_impl)`` as
     in its single run. Under vmap a threefry key draws exactly its single run's bits; an
@@ -141,11 +179,29 @@ def fit(
     stacked = len(runs) > 1 if group_step is None else group_step
     if stacked and frozen_shardings is not None:
         raise ValueError("fit: sharded backbone weights (frozen_shardings) need one run at a time")
+    if stacked and any(r.batches is not None for r in runs):
+        raise ValueError("fit: streaming batch sources (Run.batches) train one run at a time")
+    dirs = [Path(r.workdir).absolute() for r in runs]
+    main = jax.process_index() == 0
+    backbone = resume.backbone_fingerprint(tm.params) if main else None
+    fields = [_run_fields(spec, oc, lc, r, backbone) if main else {} for r in runs]
+    with resume.claim(dirs, fields, [r.files for r in runs], restart=restart, main=main):
+        return _fit_claimed(tm, spec, oc, lc, runs, dirs, stacked, mesh, frozen_shardings, backbone)
+
+
+def _run_fields(spec, oc, lc, run: Run, backbone: str | None) -> dict:
+    config = run.config
+    if config is None:
+        config = resume.loop_fields(spec, oc, lc, run.seed, run.learning_rate)
+    data_fp = run.data_fingerprint or resume.arrays_fingerprint(run.train_arrays)
+    return run_dir.run_fields(config, backbone_fingerprint=backbone, data_fingerprint=data_fp)
+
+
+def _fit_claimed(tm, spec, oc, lc, runs, dirs, stacked, mesh, frozen_shardings, backbone):
     mesh = mesh or sharding.make_mesh()
     oc = dataclasses.replace(oc, total_steps=lc.total_steps)
     starts = [forward.init_trainable(tm, spec, jax.random.key(int(r.seed))) for r in runs]
     phi0s = [phi0 for _, phi0 in starts]
-    dirs = [Path(r.workdir).absolute() for r in runs]
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
     if stacked:
@@ -154,7 +210,12 @@ def fit(
         setup = _single_setup(tm, spec, oc, lc, runs[0], starts[0], mesh, frozen_shardings)
     state, start = setup.state, setup.start
     main = jax.process_index() == 0
+    if main:
+        for d in dirs:
+            resume.truncate_metrics(d, start)  # rows after the checkpoint are written again
     logs = [MetricsLog(d, tensorboard=lc.tensorboard, enabled=main) for d in dirs]
+    guard = Guard(lc.health, dirs, [r.learning_rate for r in runs], start)
+    interval = Interval()
     bar = None
     if lc.progress and main:
         label = spec.method if len(runs) == 1 else f"{spec.method} ×{len(runs)}"
@@ -163,16 +224,21 @@ def fit(
     try:
         for done in range(start + 1, lc.total_steps + 1):
             state, metrics = setup.step_fn(state, setup.frozen, next(setup.batches), setup.rngs)
+            if setup.positions is not None:
+                setup.positions.consumed()
+            interval.add(metrics)
             last = done == lc.total_steps
             ckpt = setup.manager is not None and (done % lc.ckpt_every == 0 or last)
             if done % lc.log_every == 0 or last or ckpt:
                 m = jax.device_get(metrics)
                 m = m if stacked else {k: np.asarray(v)[None] for k, v in m.items()}
-                _check_finite(m, dirs, done, setup.manager is not None)
+                seen = jax.device_get(interval.take())
+                guard.check(done, m, seen, state["trainable"], stacked)
                 # Each run's own throughput (a group processes R times as many).
                 rate = (done - n0) * lc.batch_size / max(time.perf_counter() - t0, 1e-9)
                 for i, log in enumerate(logs):
                     row = {k: float(v[i]) for k, v in m.items()}
+                    row["grad_norm_max"] = float(np.atleast_1d(seen["grad_norm_max"])[i])
                     log.write({"step": done, **row, "examples_per_s": rate})
                 if bar is not None:
                     loss = float(np.mean(m["loss"]))
@@ -182,8 +248,9 @@ def fit(
                     if run.evaluate is not None:
                         trainable = _trainable(state, i, stacked)
                         logs[i].write({"step": done, **run.evaluate(trainable, phi0s[i])})
-            if ckpt:
-                setup.manager.save(done, args=ocp.args.StandardSave(state))
+            if ckpt and guard.all_healthy:  # never keep an unhealthy state as "last good"
+                state_io.save(setup.manager, done, state, setup.positions.state())
+                guard.last_checkpoint = done
             if bar is not None:
                 bar.update(1)
     finally:
@@ -195,22 +262,26 @@ def fit(
         if setup.manager is not None:
             setup.manager.wait_until_finished()
             setup.manager.close()
-    return _finish(tm, spec, lc, runs, state, starts, dirs, stacked)
+    skipped = setup.positions.skipped if setup.positions is not None else None
+    return _finish(tm, spec, lc, runs, state, starts, dirs, stacked, backbone, skipped)
 
 
 def _trainable(state: dict, i: int, stacked: bool) -> PyTree:
     return group.take(state["trainable"], i) if stacked else state["trainable"]
 
 
-def _finish(tm, spec, lc, runs, state, starts, dirs, stacked) -> list[dict]:
-    """Final evaluation and export of every run (τ = φ − φ0; full: θ − θ0 of the trained part)."""
+def _finish(tm, spec, lc, runs, state, starts, dirs, stacked, backbone, skipped) -> list[dict]:
+    """Final evaluation and export of every run (τ = φ − φ0; full: θ − θ0 of the trained part).
+
+    ``skipped``: corrupt images a streaming source skipped (into metrics.json)."""
     main = jax.process_index() == 0
-    fingerprint = tree_lib.fingerprint(tm.params) if main else None  # once for every run
     results = []
     for i, run in enumerate(runs):
         trainable = _trainable(state, i, stacked)
         start, phi0 = starts[i]
         metrics = run.final_eval(trainable, phi0) if run.final_eval else {}
+        if skipped is not None:
+            metrics = {**metrics, "data/skipped_corrupt": skipped}
         tau = tree_lib.sub(trainable, start if spec.method == "full" else phi0)
         if main:
             export_run(
@@ -223,17 +294,10 @@ def _finish(tm, spec, lc, runs, state, starts, dirs, stacked) -> list[dict]:
                 seed=int(run.seed),
                 steps=lc.total_steps,
                 meta=run.meta,
-                base_fingerprint=fingerprint,
+                base_fingerprint=backbone,
             )
         results.append(metrics)
     return results
-
-
-def _ckpt_manager(workdir: Path, lc: LoopConfig) -> ocp.CheckpointManager:
-    opts = ocp.CheckpointManagerOptions(
-        max_to_keep=lc.keep_checkpoints, save_interval_steps=1, create=True
-    )
-    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=opts)
 
 
 def _single_setup(tm, spec, oc, lc, run, start_phi0, mesh, frozen_shardings) -> step.StepSetup:
@@ -265,39 +329,36 @@ def _single_setup(tm, spec, oc, lc, run, start_phi0, mesh, frozen_shardings) -> 
                 "opt_state": jax.tree.map(lambda _: repl, state_shape["opt_state"]),
             }
         step_fn = step.sharded_step(tm, spec, optimizer, mesh, state_sh, frozen_sh)
-    manager = _ckpt_manager(Path(run.workdir).absolute(), lc) if lc.ckpt_every > 0 else None
-    start = manager.latest_step() if manager is not None else None
-    if start is None:
-        state = jax.jit(lambda t: step.init_state(t, optimizer), out_shardings=state_sh)(trainable0)
-        start = 0
-    else:
-        abstract = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, state_sh
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, state_sh
+    )
+    manager, start, state, data_state = None, 0, None, None
+    if lc.ckpt_every > 0:
+        manager, start, state, data_state = state_io.open_at_newest_valid(
+            Path(run.workdir).absolute() / "checkpoints",
+            lc.keep_checkpoints,
+            abstract,
+            main=jax.process_index() == 0,
         )
-        state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
-    # Seeded per-epoch permutations, this process's slice of every global batch, resumable
-    # at any step; batches are moved to the devices in a background thread.
-    batches = data.prefetch_to_device(
-        data.batches(run.train_arrays, lc.batch_size, seed=run.seed, epochs=None, start_step=start),
-        size=2,
-        sharding=sharding.batch_sharding(mesh),
-    )
+    if start > lc.total_steps:
+        manager.close()
+        raise UserError(
+            f"{run.workdir} holds a checkpoint at step {start}, past steps={lc.total_steps}; "
+            f"set steps >= {start} to resume it, or start over with --restart"
+        )
+    if state is None:
+        state = jax.jit(lambda t: step.init_state(t, optimizer), out_shardings=state_sh)(trainable0)
+    if run.batches is not None:
+        # A streaming source: its position is restored from the checkpoint's data item.
+        positions = Positions(run.batches, start, data_state)
+    else:
+        # Seeded per-epoch permutations, this process's slice of every global batch,
+        # resumable at any step.
+        arrays = data.batches(
+            run.train_arrays, lc.batch_size, seed=run.seed, epochs=None, start_step=start
+        )
+        positions = Positions(arrays, start, None)
+    # Batches are moved to the devices in a background thread.
+    batches = data.prefetch_to_device(positions, size=2, sharding=sharding.batch_sharding(mesh))
     rng = jax.random.key(int(run.seed) + 1, impl=lc.rng_impl)
-    return step.StepSetup(state, frozen, step_fn, batches, rng, start, manager)
-
-
-def _check_finite(m: dict, dirs: Sequence[Path], done: int, checkpoints: bool) -> None:
-    bad = [i for i, x in enumerate(np.asarray(m["nonfinite"])) if int(x)]
-    if not bad:
-        return
-    i = bad[0]
-    others = f" (and {len(bad) - 1} other runs)" if len(bad) > 1 else ""
-    kept = (
-        f"the last good checkpoint is kept in {dirs[i] / 'checkpoints'}. "
-        if checkpoints
-        else "no checkpoint of this run was kept, nothing was exported. "
-    )
-    raise TrainingDiverged(
-        f"{dirs[i]}: non-finite loss or gradient at step {done} "
-        f"(loss={float(m['loss'][i])}){others}; {kept}Lower the learning rate."
-    )
+    return step.StepSetup(state, frozen, step_fn, batches, rng, start, manager, positions)

@@ -6,6 +6,9 @@ import dataclasses
 
 import optax
 
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "constant")
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:

@@ -89,6 +89,7 @@ class StepSetup:
     rngs: jax.Array
     start: int = 0
     manager: Any = None  # Orbax CheckpointManager of a single run with checkpoints
+    positions: Any = None  # stream.Positions of a single run (its data position)
 
 
 def group_batch_sharding(mesh: Mesh) -> NamedSharding:

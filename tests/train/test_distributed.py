@@ -1,5 +1,6 @@
 """The same fine-tune on 1 device, 8 fake devices, 2 processes, and after a SIGKILL."""
 
+import json
 import os
 import signal
 import socket
@@ -111,3 +112,59 @@ def test_sigkill_then_rerun_resumes_to_the_same_task_vector(tmp_path):
     out = _train(wd, steps=40, extra=steps)
     assert "done" in out
     _close(_tau(tmp_path / "ref"), _tau(wd), 1e-6)
+
+
+def _killed(wd, flag, steps, extra=()):
+    """Run with a self-SIGKILL flag; check it died by SIGKILL; the checkpoint folders left."""
+    p = _train(wd, steps=steps, extra=(*extra, *flag), wait=False)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == -signal.SIGKILL, out
+    assert not (wd / "task_vector").exists()
+    return sorted(x.name for x in (wd / "checkpoints").iterdir())
+
+
+def _batches(log):
+    """The batch hashes of each process that wrote ``log``, split at 'resume' lines."""
+    runs = [[]]
+    for line in Path(log).read_text().splitlines():
+        if line == "resume":
+            runs.append([])
+        else:
+            runs[-1].append(line)
+    return runs
+
+
+def test_sigkill_during_a_checkpoint_save_resumes_with_the_same_batches(tmp_path):
+    steps = 24
+    stream = ("--stream", "--ckpt-every", "2")
+    _train(tmp_path / "ref", steps=steps, extra=(*stream, "--batch-log", str(tmp_path / "ref.log")))
+    wd, log = tmp_path / "killed", tmp_path / "killed.log"
+    logged = (*stream, "--batch-log", str(log))
+    left = _killed(wd, ("--kill-during-save", "10"), steps, logged)
+    # Killed as Orbax committed step 10: its finished temporary folder is left behind.
+    assert "10" not in left and any(".orbax-checkpoint-tmp" in x for x in left), left
+    assert "done" in _train(wd, steps=steps, extra=logged)
+    assert not any(".orbax-checkpoint-tmp" in x.name for x in (wd / "checkpoints").iterdir())
+    (ref,) = _batches(tmp_path / "ref.log")
+    first, resumed = _batches(log)
+    # The resumed process starts at the newest committed checkpoint (step 8) and hands out
+    # exactly the batches the uninterrupted run used from there on.
+    start = ref.index(resumed[0])
+    assert start == 8, start
+    assert first[:10] == ref[:10]
+    assert resumed[: steps - start] == ref[start:steps]
+    _close(_tau(tmp_path / "ref"), _tau(wd), 1e-6)
+
+
+def test_sigkill_during_the_export_resumes_to_the_same_task_vector(tmp_path):
+    extra = ("--ckpt-every", "4")
+    _train(tmp_path / "ref", steps=12, extra=extra)
+    wd = tmp_path / "killed"
+    left = _killed(wd, ("--kill-during-export",), 12, extra)
+    assert "12" in left  # every step was trained and saved before the export began
+    assert list(wd.glob(".task_vector.tmp-*")), "the killed export left no temporary folder"
+    assert "done" in _train(wd, steps=12, extra=extra)
+    assert not list(wd.glob(".task_vector.tmp-*"))  # cleaned when the run was claimed again
+    _close(_tau(tmp_path / "ref"), _tau(wd), 1e-6)
+    rows = [json.loads(x)["step"] for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, 13))  # no row twice after the resume

@@ -96,6 +96,7 @@ def test_threefry_keys_reproduce_single_runs_even_with_dropout(tmp_path):
             "loss",
             "accuracy",
             "grad_norm",
+            "grad_norm_max",
             "nonfinite",
             "examples_per_s",
         }
@@ -129,7 +130,7 @@ def test_a_diverging_member_is_named(tmp_path):
         train_loop.Run(tmp_path / "ok", 0, 1e-2, None, data, meta={"task": "toy"}),
         train_loop.Run(tmp_path / "bad", 1, 1e-2, None, bad, meta={"task": "toy"}),
     ]
-    with pytest.raises(train_loop.TrainingDiverged, match="bad: non-finite"):
+    with pytest.raises(train_loop.TrainingDiverged, match="bad: training diverged: non-finite"):
         train_loop.fit(tm, spec, oc, lc, members)
     assert not (tmp_path / "ok" / "task_vector").exists()
 
