@@ -175,14 +175,35 @@ class StreamedTrain:
         return self.settings.iterator(self.split, batch_size, seed=seed, num_epochs=None)
 
 
+class NumberedRows:
+    """A split's rows with each record's row number added as ``"position"`` (picklable for
+    worker processes): grain's workers interleave their batches, so an evaluation pass puts
+    its rows back in order by it."""
+
+    def __init__(self, rows: Any):
+        self.rows, self.origin = rows, rows.origin
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def record(self, j: int) -> dict[str, Any]:
+        if hasattr(self.rows, "record"):
+            out = dict(self.rows.record(j))
+        else:
+            out = {k: v[0] for k, v in self.rows.take(np.asarray([j])).items()}
+        return out | {"position": np.int64(j)}
+
+
 def decode_split(
     split: TaskData, settings: StreamSettings, batch_size: int = 64
 ) -> tuple[dict[str, np.ndarray], int]:
     """One in-order pass of the pipeline over ``split``: ({"image": uint8 [N, S, S, 3],
     "label": int32 [N]}, corrupt images skipped). Every process decodes the whole split
-    (evaluation is not sharded); padding and skipped rows (weight 0) are dropped."""
+    (evaluation is not sharded); padding and skipped rows (weight 0) are dropped; rows
+    keep the split's order whatever the number of workers."""
+    numbered = dataclasses.replace(split, rows=NumberedRows(split.rows))
     it = settings.iterator(
-        split,
+        numbered,
         min(batch_size, max(len(split), 1)),
         shuffle=False,
         num_epochs=1,
@@ -190,15 +211,17 @@ def decode_split(
         shard_index=0,
         shard_count=1,
     )
-    images, labels = [], []
+    side = settings.image_size
+    images, labels, positions = [np.zeros((0, side, side, 3), np.uint8)], [], []
     for batch in it:
         keep = batch["weight"] > 0
         images.append(batch["image"][keep])
         labels.append(np.asarray(batch["label"])[keep])
-    side = settings.image_size
+        positions.append(np.asarray(batch["position"])[keep])
+    order = np.argsort(np.concatenate(positions or [np.zeros(0, np.int64)]), kind="stable")
     out = {
-        "image": np.concatenate(images) if images else np.zeros((0, side, side, 3), np.uint8),
-        "label": np.concatenate(labels).astype(np.int32) if labels else np.zeros(0, np.int32),
+        "image": np.concatenate(images)[order],
+        "label": np.concatenate(labels or [np.zeros(0, np.int32)]).astype(np.int32)[order],
     }
     return out, int(it.skipped)
 

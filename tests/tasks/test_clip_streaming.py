@@ -137,3 +137,14 @@ def test_a_streamed_run_resumed_gives_the_task_vector_of_an_uninterrupted_one(
     assert any(np.abs(np.asarray(x)).max() > 0 for x in full)
     for a, b in zip(full, resumed):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_arrays_keep_the_split_order_with_worker_processes(root):
+    # grain's workers interleave their batches; the decoded split is put back in row order.
+    split = _splits(root, val_size=0)["train"]
+    settings = clip_zeroshot.StreamSettings(SIZE, "clip", workers=2)
+    arrays, skipped = clip_zeroshot.decode_split(split, settings, batch_size=2)
+    expected = np.stack([_pil_reference(split.rows.paths[j], "clip") for j in split.indices])
+    assert skipped == 0
+    np.testing.assert_array_equal(arrays["image"], expected)
+    np.testing.assert_array_equal(arrays["label"], split.rows.columns["label"][split.indices])
