@@ -35,7 +35,7 @@ import optax
 from llora_jax import experiment, task_vectors
 from llora_jax import tree as tree_lib
 from llora_jax.fusion import search
-from llora_jax.report.summary import write_report
+from llora_jax.report import summary as report_summary
 from llora_jax.study import spec
 from llora_jax.study.analysis import (
     ResultCache,
@@ -164,7 +164,7 @@ def run_study(s: spec.StudySpec, out: Path) -> Path:
                 _log(f"{method} seed {seed}: analysis done in {time.perf_counter() - t:.0f} s")
             # After every block (the report, with its figures, at the end): an interrupted
             # study keeps it.
-            _write_results(results, out, with_report=False)
+            _write_results(results, out, report=False)
     finally:
         tuner.close()
     path, rep = _write_results(results, out)
@@ -204,7 +204,7 @@ def _shown(path: Path) -> str:
     return str(path).replace(os.getcwd() + os.sep, "")
 
 
-def _write_results(results: dict, out: Path, with_report: bool = True) -> tuple[Path, Path | None]:
+def _write_results(results: dict, out: Path, report: bool = True) -> tuple[Path, Path | None]:
 
     path = out / "results.json"
     tmp = path.with_suffix(".json.tmp")
@@ -213,7 +213,7 @@ def _write_results(results: dict, out: Path, with_report: bool = True) -> tuple[
     # the readable forms.
     tmp.write_text(json.dumps(_significant(results), separators=(",", ":"), default=float))
     os.replace(tmp, path)
-    return path, (write_report(results, out) if with_report else None)
+    return path, (report_summary.write_report(results, out) if report else None)
 
 
 def _significant(x: Any) -> Any:

@@ -15,7 +15,7 @@ import pytest
 from llora_jax import experiment, task_vectors
 from llora_jax.adapters import LoraConfig
 from llora_jax.study import finetune as study_finetune
-from llora_jax.study import runner as study
+from llora_jax.study import spec as study_spec
 from llora_jax.train import group as train_group
 from llora_jax.train import loop as train_loop
 from llora_jax.train import optim
@@ -147,8 +147,8 @@ def off(tmp_path_factory, words):  # noqa: F811
 
 
 def _study(path: Path, dropout: bool, **fields):
-    """A tiny text study (study.load_config/_experiments are how a study builds runs)."""
-    s = study.base_study("group", str(ROOT / "configs/minilm.py"), "tiny")
+    """A tiny text study (study_finetune.load_config/_experiments are how a study builds runs)."""
+    s = study_spec.base_study("group", str(ROOT / "configs/minilm.py"), "tiny")
     s.overrides = (
         ("backbone", str(path)),
         ("data.data_dir", str(data_dir())),
@@ -157,14 +157,14 @@ def _study(path: Path, dropout: bool, **fields):
     )
     s.progress = False
     for k, v in fields.items():
-        s[k] = v
+        setattr(s, k, v)
     return s
 
 
 def _configs(s, method, runs):
     out = []
     for task, seed, lr in runs:
-        c = study.load_config(s.config, s.config_arg, dict(s.overrides))
+        c = study_finetune.load_config(s.config, s.config_arg, dict(s.overrides))
         c.task, c.method, c.seed = task, method, seed
         c.optim.learning_rate = lr
         out.append(c)

@@ -133,3 +133,16 @@ def test_a_workdir_of_an_older_run_without_a_record_is_refused(tmp_path):
     (wd / "run.json").unlink()
     with pytest.raises(run_dir.RunMismatch, match="no run.json"):
         _run(wd)
+
+
+def test_after_a_divergence_the_advised_lower_rate_needs_restart_and_then_works(tmp_path):
+    wd = tmp_path / "run"
+    with pytest.raises(train_loop.TrainingDiverged) as exc:
+        _run(wd, lr=1e30)
+    assert "--config.optim.learning_rate=1e+29" in str(exc.value) and "--restart" in str(exc.value)
+    assert not (wd / "task_vector").exists()
+    with pytest.raises(run_dir.RunMismatch, match=r"optim\.learning_rate: 1e\+30 -> 0\.03"):
+        _run(wd, lr=3e-2)
+    _run(wd, lr=3e-2, restart=True)
+    for a, b in zip(_tau(_run(tmp_path / "fresh", lr=3e-2)), _tau(wd)):
+        np.testing.assert_array_equal(a, b)
