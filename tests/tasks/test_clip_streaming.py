@@ -12,6 +12,7 @@ from PIL import Image
 from llora_jax import data, experiment, task_vectors
 from llora_jax.adapters import LoraConfig
 from llora_jax.data import sources
+from llora_jax.study.finetune import load_config
 from llora_jax.tasks import DEFAULT_LORA_TARGETS, clip_zeroshot, limit_rows
 from llora_jax.train import loop as train_loop
 from llora_jax.train import optim
@@ -148,3 +149,16 @@ def test_evaluation_arrays_keep_the_split_order_with_worker_processes(root):
     assert skipped == 0
     np.testing.assert_array_equal(arrays["image"], expected)
     np.testing.assert_array_equal(arrays["label"], split.rows.columns["label"][split.indices])
+
+
+def test_a_group_refuses_streamed_training_data(root, backbone, tmp_path):
+    bb, tok = backbone
+    limits = {"train": 0, "validation": 0, "test": 0}
+    exp = clip_zeroshot.build(
+        bb, tok, _splits(root), method="lora", lora=LORA, limits=limits, image_size=SIZE,
+        skip_corrupt=True,
+    )  # fmt: skip
+    configs = [load_config("configs/clip.py", "tiny", {"seed": s}) for s in (0, 1)]
+    with pytest.raises(ValueError, match=r"\['eurosat', 'eurosat'\] stream their training"):
+        experiment.run_finetune_group(configs, [tmp_path / "a", tmp_path / "b"], exps=[exp, exp])
+    assert not (tmp_path / "a").exists()
