@@ -201,27 +201,29 @@ def decode_split(
     "label": int32 [N]}, corrupt images skipped). Every process decodes the whole split
     (evaluation is not sharded); padding and skipped rows (weight 0) are dropped; rows
     keep the split's order whatever the number of workers."""
+    side = settings.image_size
+    if not len(split):  # e.g. no validation carve of a tiny train split
+        return {"image": np.zeros((0, side, side, 3), np.uint8), "label": np.zeros(0, np.int32)}, 0
     numbered = dataclasses.replace(split, rows=NumberedRows(split.rows))
     it = settings.iterator(
         numbered,
-        min(batch_size, max(len(split), 1)),
+        min(batch_size, len(split)),
         shuffle=False,
         num_epochs=1,
         drop_remainder=False,
         shard_index=0,
         shard_count=1,
     )
-    side = settings.image_size
     images, labels, positions = [np.zeros((0, side, side, 3), np.uint8)], [], []
     for batch in it:
         keep = batch["weight"] > 0
         images.append(batch["image"][keep])
         labels.append(np.asarray(batch["label"])[keep])
         positions.append(np.asarray(batch["position"])[keep])
-    order = np.argsort(np.concatenate(positions or [np.zeros(0, np.int64)]), kind="stable")
+    order = np.argsort(np.concatenate(positions), kind="stable")
     out = {
         "image": np.concatenate(images)[order],
-        "label": np.concatenate(labels or [np.zeros(0, np.int32)]).astype(np.int32)[order],
+        "label": np.concatenate(labels).astype(np.int32)[order],
     }
     return out, int(it.skipped)
 

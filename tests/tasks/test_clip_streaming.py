@@ -162,3 +162,11 @@ def test_a_group_refuses_streamed_training_data(root, backbone, tmp_path):
     with pytest.raises(ValueError, match=r"\['eurosat', 'eurosat'\] stream their training"):
         experiment.run_finetune_group(configs, [tmp_path / "a", tmp_path / "b"], exps=[exp, exp])
     assert not (tmp_path / "a").exists()
+
+
+def test_an_empty_split_decodes_to_empty_arrays(root):
+    split = _splits(root)["train"]
+    empty = dataclasses.replace(split, indices=split.indices[:0])
+    arrays, skipped = clip_zeroshot.decode_split(empty, clip_zeroshot.StreamSettings(SIZE))
+    assert arrays["image"].shape == (0, SIZE, SIZE, 3) and arrays["label"].shape == (0,)
+    assert skipped == 0
