@@ -131,10 +131,14 @@ def _kind_arguments(c: Any) -> dict:
             eval_batch_size=int(c.eval_batch_size),
         )
     templates = None if c.get("templates", "paper") == "paper" else vision.templates(c.task)
+    mode = c.get("image_mode", "clip")
     return dict(
         image_size=int(c.data.image_size),
-        normalized=c.get("image_mode", "clip") == "clip",
+        normalized=mode == "clip",
         templates=templates,
+        resize=tasks.clip_zeroshot.RESIZE_FOR_IMAGE_MODE[mode],
+        skip_corrupt=bool(c.data.get("skip_corrupt", False)),
+        workers=int(c.data.get("workers", 0)),
     )
 
 
@@ -213,6 +217,8 @@ def _final_eval(exp: Experiment, c: Any) -> Callable[[Any, Any], dict]:
         for split, prefix in (("validation", "val"), ("test", "test")):
             for k, v in evaluate_split(exp, trainable, phi0, split, bs).items():
                 out[f"{prefix}/{k}"] = v
+            if split in exp.skipped:  # corrupt images left out of this split (streamed)
+                out[f"{prefix}/skipped_corrupt"] = exp.skipped[split]
             if exp.extra_eval is not None:
                 for k, v in exp.extra_eval(trainable, phi0, split).items():
                     out[f"{prefix}/{k}"] = v
@@ -270,13 +276,16 @@ def run_finetune(
     """
     config_checks.validate_run_config(c)
     exp = build(c, cache) if exp is None else _with_method(exp, c)
+    lc = loop_config(c, progress)
+    streamed = exp.train_batches(lc.batch_size, lc.seed) if exp.streams_train else None
     return train_loop.finetune(
         exp.tm,
         exp.spec,
         optim_config(c),
-        loop_config(c, progress),
-        exp.arrays["train"],
+        lc,
+        None if streamed is not None else exp.arrays["train"],
         workdir,
+        batches=streamed,
         evaluate=_periodic_eval(exp, c),
         final_eval=_final_eval(exp, c),
         meta=_meta(exp, c),
@@ -352,6 +361,12 @@ def run_finetune_group(
         build(c, cache) if e is None else _with_method(e, c)
         for c, e in zip(configs, exps or [None] * len(configs))
     ]
+    streamed = [c.task for c, e in zip(configs, exps) if e.streams_train]
+    if streamed:
+        raise ValueError(
+            f"run_finetune_group: tasks {streamed} stream their training images (variable "
+            "sizes or image files); a group needs arrays: fine-tune them with run_finetune"
+        )
     key = train_group.group_key(exps[0].tm)
     for c, e in zip(configs[1:], exps[1:]):
         if train_group.group_key(e.tm) != key or e.spec != exps[0].spec:

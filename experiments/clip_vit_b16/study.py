@@ -3,6 +3,9 @@
 For machines with internet (hub weights, tfds datasets prepared as ArrayRecord) and
 accelerators. Reference hyper-parameters live in configs/clip.py (AdamW lr 1e-5, wd 0.1,
 batch 64, 6000 steps, 600 warm-up, r 16, alpha 32, dropout 0.1, q and v).
+SUN397, Cars and DTD (images of varying sizes) stream through the grain pipeline
+(``--set config.data.workers=8``, ``--set config.data.skip_corrupt=True``;
+docs/notes/data.md) and train one run at a time; the fixed-size tasks train in groups.
 get_study("tiny") is the seconds-long smoke test used by the tests (tiny backbone and
 data passed by override).
 """

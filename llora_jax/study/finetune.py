@@ -147,7 +147,9 @@ def train_wave(
             if task_vectors.is_task_vector(run[4] / "task_vector"):
                 log(f"{run[0]} {method} seed {seed} {task} lr {lr:g}: done, skipping")
             else:
-                todo.setdefault(train_group.group_key(exps[task].tm), []).append(run)
+                # streamed training data trains one run at a time (groups need arrays)
+                key = run if exps[task].streams_train else train_group.group_key(exps[task].tm)
+                todo.setdefault(key, []).append(run)
     size = max(int(s.group_size), 1)
     progress = s.progress
     for runs in todo.values():

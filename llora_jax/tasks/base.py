@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,16 @@ class Experiment:
     extra_eval: Callable[[Any, Any, str], dict] | None = None
     # Provenance of the splits it was built from (data.fingerprint.task_fingerprint).
     data: dict | None = None
+    # A streamed training split (variable-size images): (batch_size, seed) -> an iterator
+    # with get_state() / set_state() (the loop's ``Run.batches``); "train" is then not in
+    # ``arrays``. Such a run trains alone (groups need arrays).
+    train_batches: Callable[[int, int], Iterator[dict]] | None = None
+    # Corrupt images skipped per split while decoding it (data.skip_corrupt).
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def streams_train(self) -> bool:
+        return self.train_batches is not None
 
 
 def limit_rows(n: int, limit: int) -> np.ndarray:
