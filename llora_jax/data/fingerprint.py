@@ -74,7 +74,15 @@ def split_fingerprint(task_data: Any, chunk: int = 4096) -> dict:
     """
     columns: dict[str, Any] = {}
     n = len(task_data)
-    for lo in range(0, n, chunk):
+    paths = getattr(getattr(task_data, "rows", None), "paths", None)
+    if paths is not None:
+        # Image files: hash their bytes, never decode them (SUN397's train split decoded
+        # would take minutes and GBs); the same files elsewhere give the same hash.
+        image = columns["image"] = hashlib.sha256()
+        for i in task_data.indices:
+            image.update(bytes.fromhex(file_sha256(paths[int(i)])))
+        _update_column(columns.setdefault("label", hashlib.sha256()), task_data.labels)
+    for lo in range(0, n if paths is None else 0, chunk):
         rows = task_data.take(np.arange(lo, min(lo + chunk, n)))
         for name, values in rows.items():
             _update_column(columns.setdefault(name, hashlib.sha256()), values)

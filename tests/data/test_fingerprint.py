@@ -134,3 +134,37 @@ def test_file_sha256(tmp_path):
     assert (
         fingerprint.file_sha256(f, chunk_bytes=1000) == hashlib.sha256(f.read_bytes()).hexdigest()
     )
+
+
+def test_image_folder_is_hashed_by_file_bytes_without_decoding(tmp_path, monkeypatch):
+    """Image files are hashed by their bytes (no decoding): the same files at another path
+    give the same fingerprint, one changed byte another."""
+    import shutil
+
+    from PIL import Image
+
+    from llora_jax.data import images
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "a"
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(2):
+                pixels = rng.integers(0, 255, (8 + i, 9, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(d / f"{i}.png")
+    shutil.copytree(root, tmp_path / "b")
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("an image was decoded to fingerprint it")
+
+    monkeypatch.setattr(images, "open_rgb", no_decoding)
+    a = fingerprint.split_fingerprint(data.load_task("toyimgs", "test", source=f"folder:{root}"))
+    b_task = data.load_task("toyimgs", "test", source=f"folder:{tmp_path / 'b'}")
+    assert fingerprint.split_fingerprint(b_task)["sha256"] == a["sha256"]
+    target = tmp_path / "b" / "test" / "dog" / "1.png"
+    raw = bytearray(target.read_bytes())
+    raw[-5] ^= 1
+    target.write_bytes(bytes(raw))
+    assert fingerprint.split_fingerprint(b_task)["sha256"] != a["sha256"]
