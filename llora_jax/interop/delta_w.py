@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from llora_jax.adapters.lora import Scale, delta_w
 from llora_jax.backbones.hf import Backbone
 from llora_jax.fusion import weighted
 from llora_jax.interop.peft_import import ImportedAdapter, provenance
+from llora_jax.interop.staging import staged_directory
 
 PyTree = Any
 KIND = "delta_w"
@@ -100,16 +100,9 @@ def save_imported(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True or choose another path")
     tau = delta_w_tree(adapter.phi, adapter.scale)
-    stage = out.parent / f".{out.name}.import-{uuid.uuid4().hex[:8]}"
-    try:
+    with staged_directory(out, "import", create=False) as stage:
         task_vectors.save(stage, tau, delta_w_meta(backbone, adapter, task))
         (stage / ADAPTER_DIR).mkdir()
         for file in (adapter.weights_file.parent / "adapter_config.json", adapter.weights_file):
             shutil.copy2(file, stage / ADAPTER_DIR / file.name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return out

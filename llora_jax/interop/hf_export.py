@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from llora_jax.adapters.lora import delta_w
 from llora_jax.backbones.hf import Backbone, load_state_dict
 from llora_jax.interop import names
 from llora_jax.interop.peft_export import ExportError, lora_factors
+from llora_jax.interop.staging import staged_directory
 
 # Files of a checkpoint directory that describe the model or its inputs (copied as they are).
 SIDE_FILES = (
@@ -75,9 +75,7 @@ def export_hf(
                 f"{path!r}: Δ has shape {d.shape}, checkpoint tensor {key!r} {w.shape}"
             )
         state[key] = (np.asarray(w, np.float32) + d).astype(w.dtype)
-    stage = out.parent / f".{out.name}.export-{uuid.uuid4().hex[:8]}"
-    try:
-        stage.mkdir(parents=True)
+    with staged_directory(out, "export") as stage:
         for name in SIDE_FILES:
             if (backbone.path / name).is_file():
                 shutil.copy2(backbone.path / name, stage / name)
@@ -87,10 +85,4 @@ def export_hf(
             stage / "model.safetensors",
             metadata={"format": "pt"},
         )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return out

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from llora_jax import tree as tree_lib
 from llora_jax.adapters.lora import adapter_layers, layer_scale
 from llora_jax.backbones.hf import Backbone, load_state_dict, read_safetensors
 from llora_jax.interop import names
+from llora_jax.interop.staging import staged_directory
 
 SIDE_TENSORS = "llora_task_vector.safetensors"
 SIDE_META = "llora_meta.json"
@@ -155,9 +154,7 @@ def write_peft_dir(
         key = f"base_model.model.{hf[m]}"
         tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(f["A"].T)  # (in, r) -> (r, in)
         tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(f["B"].T)  # (r, out) -> (out, r)
-    stage = out.parent / f".{out.name}.export-{uuid.uuid4().hex[:8]}"
-    try:
-        stage.mkdir(parents=True)
+    with staged_directory(out, "export") as stage:
         cfg = _peft_config(factors, scales, hf, backbone.source)
         (stage / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         save_file(tensors, stage / "adapter_model.safetensors")
@@ -173,12 +170,6 @@ def write_peft_dir(
             (stage / SIDE_META).write_text(
                 json.dumps(side.meta, indent=2, sort_keys=True, default=str)
             )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return out
 
 
