@@ -20,6 +20,7 @@ from llora_jax import interference
 from llora_jax.fusion import search
 from llora_jax.interference.disentangle import disentanglement_error
 from llora_jax.study.finetune import log
+from llora_jax.study.plan import study_subsets
 from llora_jax.study.spec import StudySpec
 
 
@@ -86,7 +87,7 @@ class ResultCache:
 def record_fusion(
     s: StudySpec, results, method, seed, members, tasks, cache: ResultCache, compute=True
 ) -> None:
-    max_size = int(s.max_subset) or None
+    plan = study_subsets(s, tasks, int(seed))
     which = dict(s.fusion_subsets)
     grids = dict(s.fusion_grids)
     spent: dict[str, float] = {}
@@ -95,7 +96,7 @@ def record_fusion(
         kind = which.get(name, "all")
         subs = [
             sub
-            for sub in search.subsets(tasks, 2, max_size)
+            for sub in plan
             if kind == "all" or len(sub) == len(tasks) or (kind == "pairs+full" and len(sub) == 2)
         ]
         keys = {sub: f"fusion|{method}|{seed}|{name}|{search.subset_key(sub)}" for sub in subs}
