@@ -35,7 +35,10 @@ def record_interference(s: StudySpec, results, method, seed, members, tasks) -> 
         "delta_w_mean_off_diagonal": None,
     }
     phi0 = members[tasks[0]].tv.phi0
-    if phi0 is not None:
+    if s.merge_space == "delta_w":  # the members' vectors are ΔW already
+        entry["delta_w_matrix"] = entry["matrix"]
+        entry["delta_w_mean_off_diagonal"] = entry["mean_off_diagonal"]
+    elif phi0 is not None:
         scale = members[tasks[0]].exp.spec.lora.scale
         # L-LoRA (and the whole-model linearization, to first order) changes W by the
         # linear part of s·A B around (A0, B0); LoRA by the full product.

@@ -34,7 +34,7 @@ import optax
 
 from llora_jax import experiment, task_vectors
 from llora_jax import tree as tree_lib
-from llora_jax.fusion import search
+from llora_jax.fusion import search, weight_space
 from llora_jax.study import spec
 from llora_jax.study.analysis import (
     ResultCache,
@@ -111,6 +111,7 @@ def run_study(s: spec.StudySpec, out: Path) -> Path:
         **environment(),
         "tasks": tasks,
         "methods": list(s.methods),
+        "merge_space": s.merge_space,
         "seeds": [int(x) for x in s.seeds],
         "primary_metric": {t: e.primary_metric for t, e in exps.items()},
         "single": {},
@@ -153,6 +154,11 @@ def run_study(s: spec.StudySpec, out: Path) -> Path:
                 results["timings_s"][f"finetune/{method}"] = secs
             t = time.perf_counter()
             members, fps = _members(out, tasks, exps, results, method, seed, chosen)
+            if s.merge_space == weight_space.SPACE:
+                # Merged and measured as dense ΔW per layer (a per-task A0 needs it); the
+                # cached results are tied to the space as well as to the vectors.
+                members = {t: weight_space.delta_w_member(m) for t, m in members.items()}
+                fps = {t: f"{fp}|{weight_space.SPACE}" for t, fp in fps.items()}
             record_interference(s, results, method, seed, members, tasks)
             compute = analyse and seed in analysis
             cached = ResultCache(done, cache_path, fps)

@@ -142,7 +142,10 @@ def fit(
         raise ValueError("fit: sharded backbone weights (frozen_shardings) need one run at a time")
     mesh = mesh or sharding.make_mesh()
     oc = dataclasses.replace(oc, total_steps=lc.total_steps)
-    starts = [forward.init_trainable(tm, spec, jax.random.key(int(r.seed))) for r in runs]
+    starts = [
+        forward.init_trainable(tm, spec, forward.init_key(r.seed, r.meta.get("task"), spec))
+        for r in runs
+    ]
     phi0s = [phi0 for _, phi0 in starts]
     dirs = [Path(r.workdir).absolute() for r in runs]
     for d in dirs:
