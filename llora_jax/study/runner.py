@@ -104,6 +104,12 @@ def run_study(s: spec.StudySpec, out: Path) -> Path:
     )
     cache = experiment.BackboneCache()
     exps = experiments(s, tasks, cache)  # fails early on missing data
+    own_a0 = [t for t, e in exps.items() if e.spec.lora.a0 == "per_task"]
+    if own_a0 and s.merge_space != weight_space.SPACE:
+        raise spec.StudySpecError(
+            f"study {s.name!r}: tasks {own_a0} get a per-task A0 (lora.a0='per_task'), whose "
+            "adapters live in different bases; merge them as dense ΔW: --set merge_space=delta_w"
+        )
 
     results: dict = {
         "study": s.name,

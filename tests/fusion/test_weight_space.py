@@ -37,7 +37,7 @@ def test_per_task_a0_key_is_the_seed_folded_with_the_task_crc():
         LoraConfig(a0="each")
 
 
-def _member(method, task, a0="per_task", seed=0):
+def toy_member(method, task, a0="per_task", seed=0):
     tm = toy.toy_task_model()
     spec = AdapterSpec(method, dataclasses.replace(LORA, a0=a0))
     _, phi0 = forward.init_trainable(tm, spec, forward.init_key(seed, task, spec))
@@ -78,7 +78,7 @@ def _member(method, task, a0="per_task", seed=0):
 
 @pytest.mark.parametrize("method", ["lora", "l_lora"])
 def test_delta_w_member_is_the_adapted_model(method):
-    m = _member(method, "cola")
+    m = toy_member(method, "cola")
     dw = weight_space.delta_w_member(m)
     assert dw.exp.spec.method == "full" and dw.tv.phi0 is None
     assert sorted(tree_lib.flatten(dw.tv.tau)) == sorted(
@@ -102,7 +102,7 @@ def test_delta_w_member_is_the_adapted_model(method):
 
 
 def test_per_task_a0_members_merge_only_as_delta_w():
-    members = [_member("l_lora", t) for t in ("cola", "rte")]
+    members = [toy_member("l_lora", t) for t in ("cola", "rte")]
     grid = [{"lam": lam} for lam in (0.5, 1.0)]
     with pytest.raises(ValueError, match="phi0"):
         search.fuse_subset(members, "task_arithmetic", grid=grid, batch_size=8)
@@ -125,7 +125,7 @@ def test_per_task_a0_members_merge_only_as_delta_w():
 
 
 def test_shared_a0_task_arithmetic_is_the_same_in_both_spaces():
-    members = [_member("l_lora", t, a0="shared") for t in ("cola", "rte")]
+    members = [toy_member("l_lora", t, a0="shared") for t in ("cola", "rte")]
     grid = [{"lam": lam} for lam in (0.3, 0.6, 1.0)]
     adapter = search.fuse_subset(members, "task_arithmetic", grid=grid, batch_size=8)
     dw = search.fuse_subset(
@@ -141,7 +141,7 @@ def test_shared_a0_task_arithmetic_is_the_same_in_both_spaces():
 
 
 def test_delta_w_refuses_what_it_cannot_represent():
-    m = _member("lora", "cola")
+    m = toy_member("lora", "cola")
     nonzero_b = dataclasses.replace(m.exp.spec.lora, init_b="normal")
     with pytest.raises(ValueError, match="B0 = 0"):
         weight_space.delta_w_tree(m.tv, AdapterSpec("lora", nonzero_b))
