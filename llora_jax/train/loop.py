@@ -80,6 +80,9 @@ class Run:
     final_eval: Callable[[PyTree, PyTree], dict] | None = None
     evaluate: Callable[[PyTree, PyTree], dict] | None = None
     meta: dict = dataclasses.field(default_factory=dict)
+    # (batch_size, start_step) -> host batches, instead of seeded epochs of train_arrays
+    # (e.g. ``data.mixture.mixture_batches`` for a multi-task run); one run at a time.
+    batches: Callable[[int, int], Any] | None = None
 
 
 def finetune(
@@ -138,6 +141,8 @@ def fit(
     """
     group.check_runs(runs)
     stacked = len(runs) > 1 if group_step is None else group_step
+    if stacked and runs[0].batches is not None:
+        raise ValueError("fit: a run with its own batches trains alone (group_step=False)")
     if stacked and frozen_shardings is not None:
         raise ValueError("fit: sharded backbone weights (frozen_shardings) need one run at a time")
     mesh = mesh or sharding.make_mesh()
@@ -279,8 +284,14 @@ def _single_setup(tm, spec, oc, lc, run, start_phi0, mesh, frozen_shardings) -> 
         state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
     # Seeded per-epoch permutations, this process's slice of every global batch, resumable
     # at any step; batches are moved to the devices in a background thread.
+    if run.batches is not None:
+        source = run.batches(lc.batch_size, start)
+    else:
+        source = data.batches(
+            run.train_arrays, lc.batch_size, seed=run.seed, epochs=None, start_step=start
+        )
     batches = data.prefetch_to_device(
-        data.batches(run.train_arrays, lc.batch_size, seed=run.seed, epochs=None, start_step=start),
+        source,
         size=2,
         sharding=sharding.batch_sharding(mesh),
     )
