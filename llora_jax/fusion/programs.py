@@ -10,12 +10,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from llora_jax import forward, fusion
 from llora_jax import tree as tree_lib
 from llora_jax.evaluation import grid as grid_eval
-from llora_jax.fusion import isolation_pipeline as pipeline
 from llora_jax.fusion.common import thresholds_of_count
 from llora_jax.task_vectors import TaskVector
 from llora_jax.tasks import Experiment
@@ -115,27 +113,6 @@ def isolation_parts(taus: list[PyTree], masks: Any, p: float) -> PyTree:
     """Every subset's isolation core (S, ...), then its rest (S, ...), on one axis (2S, ...)."""
     core, rest = fusion.isolation_subsets(taus, masks, p)
     return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), core, rest)
-
-
-def pipeline_subsets(
-    taus: list[PyTree], subsets: Sequence[Sequence[int]], p: float, threshold: float
-) -> tuple[PyTree, list[list[int]]]:
-    """Every subset's isolation-pipeline parts, cores (S, ...) then rests (S, ...) on one
-    axis (2S, ...): subset s's merge at λ is parts[s] + λ · parts[S + s]. Cores at ``p``
-    by |τ| and clusters at ``threshold`` are found per subset (clustering on the host);
-    one compiled program per (subset size, p). Also returns each subset's cluster labels.
-    """
-    cores, rests, labels = [], [], []
-    for ix in subsets:
-        sub = [taus[i] for i in ix]
-        masks = program(fusion.core_masks, p=float(p))(sub)
-        found = pipeline.cluster_tasks(pipeline.jaccard_matrix(masks), float(threshold))
-        member = np.eye(len(ix), dtype=np.float32)[found]  # [i, c] = 1: task i in cluster c
-        core, rest = program(pipeline.pipeline_parts)(sub, masks, member)
-        cores.append(core)
-        rests.append(rest)
-        labels.append([int(x) for x in found])
-    return tree_lib.stack(cores + rests), labels
 
 
 def base_vector(members: Sequence[Member]) -> tuple[PyTree, PyTree | None]:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from llora_jax import fusion
 from llora_jax.evaluation import grid as grid_eval
 from llora_jax.fusion import isolation_pipeline as pipeline
-from llora_jax.fusion import programs
+from llora_jax.fusion import pipeline_grid, programs
 from llora_jax.fusion.common import keep_count, num_elements
 from llora_jax.fusion.dare import check_p as dare_check_p
 from llora_jax.fusion.lorahub import quiet as lorahub_quiet
@@ -100,7 +100,7 @@ def candidates(
                 f"{pipeline.NAME} grid entries need exactly p, threshold and lam, got "
                 f"{sorted(fixed) + (['lam'] if scaled else [])}"
             )
-        both, _ = programs.pipeline_subsets(taus, subsets, fixed["p"], fixed["threshold"])
+        both, _ = pipeline_grid.pipeline_subsets(taus, subsets, fixed["p"], fixed["threshold"])
         return [
             (
                 both,

@@ -7,7 +7,7 @@ import pytest
 from llora_jax import tree as tree_lib
 from llora_jax.evaluation import grid as grid_eval
 from llora_jax.fusion import isolation_pipeline as pipeline
-from llora_jax.fusion import programs, search
+from llora_jax.fusion import pipeline_grid, search
 from tests.fusion.test_weight_space import toy_member
 
 TASKS = ("cola", "rte", "sst2")
@@ -68,9 +68,9 @@ def test_search_chooses_on_validation_like_a_loop_over_direct_calls():
 
 def test_pipeline_subsets_report_clusters_and_refuse_an_incomplete_grid():
     taus = _taus()
-    _, labels = programs.pipeline_subsets(taus, [[0, 1, 2]], 0.2, 0.0)
+    _, labels = pipeline_grid.pipeline_subsets(taus, [[0, 1, 2]], 0.2, 0.0)
     assert labels == [[0, 0, 0]]  # threshold 0: one cluster
-    _, labels = programs.pipeline_subsets(taus, [[0, 1, 2]], 0.2, 1.0)
+    _, labels = pipeline_grid.pipeline_subsets(taus, [[0, 1, 2]], 0.2, 1.0)
     assert labels == [[0, 1, 2]]
     members = [toy_member("lora", t, a0="shared") for t in TASKS[:2]]
     with pytest.raises(ValueError, match="p, threshold and lam"):
