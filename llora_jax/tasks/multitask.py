@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from llora_jax import tree as tree_lib
-from llora_jax.data.mixture import select_by_task
+from llora_jax.data.mixture import mixture_batches, select_by_task
+from llora_jax.fusion.frozen_cores import sequential_schedule
 from llora_jax.types import TaskModel
 
 PyTree = Any
@@ -64,3 +66,28 @@ def shared_fields(arrays_per_task: Sequence[dict]) -> list[str]:
     return [
         k for k in first if all(k in a and sig(a, k) == sig(first, k) for a in arrays_per_task[1:])
     ]
+
+
+def sequential_batches(
+    arrays_per_task: Sequence[dict],
+    batch_size: int,
+    steps_per_task: int,
+    *,
+    order: Sequence[int] | None = None,
+    seed: int = 0,
+    start_step: int = 0,
+) -> Iterator[dict]:
+    """The control of frozen-core tuning: tasks one after another (``order``, default 0..n−1),
+    ``steps_per_task`` batches each, every batch one task's (its single run's first batches,
+    with ``task_id``), so the same multi-task loop trains it. Resumable at ``start_step``."""
+    schedule = sequential_schedule(len(arrays_per_task), steps_per_task, order=order)
+    for k, t in enumerate(schedule[::steps_per_task]):
+        first = k * steps_per_task
+        if start_step >= first + steps_per_task:
+            continue
+        skip = max(start_step - first, 0)
+        stream = mixture_batches(
+            [arrays_per_task[int(t)]], batch_size, steps_per_task, seed=seed, start_step=skip
+        )
+        for batch in stream:
+            yield {**batch, "task_id": np.full(batch_size, int(t), np.int32)}

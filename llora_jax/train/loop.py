@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from llora_jax import data, forward
 from llora_jax import tree as tree_lib
+from llora_jax.fusion.frozen_cores import freeze
 from llora_jax.train import group, sharding, step
 from llora_jax.train.export import export_run
 from llora_jax.train.metrics_log import MetricsLog
@@ -83,6 +84,12 @@ class Run:
     # (batch_size, start_step) -> host batches, instead of seeded epochs of train_arrays
     # (e.g. ``data.mixture.mixture_batches`` for a multi-task run); one run at a time.
     batches: Callable[[int, int], Any] | None = None
+    # Start from this trainable state instead of the initialisation (φ0 stays the
+    # initialisation's: τ is exported relative to it), e.g. a fused adapter φ0 + τ_merged.
+    start: PyTree | None = None
+    # Boolean tree shaped like the trainable state: elements held fixed bit for bit
+    # (``fusion.frozen_cores.freeze``), e.g. every task's core region. One run at a time.
+    frozen: PyTree | None = None
 
 
 def finetune(
@@ -141,8 +148,11 @@ def fit(
     """
     group.check_runs(runs)
     stacked = len(runs) > 1 if group_step is None else group_step
-    if stacked and runs[0].batches is not None:
-        raise ValueError("fit: a run with its own batches trains alone (group_step=False)")
+    if stacked and any(x is not None for r in runs for x in (r.batches, r.start, r.frozen)):
+        raise ValueError(
+            "fit: a run with its own batches, start or frozen elements trains alone "
+            "(group_step=False)"
+        )
     if stacked and frozen_shardings is not None:
         raise ValueError("fit: sharded backbone weights (frozen_shardings) need one run at a time")
     mesh = mesh or sharding.make_mesh()
@@ -151,6 +161,7 @@ def fit(
         forward.init_trainable(tm, spec, forward.init_key(r.seed, r.meta.get("task"), spec))
         for r in runs
     ]
+    starts = [(r.start, p0) if r.start is not None else (t, p0) for r, (t, p0) in zip(runs, starts)]
     phi0s = [phi0 for _, phi0 in starts]
     dirs = [Path(r.workdir).absolute() for r in runs]
     for d in dirs:
@@ -247,6 +258,8 @@ def _single_setup(tm, spec, oc, lc, run, start_phi0, mesh, frozen_shardings) -> 
     """State (restored from the newest checkpoint if any), shardings and batches of one run."""
     trainable0, phi0 = start_phi0
     optimizer = make_optimizer(dataclasses.replace(oc, learning_rate=run.learning_rate))
+    if run.frozen is not None:
+        optimizer = freeze(optimizer, run.frozen)
     repl = sharding.replicated(mesh)
     frozen = {"params": tm.params, "head": run.head, "phi0": phi0}
     frozen_sh = {
@@ -259,7 +272,10 @@ def _single_setup(tm, spec, oc, lc, run, start_phi0, mesh, frozen_shardings) -> 
     frozen = jax.device_put(frozen, frozen_sh)
     state_shape = jax.eval_shape(lambda t: step.init_state(t, optimizer), trainable0)
     state_sh = jax.tree.map(lambda _: repl, state_shape)
-    if frozen_shardings is None:
+    if run.frozen is not None and frozen_shardings is None:
+        # The frozen mask is part of the optimizer: this run's own program (not cached).
+        step_fn = jax.jit(step.make_train_step(tm, spec, optimizer), donate_argnums=0)
+    elif frozen_shardings is None:
         step_fn = step.step_for(tm, spec, oc, mesh, group=False)
     else:
         if spec.method == "full":
