@@ -4,8 +4,9 @@ Blocks: one per (rank r, arm), arm ∈ {lora, l_lora (shared A0), l_lora_a0 (per
 merged and measured in ΔW space)}, α = 2r, q and v targets. Each block fine-tunes every
 task once per seed, then merges the subsets of one shared plan (``study.plan``; the same
 subsets for every arm, rank and fusion of a seed) with task arithmetic, TIES, the
-isolation merge and the isolation pipeline, and trains the multi-task baseline on the
-first subsets of each size. ``llora_jax.report.capacity`` collects the blocks.
+isolation merge and the isolation pipeline, trains the multi-task baseline on the first
+subsets of each size, and (full form, r = 16) tunes the pipeline's merge with every core
+frozen against the sequential control (``study.frozen_tuning``). ``llora_jax.report.capacity`` collects the blocks.
 
 Forms (``python experiments/capacity/study.py FORM --out DIR [--set field=value ...]``):
 
@@ -90,6 +91,7 @@ def _form(form: str) -> dict:
             fusion=["task_arithmetic", "ties", "isolation", "isolation_pipeline"],
             grids=_grids(lams, [0.25, 0.5, 1.0], [0.05, 0.1, 0.2], [0.05, 0.1, 0.2, 0.3, 1.0]),
             multitask={"budgets": ["per_task", "total"], "per_size": 2, "full_rank": 16},
+            frozen_tuning={"steps_per_task": 100, "lr_factor": 0.1, "per_size": 2, "ranks": [16]},
             eval_batch_size=32,
             eval_chunk=32,
             group_size=12,
@@ -134,6 +136,7 @@ def _form(form: str) -> dict:
             fusion=["task_arithmetic", "isolation_pipeline"],
             grids=_grids([0.5, 1.0], [0.5], [0.2], [0.0, 1.0]),
             multitask={"budgets": ["per_task"], "per_size": 1, "sizes": [3]},
+            frozen_tuning={"steps_per_task": 2, "per_size": 1, "sizes": [3]},
             eval_batch_size=8,
             eval_chunk=8,
             group_size=1,
@@ -175,6 +178,11 @@ def blocks(form: str) -> list[Block]:
             # shared-A0 arms (and to the ranks the form names).
             if a0 == "shared" and r in mt.pop("ranks", [r]):
                 s.multitask = mt
+            ft = dict(f.get("frozen_tuning") or {})
+            if ft and a0 == "shared" and r in ft.pop("ranks", [r]):
+                s.frozen_tuning = (
+                    ft  # the pipeline's merge tuned with cores frozen, and its control
+                )
             s.eval_batch_size = int(f["eval_batch_size"])
             s.eval_chunk = int(f["eval_chunk"])
             s.group_size = int(f["group_size"])

@@ -59,6 +59,8 @@ def _entries(r: Mapping, method: str) -> dict[str, dict]:
         for budget, subs in by_budget.items():
             name = f"multitask_{budget}" + ("" if m == method else f"_{m}")
             out[name] = subs
+    for variant, subs in ((r.get("frozen_tuning") or {}).get(method) or {}).items():
+        out[f"pipeline+{variant}"] = subs
     return out
 
 
@@ -81,7 +83,7 @@ def block_rows(r: Mapping, method: str) -> dict:
                 row = _per_task(r, method, seed, entry, skip)
                 per_subset.setdefault(line, {}).setdefault(key, {})[seed] = row
                 lines.setdefault(line, {}).setdefault(n, {}).setdefault(seed, []).append(row)
-                if not line.startswith("multitask"):
+                if not line.startswith(("multitask", "pipeline+")):
                     subsets_by_seed.setdefault(seed, set()).add(key)
     for line in lines:
         for by_seed in lines[line].values():

@@ -73,7 +73,7 @@ def record_multitask(s: StudySpec, results: dict, method: str, seed: int, exps, 
                 else:
                     log(f"multi-task {m} {budget} seed {seed} on {'+'.join(sub)} (lr {lr:g})")
                     metrics = train(s, exps, sub, m, seed, lr, budget, wd)
-                entry = _record(results, method, seed, sub, exps, metrics)
+                entry = score_record(results, method, seed, sub, exps, metrics)
                 entry.update(budget=budget, learning_rate=lr, workdir=str(wd.relative_to(out)))
                 table = results.setdefault("multitask", {}).setdefault(m, {}).setdefault(budget, {})
                 table.setdefault(subset_key(sub), {})[str(seed)] = entry
@@ -90,26 +90,51 @@ def _rate(cfg, results, method, sub, s) -> float:
 def train(s: StudySpec, exps, sub, method, seed, lr, budget, wd: Path) -> dict:
     """One multi-task run through ``train.loop.fit``; returns its final metrics
     ({"val/<task>/<metric>": ..., "test/<task>/<metric>": ...})."""
+    steps = int(load_config(s.config, s.config_arg, dict(s.overrides)).steps)
+    total = mixture_steps(len(sub), steps, budget)
+
+    def batches(arrays, batch_size: int, start: int):
+        return mixture_batches(
+            arrays, batch_size, steps, budget=budget, seed=seed, start_step=start
+        )
+
+    meta = {"task": f"multitask:{'+'.join(sub)}", "tasks": list(sub), "budget": budget}
+    return fit_mixture(s, exps, sub, method, seed, lr, wd, total, batches, meta)
+
+
+def fit_mixture(
+    s: StudySpec,
+    exps,
+    sub,
+    method,
+    seed,
+    lr,
+    wd,
+    total,
+    batches,
+    meta,
+    *,
+    start=None,
+    frozen=None,
+    warmup_fraction: float | None = None,
+) -> dict:
+    """Train one adapter on the tasks ``sub`` (stacked heads, routed by task id) for
+    ``total`` steps of ``batches(arrays per task, batch_size, start_step)``; optionally from
+    ``start`` with ``frozen`` elements held fixed. Other settings are the block config's
+    (warm-up: its fraction of the single run, or ``warmup_fraction``)."""
     c = load_config(s.config, s.config_arg, dict(s.overrides))
     c.task, c.method, c.seed = "+".join(sub), method, int(seed)
     c.optim.learning_rate = float(lr)
-    steps = int(c.steps)
-    total = mixture_steps(len(sub), steps, budget)
-    oc = dataclasses.replace(
-        experiment.optim_config(c),
-        warmup_steps=int(round(int(c.optim.warmup_steps) * total / steps)),
+    fraction = (
+        int(c.optim.warmup_steps) / int(c.steps) if warmup_fraction is None else warmup_fraction
     )
+    oc = dataclasses.replace(experiment.optim_config(c), warmup_steps=int(round(fraction * total)))
     lc = dataclasses.replace(experiment.loop_config(c, bool(s.progress)), total_steps=total)
     members = [exps[t] for t in sub]
     spec = AdapterSpec(method, members[0].spec.lora)
     tm = multitask_model(members[0].tm, [e.tm.head for e in members])
     fields = shared_fields([e.arrays["train"] for e in members])
     arrays = [{k: e.arrays["train"][k] for k in fields} for e in members]
-
-    def batches(batch_size: int, start: int):
-        return mixture_batches(
-            arrays, batch_size, steps, budget=budget, seed=seed, start_step=start
-        )
 
     def final_eval(trainable, phi0) -> dict:
         out = {}
@@ -127,13 +152,15 @@ def train(s: StudySpec, exps, sub, method, seed, lr, budget, wd: Path) -> dict:
         head=tm.head,
         train_arrays=arrays[0],
         final_eval=final_eval,
-        meta={"task": f"multitask:{'+'.join(sub)}", "tasks": list(sub), "budget": budget},
-        batches=batches,
+        meta=meta,
+        batches=lambda batch_size, start_step: batches(arrays, batch_size, start_step),
+        start=start,
+        frozen=frozen,
     )
     return train_loop.fit(tm, spec, oc, lc, [run], group_step=False)[0]
 
 
-def _record(results, method, seed, sub, exps, metrics) -> dict:
+def score_record(results, method, seed, sub, exps, metrics) -> dict:
     """Per task: test score (primary metric), ÷ its single run's, and (− majority) ÷
     (single − majority); means over the subset."""
     test, norm, above = {}, {}, {}

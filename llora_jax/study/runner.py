@@ -46,6 +46,7 @@ from llora_jax.study.analysis import (
 )
 from llora_jax.study.finetune import BackgroundFinetuning, experiments, load_config, load_module
 from llora_jax.study.finetune import log as _log
+from llora_jax.study.frozen_tuning import record_frozen_tuning
 from llora_jax.study.multitask import record_multitask
 from llora_jax.types import AdapterSpec
 
@@ -180,6 +181,7 @@ def run_study(s: spec.StudySpec, out: Path) -> Path:
             record_disentanglement(s, results, method, seed, members, cached, compute)
             if compute:
                 record_multitask(s, results, method, seed, exps, out)
+                record_frozen_tuning(s, results, method, seed, exps, members, out)
             if compute:
                 results["timings_s"][f"analysis/{method}/seed{seed}"] = time.perf_counter() - t
                 _log(f"{method} seed {seed}: analysis done in {time.perf_counter() - t:.0f} s")

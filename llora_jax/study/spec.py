@@ -66,6 +66,7 @@ class StudySpec:
     subset_seed: int | None = None
     merge_space: str = "adapter"
     multitask: dict = dataclasses.field(default_factory=dict)
+    frozen_tuning: dict = dataclasses.field(default_factory=dict)
     lorahub_budget: int = 40
     isolation_p: float = 0.1
     pairs: list = dataclasses.field(default_factory=list)

@@ -9,6 +9,8 @@ import pytest
 
 from llora_jax import data, task_vectors
 from llora_jax import tree as tree_lib
+from llora_jax.fusion.frozen_cores import frozen_union
+from llora_jax.fusion.isolation_pipeline import isolation_pipeline
 from llora_jax.study.finetune import load_module
 from tests.conftest import data_dir
 from tests.fixtures import tiny_models
@@ -88,6 +90,7 @@ def test_capacity_tiny_form(tmp_path, bert):
     ]
     assert max(s["step"] for s in steps) == 3 * 6  # n × the single runs' 6 steps
     assert (out / "report.md").is_file()
+    _check_frozen_tuning(res, out)
     # A re-run resumes: nothing is trained or merged again, the results are the same.
     mod.main(["tiny", "--out", str(out), *[f"--set={x}" for x in sets]])
     again = json.loads((out / "results.json").read_text())
@@ -99,3 +102,34 @@ def test_capacity_tiny_form(tmp_path, bert):
             again["blocks"][name]["results"]["multitask"]
             == res["blocks"][name]["results"]["multitask"]
         )
+
+
+def _check_frozen_tuning(res, out):
+    """The pipeline's merge tuned with its cores frozen: core elements keep the merged values
+    bit for bit; the sequential control (nothing frozen) moves them."""
+    r = res["blocks"]["lora_r2"]["results"]
+    ft = r["frozen_tuning"]["lora"]
+    assert set(ft) == {"frozen", "sequential"}
+    entry = ft["frozen"]["mrpc+rte+sst2"]["0"]
+    hp = entry["hparams"]
+    assert hp == r["fusion"]["lora"]["isolation_pipeline"]["mrpc+rte+sst2"]["0"]["hparams"]
+    singles = {
+        t: task_vectors.load(out / "lora_r2" / r["runs"]["lora"][t]["0"] / "task_vector")
+        for t in ("mrpc", "rte", "sst2")
+    }
+    merged, info = isolation_pipeline([singles[t].tau for t in ("mrpc", "rte", "sst2")], **hp)
+    phi0 = singles["mrpc"].phi0
+    want = tree_lib.flatten(tree_lib.sub(tree_lib.add(phi0, merged), phi0))
+    core = tree_lib.flatten(frozen_union(info["masks"]))
+    moved = 0
+    for variant in ("frozen", "sequential"):
+        wd = out / "lora_r2" / "frozen_tuning" / "seed0" / "mrpc+rte+sst2" / f"lora-{variant}"
+        got = tree_lib.flatten(task_vectors.load(wd / "task_vector").tau)
+        for k, m in core.items():
+            a = np.asarray(got[k], np.float32)[np.asarray(m)]
+            b = np.asarray(want[k], np.float32)[np.asarray(m)]
+            if variant == "frozen":
+                assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), k
+            else:
+                moved += int(np.sum(a != b))
+    assert moved > 0
