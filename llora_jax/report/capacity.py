@@ -46,7 +46,10 @@ def summarize_capacity(collected: Mapping) -> dict:
     for r, arms in sorted(by_rank.items()):
         if "l_lora" not in arms or "l_lora_a0" not in arms:
             continue
-        rows = {a: block_rows(collected["blocks"][arms[a]]["results"], "l_lora") for a in arms}
+        rows = {
+            a: block_rows(collected["blocks"][arms[a]]["results"], "l_lora")
+            for a in ("l_lora", "l_lora_a0")
+        }
         for fusion in GAP_FUSIONS:
             a = rows["l_lora"]["per_subset"].get(fusion)
             b = rows["l_lora_a0"]["per_subset"].get(fusion)
@@ -160,7 +163,8 @@ def _markdown(s: Mapping, figures: list[str]) -> str:
         "",
         "Cells: mean ± std over seeds (std omitted for one seed) of the mean over the "
         "subsets of each size n. normalized = merged ÷ single-task test score; "
-        "baseline-normalized = (merged − majority) ÷ (single − majority); "
+        "baseline-normalized = (merged − majority) ÷ (single − majority), over learning "
+        "tasks only; "
         "'normalized (learning)' leaves out tasks that do not beat their majority "
         "baseline by 2 points (listed per block).",
     ]

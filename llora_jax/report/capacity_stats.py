@@ -4,7 +4,8 @@ A block is one (arm, rank); within it, per seed and per subset size n:
 
 * merged scores of every fusion (and the multi-task baseline), each averaged over the
   subsets of size n: absolute test score, normalized (merged ÷ single), and
-  baseline-normalized ((merged − majority) ÷ (single − majority)), the last two also over
+  baseline-normalized ((merged − majority) ÷ (single − majority), over learning tasks
+  only: for the others the denominator is about 0 or negative); normalized also over
   learning tasks only (a task learns when its single score beats its majority-class
   baseline by 2 points: ``report.learning``);
 * the mean off-diagonal cosine of the subset's task vectors (ΔW; adapter space too where it
@@ -39,7 +40,7 @@ def _per_task(r: Mapping, method: str, seed: str, entry: Mapping, skip: set) -> 
         base = (r.get("baseline") or {}).get(task, {}).get(metric)
         test.append(score)
         norm.append(score / max(single, 1e-12))
-        if base is not None and single - base > 1e-12:
+        if base is not None and task not in skip and single - base > 1e-12:
             above.append((score - base) / (single - base))
         if task not in skip:
             norm_l.append(score / max(single, 1e-12))

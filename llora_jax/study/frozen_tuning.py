@@ -29,17 +29,27 @@ from llora_jax.fusion.search import subset_key
 from llora_jax.study.finetune import log
 from llora_jax.study.multitask import fit_mixture, score_record
 from llora_jax.study.plan import first_per_size, study_subsets
-from llora_jax.study.spec import StudySpec
+from llora_jax.study.spec import StudySpec, StudySpecError
 from llora_jax.tasks.multitask import sequential_batches
 
 VARIANTS = ("frozen", "sequential")
+DEFAULTS = {"steps_per_task": 100, "lr_factor": 0.1, "per_size": 2, "sizes": None}
+
+
+def check(cfg: dict) -> dict:
+    """The ``frozen_tuning`` settings with defaults; unknown keys refused."""
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise StudySpecError(
+            f"study field 'frozen_tuning': unknown keys {unknown}; valid: {sorted(DEFAULTS)}"
+        )
+    return DEFAULTS | dict(cfg)
 
 
 def record_frozen_tuning(s: StudySpec, results, method, seed, exps, members, out: Path):
-    cfg = {"steps_per_task": 100, "lr_factor": 0.1, "per_size": 2, "sizes": None}
-    cfg.update(dict(s.frozen_tuning))
     if not s.frozen_tuning or s.merge_space != "adapter":
         return
+    cfg = check(dict(s.frozen_tuning))
     chosen = ((results.get("fusion") or {}).get(method) or {}).get(NAME) or {}
     plan = study_subsets(s, list(s.tasks), seed)
     sizes = cfg["sizes"] or sorted({len(x) for x in plan})

@@ -37,7 +37,7 @@ from llora_jax import tree as tree_lib
 from llora_jax.data.baselines import majority_baseline
 from llora_jax.fusion import search, weight_space
 from llora_jax.report import write_report
-from llora_jax.study import multitask, spec
+from llora_jax.study import frozen_tuning, multitask, spec
 from llora_jax.study.analysis import (
     ResultCache,
     record_disentanglement,
@@ -101,6 +101,8 @@ def run_study(s: spec.StudySpec, out: Path) -> Path:
     spec.check(s)  # before anything loads
     if s.multitask:
         multitask.check(dict(s.multitask))
+    if s.frozen_tuning:
+        frozen_tuning.check(dict(s.frozen_tuning))
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     _compile_cache(out / ".jax_cache")
