@@ -30,7 +30,7 @@ endif
 
 .PHONY: help install install-test test demo lint format clean finetune finetune-all fuse \
 	disentangle report reproduce-text reproduce-clip reproduce-t5 bench bench-text \
-	import-peft export-peft export-hf predict bench-multi
+	import-peft export-peft export-hf predict bench-multi capacity reproduce-glue7
 
 help:
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -94,6 +94,12 @@ reproduce-clip: install ## the paper's CLIP ViT-B/16 study (needs hub weights, t
 
 reproduce-t5: install ## the paper's Flan-T5-base study (needs hub weights, tfds GLUE, accelerators)
 	$(PY) -m llora_jax.cli study --study=experiments/flan_t5_base/study.py --out=$(OUT)/flan_t5_base
+
+capacity: install ## the capacity study (20 text tasks, n up to 20, r 4/16/64, 3 arms, 3 seeds; resumes) into $(OUT)/capacity; FORM=cpu for the small form
+	$(PY) experiments/capacity/study.py $(or $(FORM),full) --out=$(OUT)/capacity$(if $(FORM),_$(FORM),) $(ARGS)
+
+reproduce-glue7: install ## the seven-task cosine test (LoRA vs L-LoRA, r 16, 5 seeds, 3 ablations; resumes) into $(OUT)/glue7
+	$(PY) experiments/glue7/study.py $(or $(FORM),full) --out=$(OUT)/glue7$(if $(FORM),_$(FORM),) $(ARGS)
 
 bench: install-test ## speed: train steps, merge grids, vs PyTorch; JSON in benchmarks/results/
 	$(PY) -m benchmarks.run $(ARGS)

@@ -31,6 +31,7 @@ def base_config() -> ConfigDict:
     c.lora.dropout = 0.1
     c.lora.targets = ()  # () = the backbone's default (attention query and value)
     c.lora.init_b = "zero"
+    c.lora.a0 = "shared"  # or "per_task": A0 from the seed folded with the task name
 
     c.optim = ConfigDict()
     c.optim.optimizer = "adamw"

@@ -69,6 +69,7 @@ def _lora_fields(c: Any) -> dict:
         alpha=float(c.lora.alpha),
         dropout=float(c.lora.dropout),
         init_b=str(c.lora.init_b),
+        a0=str(c.lora.get("a0", "shared")),
     )
     if tuple(c.lora.targets):
         out["targets"] = tuple(c.lora.targets)

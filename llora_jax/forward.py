@@ -12,6 +12,7 @@ full fine-tuning, LoRA, L-LoRA and the whole-model linearization:
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import jax
@@ -104,6 +105,19 @@ def init_trainable(
         return full_trainable(tm), None
     phi0 = adapters.init_lora(key, tm.params, spec.lora)
     return phi0, phi0
+
+
+def init_key(seed: int, task: str | None, spec: AdapterSpec) -> jax.Array:
+    """The key a run's adapter is initialised from: ``key(seed)``, folded with the CRC-32 of
+    the task name when ``spec.lora.a0 == "per_task"`` (stable across processes and
+    machines, unlike ``hash``), so each task of a seed gets its own A0."""
+    key = jax.random.key(int(seed))
+    if spec.method == "full" or spec.lora.a0 == "shared":
+        return key
+    if not task:
+        raise ValueError("a per-task A0 (lora.a0='per_task') needs the run's task name")
+    # 31 bits: fold_in takes a 32-bit integer.
+    return jax.random.fold_in(key, zlib.crc32(task.encode()) & 0x7FFFFFFF)
 
 
 def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:

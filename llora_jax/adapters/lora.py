@@ -53,6 +53,11 @@ class LoraConfig:
     # a linearization point where the adapter is already active.
     init_b: str = "zero"
     b0_std: float = 0.02
+    # "shared": A0 from the run's seed (every task of a seed starts from one A0).
+    # "per_task": the seed's key folded with a stable hash of the task name
+    # (``forward.init_key``), so each task writes into its own input subspace; such task
+    # vectors live in different bases and merge only as dense ΔW (``fusion.weight_space``).
+    a0: str = "shared"
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -63,6 +68,8 @@ class LoraConfig:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if self.init_b not in ("zero", "normal"):
             raise ValueError(f"init_b must be 'zero' or 'normal', got {self.init_b!r}")
+        if self.a0 not in ("shared", "per_task"):
+            raise ValueError(f"a0 must be 'shared' or 'per_task', got {self.a0!r}")
         if isinstance(self.targets, str):
             object.__setattr__(self, "targets", (self.targets,))
         else:

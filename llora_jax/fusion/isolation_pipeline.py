@@ -47,7 +47,27 @@ __all__ = [
     "transplant_cores",
     "pipeline_merge",
     "isolation_pipeline",
+    "pipeline_parts",
+    "NAME",
+    "THRESHOLD_GRID",
+    "hparam_grid",
 ]
+
+# The fusion search's name for the pipeline, and its default thresholds (issue 21's
+# design: 1.0 keeps every task alone unless two cores are identical).
+NAME = "isolation_pipeline"
+THRESHOLD_GRID: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 1.0)
+
+
+def hparam_grid() -> list[dict]:
+    """Default grid: p ∈ {0.05, 0.1, 0.2} × threshold ∈ THRESHOLD_GRID × λ ∈ 0..1 step 0.1."""
+    lams = [round(0.1 * i, 1) for i in range(11)]
+    return [
+        {"p": p, "threshold": t, "lam": lam}
+        for p in (0.05, 0.1, 0.2)
+        for t in THRESHOLD_GRID
+        for lam in lams
+    ]
 
 
 def core_masks_by_score(scores: Sequence[PyTree], p: float) -> list[PyTree]:
@@ -174,6 +194,34 @@ def pipeline_merge(
         total = total + spherical_mean(rows, w[members], mean=mean, iterations=iterations)
     merged_rest = unravel(lam * total)
     return jax.tree.map(lambda a, b: (a + b).astype(a.dtype), core, merged_rest)
+
+
+def pipeline_parts(
+    taus: Sequence[PyTree], masks: Sequence[PyTree], membership: Any, iterations: int = 30
+) -> tuple[PyTree, PyTree]:
+    """(cores, rest) with ``pipeline_merge(..., lam) == cores + lam · rest``: jittable with the
+    clusters traced, so one program serves every clustering of k tasks.
+
+    ``membership``: (k, k) 0/1 matrix, [i, c] = 1 when task i is in cluster c (columns of
+    unused labels are all 0 and add nothing); equal weights within a cluster.
+    """
+    taus = check_taus(taus)
+    core, claimed = transplant_cores(taus, masks)
+    flat = []
+    for tau in taus:
+        rest = jax.tree.map(lambda t, c: jnp.where(c, 0, jnp.asarray(t, jnp.float32)), tau, claimed)
+        vec, unravel = ravel_pytree(rest)
+        flat.append(vec)
+    rows = jnp.stack(flat)
+    member = jnp.asarray(membership, jnp.float32)
+    total = jnp.zeros_like(flat[0])
+    for c in range(len(taus)):
+        w = member[:, c]
+        used = jnp.sum(w) > 0
+        m = spherical_mean(rows, jnp.where(used, w, 1.0), iterations=iterations)
+        total = total + jnp.where(used, m, 0.0)
+    rest = jax.tree.map(lambda a, b: b.astype(a.dtype), core, unravel(total))
+    return core, rest
 
 
 def isolation_pipeline(

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from llora_jax import fusion
 from llora_jax.evaluation import grid as grid_eval
-from llora_jax.fusion import programs
+from llora_jax.fusion import isolation_pipeline as pipeline
+from llora_jax.fusion import pipeline_grid, programs
 from llora_jax.fusion.common import keep_count, num_elements
 from llora_jax.fusion.dare import check_p as dare_check_p
 from llora_jax.fusion.lorahub import quiet as lorahub_quiet
@@ -84,6 +85,22 @@ def candidates(
         return [(merged, [[(e, {s: float(e["lam"])}) for e in entries] for s in range(n_sub)])]
     if name == "isolation" and scaled and set(fixed) == {"p"}:
         both = programs.program(programs.isolation_parts, **fixed)(taus, masks)
+        return [
+            (
+                both,
+                [
+                    [(e, {s: 1.0, n_sub + s: float(e["lam"])}) for e in entries]
+                    for s in range(n_sub)
+                ],
+            )
+        ]
+    if name == pipeline.NAME:
+        if not scaled or set(fixed) != {"p", "threshold"}:
+            raise ValueError(
+                f"{pipeline.NAME} grid entries need exactly p, threshold and lam, got "
+                f"{sorted(fixed) + (['lam'] if scaled else [])}"
+            )
+        both, _ = pipeline_grid.pipeline_subsets(taus, subsets, fixed["p"], fixed["threshold"])
         return [
             (
                 both,
@@ -242,7 +259,7 @@ def fuse_subsets(
         found = _lorahub(start, members, index, taus, budget, seed, bar)
     else:
         groups = programs.hparam_groups(
-            name, list(grid if grid is not None else fusion.hparam_grid(name))
+            name, list(grid if grid is not None else default_grid(name))
         )
         bar = tqdm(total=len(groups), desc=f"{name} ({len(index)} subsets)", disable=not progress)
         found = _search(evaluate, index, taus, name, groups, bar, timings)
@@ -348,6 +365,11 @@ def _lorahub(start, members, index, taus, budget, seed, bar) -> list[tuple]:
         ({f"w_{names[i]}": float(wi) for i, wi in zip(ix, w)}, kept[b], t[0])
         for ix, w, kept, b, t in zip(index, weights, scores, best, test)
     ]
+
+
+def default_grid(name: str) -> list[dict]:
+    """A fusion method's default grid (the registry's, or the isolation pipeline's)."""
+    return pipeline.hparam_grid() if name == pipeline.NAME else fusion.hparam_grid(name)
 
 
 def subsets(tasks: Sequence[str], min_size: int = 2, max_size: int | None = None) -> list[tuple]:

@@ -31,6 +31,7 @@ __all__ = [
     "LINE_SIZE",
     "MATRIX_PANEL_SIZE",
     "safe_name",
+    "save_figure",
     "mean_xi",
     "mean_matrix",
     "plot_disentanglement",
@@ -48,6 +49,11 @@ MATRIX_PANEL_SIZE = (4.8, 4.2)  # per panel
 def safe_name(s: str) -> str:
     """A file-name-safe version of a method / pair / fusion name."""
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", str(s))
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Render ``fig`` on an Agg canvas into ``path`` (PNG), atomically."""
+    return _save(fig, path)
 
 
 def _save(fig: Figure, path: Path) -> Path:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from llora_jax.report.learning import render_learning
+
 __all__ = ["fmt_stat", "md_table", "render"]
 
 _MISSING_TEXT = {
@@ -218,7 +220,8 @@ def _disentanglement(s: Mapping, figures: Mapping) -> list[str]:
 
 def render(s: Mapping, figures: Mapping) -> str:
     """The whole report.md."""
-    out = _header(s) + _single(s) + _fusion(s, figures) + _interference(s, figures)
+    out = _header(s) + _single(s) + render_learning(s.get("learning") or {}, md_table)
+    out += _fusion(s, figures) + _interference(s, figures)
     out += _disentanglement(s, figures)
     if s.get("timings"):
         rows = [

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llora_jax.report.figures import make_figures
+from llora_jax.report.learning import summarize_learning
 from llora_jax.report.markdown import render
 
 __all__ = [
@@ -361,6 +362,7 @@ def summarize(results: Mapping, baseline: str = "lora", linearized: str = "l_lor
     summary["fusion"], summary["best_fusion"] = _summarize_fusion(results, methods)
     summary["cosine"], summary["isolation_overlap"] = _summarize_cosine(results, methods)
     summary["disentanglement"] = _summarize_disentanglement(results, methods)
+    summary["learning"] = summarize_learning(results)
     summary["missing_sections"] = [s for s in SECTIONS if not results.get(s)]
     summary["verdicts"] = _verdicts(results, summary, baseline, linearized)
     return summary

@@ -22,6 +22,7 @@ from llora_jax.interference.disentangle import disentanglement_error
 from llora_jax.interop.delta_w import KIND as DELTA_W
 from llora_jax.interop.peft_export import meta_scale
 from llora_jax.study.finetune import log
+from llora_jax.study.plan import study_subsets
 from llora_jax.study.spec import StudySpec
 
 
@@ -36,7 +37,8 @@ def record_interference(s: StudySpec, results, method, seed, members, tasks) -> 
         "delta_w_mean_off_diagonal": None,
     }
     phi0 = members[tasks[0]].tv.phi0
-    if members[tasks[0]].tv.meta.get("adapter_kind") == DELTA_W:  # τ is ΔW already
+    delta_w = members[tasks[0]].tv.meta.get("adapter_kind") == DELTA_W
+    if delta_w or s.merge_space == "delta_w":  # the members' vectors are ΔW already
         entry["delta_w_matrix"] = entry["matrix"]
         entry["delta_w_mean_off_diagonal"] = entry["mean_off_diagonal"]
     elif phi0 is not None:
@@ -92,7 +94,7 @@ class ResultCache:
 def record_fusion(
     s: StudySpec, results, method, seed, members, tasks, cache: ResultCache, compute=True
 ) -> None:
-    max_size = int(s.max_subset) or None
+    plan = study_subsets(s, tasks, int(seed))
     which = dict(s.fusion_subsets)
     grids = dict(s.fusion_grids)
     spent: dict[str, float] = {}
@@ -101,7 +103,7 @@ def record_fusion(
         kind = which.get(name, "all")
         subs = [
             sub
-            for sub in search.subsets(tasks, 2, max_size)
+            for sub in plan
             if kind == "all" or len(sub) == len(tasks) or (kind == "pairs+full" and len(sub) == 2)
         ]
         keys = {sub: f"fusion|{method}|{seed}|{name}|{search.subset_key(sub)}" for sub in subs}

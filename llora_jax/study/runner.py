@@ -34,9 +34,10 @@ import optax
 
 from llora_jax import experiment, task_vectors
 from llora_jax import tree as tree_lib
-from llora_jax.fusion import programs
-from llora_jax.report import summary as report_summary
-from llora_jax.study import spec
+from llora_jax.data.baselines import majority_baseline
+from llora_jax.fusion import programs, weight_space
+from llora_jax.report import write_report
+from llora_jax.study import frozen_tuning, multitask, spec
 from llora_jax.study.analysis import (
     ResultCache,
     record_disentanglement,
@@ -45,6 +46,8 @@ from llora_jax.study.analysis import (
 )
 from llora_jax.study.finetune import BackgroundFinetuning, experiments, load_config, load_module
 from llora_jax.study.finetune import log as _log
+from llora_jax.study.frozen_tuning import record_frozen_tuning
+from llora_jax.study.multitask import record_multitask
 from llora_jax.types import AdapterSpec
 
 
@@ -96,6 +99,10 @@ def run_study_file(
 def run_study(s: spec.StudySpec, out: Path) -> Path:
     """Run a whole study; returns the path of results.json."""
     spec.check(s)  # before anything loads
+    if s.multitask:
+        multitask.check(dict(s.multitask))
+    if s.frozen_tuning:
+        frozen_tuning.check(dict(s.frozen_tuning))
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     _compile_cache(out / ".jax_cache")
@@ -105,6 +112,12 @@ def run_study(s: spec.StudySpec, out: Path) -> Path:
     )
     cache = experiment.BackboneCache()
     exps = experiments(s, tasks, cache)  # fails early on missing data
+    own_a0 = [t for t, e in exps.items() if e.spec.lora.a0 == "per_task"]
+    if own_a0 and s.merge_space != weight_space.SPACE:
+        raise spec.StudySpecError(
+            f"study {s.name!r}: tasks {own_a0} get a per-task A0 (lora.a0='per_task'), whose "
+            "adapters live in different bases; merge them as dense ΔW: --set merge_space=delta_w"
+        )
 
     results: dict = {
         "study": s.name,
@@ -112,13 +125,17 @@ def run_study(s: spec.StudySpec, out: Path) -> Path:
         **environment(),
         "tasks": tasks,
         "methods": list(s.methods),
+        "merge_space": s.merge_space,
         "seeds": [int(x) for x in s.seeds],
         "primary_metric": {t: e.primary_metric for t, e in exps.items()},
+        # Each task's majority-class predictor on the rows it is scored on (test split).
+        "baseline": {t: task_baseline(e) for t, e in exps.items()},
         "single": {},
         "fusion": {},
         "cosine": {},
         "isolation_overlap": {},
         "disentanglement": {},
+        "multitask": {},
         "runs": {},
         # method -> task -> the rate every seed used (chosen on the sweep seed's validation)
         "learning_rate": {},
@@ -154,23 +171,38 @@ def run_study(s: spec.StudySpec, out: Path) -> Path:
                 results["timings_s"][f"finetune/{method}"] = secs
             t = time.perf_counter()
             members, fps = _members(out, tasks, exps, results, method, seed, chosen)
+            if s.merge_space == weight_space.SPACE:
+                # Merged and measured as dense ΔW per layer (a per-task A0 needs it); the
+                # cached results are tied to the space as well as to the vectors.
+                members = {t: weight_space.delta_w_member(m) for t, m in members.items()}
+                fps = {t: f"{fp}|{weight_space.SPACE}" for t, fp in fps.items()}
             record_interference(s, results, method, seed, members, tasks)
             compute = analyse and seed in analysis
             cached = ResultCache(done, cache_path, fps)
             record_fusion(s, results, method, seed, members, tasks, cached, compute)
             record_disentanglement(s, results, method, seed, members, cached, compute)
             if compute:
+                record_multitask(s, results, method, seed, exps, out)
+                record_frozen_tuning(s, results, method, seed, exps, members, out)
+            if compute:
                 results["timings_s"][f"analysis/{method}/seed{seed}"] = time.perf_counter() - t
                 _log(f"{method} seed {seed}: analysis done in {time.perf_counter() - t:.0f} s")
             # After every block (the report, with its figures, at the end): an interrupted
             # study keeps it.
-            _write_results(results, out, report=False)
+            _write_results(results, out, with_report=False)
     finally:
         tuner.close()
     path, rep = _write_results(results, out)
     _log(f"results: {_shown(path)}")
     _log(f"report:  {_shown(rep)}")
     return path
+
+
+def task_baseline(exp) -> dict:
+    """The majority-class baseline of an experiment's test rows (its task's metrics)."""
+    regression = bool(getattr(exp.task_spec, "is_regression", False))
+    field = "score" if regression and "score" in exp.arrays["train"] else "label"
+    return majority_baseline(exp.task_spec, exp.arrays["train"][field], exp.arrays["test"][field])
 
 
 def _members(out, tasks, exps, results, method, seed, chosen) -> tuple[dict, dict]:
@@ -204,7 +236,7 @@ def _shown(path: Path) -> str:
     return str(path).replace(os.getcwd() + os.sep, "")
 
 
-def _write_results(results: dict, out: Path, report: bool = True) -> tuple[Path, Path | None]:
+def _write_results(results: dict, out: Path, with_report: bool = True) -> tuple[Path, Path | None]:
 
     path = out / "results.json"
     tmp = path.with_suffix(".json.tmp")
@@ -213,7 +245,7 @@ def _write_results(results: dict, out: Path, report: bool = True) -> tuple[Path,
     # the readable forms.
     tmp.write_text(json.dumps(_significant(results), separators=(",", ":"), default=float))
     os.replace(tmp, path)
-    return path, (report_summary.write_report(results, out) if report else None)
+    return path, (write_report(results, out) if with_report else None)
 
 
 def _significant(x: Any) -> Any:

@@ -19,6 +19,7 @@ from typing import Any
 from llora_jax.errors import UserError
 
 DEFAULT_FUSION = ("average", "task_arithmetic", "ties", "dare", "lorahub", "isolation")
+MERGE_SPACES = ("adapter", "delta_w")
 DEFAULT_GRID = tuple(round(-2.0 + 0.2 * i, 1) for i in range(21))
 
 
@@ -61,6 +62,13 @@ class StudySpec:
     fusion_subsets: dict = dataclasses.field(default_factory=dict)
     fusion_grids: dict = dataclasses.field(default_factory=dict)
     max_subset: int = 0
+    subset_sizes: list = dataclasses.field(default_factory=list)
+    exhaustive_up_to: int | None = None
+    subsets_per_size: int = 10
+    subset_seed: int | None = None
+    merge_space: str = "adapter"
+    multitask: dict = dataclasses.field(default_factory=dict)
+    frozen_tuning: dict = dataclasses.field(default_factory=dict)
     lorahub_budget: int = 40
     isolation_p: float = 0.1
     pairs: list = dataclasses.field(default_factory=list)
@@ -151,7 +159,21 @@ def check(s: StudySpec) -> None:
     for name in ("methods", "seeds", "learning_rates", "fusion"):
         if not isinstance(getattr(s, name), (list, tuple)):
             raise StudySpecError(f"study field {name!r} must be a list, got {getattr(s, name)!r}")
-    for name in ("eval_batch_size", "eval_chunk", "group_size", "disentangle_examples"):
+    if s.merge_space not in MERGE_SPACES:
+        raise StudySpecError(
+            f"study field 'merge_space' must be one of {MERGE_SPACES}, got {s.merge_space!r}"
+        )
+    for name in ("exhaustive_up_to", "subset_seed"):
+        value = getattr(s, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise StudySpecError(f"study field {name!r} must be an integer or None, got {value!r}")
+    for name in (
+        "eval_batch_size",
+        "eval_chunk",
+        "group_size",
+        "disentangle_examples",
+        "subsets_per_size",
+    ):
         value = getattr(s, name)
         if not isinstance(value, int) or value < 1:
             raise StudySpecError(f"study field {name!r} must be a positive integer, got {value!r}")

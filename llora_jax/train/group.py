@@ -85,6 +85,12 @@ def check_runs(runs: Sequence[Any]) -> None:
     if len(set(dirs)) != len(dirs):
         dup = next(d for d in dirs if dirs.count(d) > 1)
         raise ValueError(f"fit: two runs write the same workdir {dup}")
+    own = [r.workdir for r in runs if getattr(r, "batches", None) is not None]
+    if own and len(runs) > 1:
+        raise ValueError(
+            f"fit: run {own[0]} brings its own batches (a multi-task mixture) and trains "
+            "alone; fit it in its own call"
+        )
     ref = shapes(runs[0].head)
     for r in runs[1:]:
         got = shapes(r.head)

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from llora_jax import data, forward
 from llora_jax import tree as tree_lib
 from llora_jax.errors import UserError
+from llora_jax.fusion.frozen_cores import freeze
 from llora_jax.train import group, resume, run_dir, sharding, state_io, step
 from llora_jax.train.export import export_run
 from llora_jax.train.guard import Guard, Interval, TrainingDiverged
@@ -99,10 +100,22 @@ class Run:
     config: Mapping[str, Any] | None = None
     data_fingerprint: str | None = None
     files: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # (batch_size, start_step) -> host batches resumable by step, instead of seeded epochs
+    # of train_arrays (e.g. ``data.mixture.mixture_batches`` for a multi-task run).
+    batch_fn: Callable[[int, int], Any] | None = None
+    # Start from this trainable state instead of the initialisation (φ0 stays the
+    # initialisation's: τ is exported relative to it), e.g. a fused adapter φ0 + τ_merged.
+    start: PyTree | None = None
+    # Boolean tree shaped like the trainable state: elements held fixed bit for bit
+    # (``fusion.frozen_cores.freeze``), e.g. every task's core region. One run at a time.
+    frozen: PyTree | None = None
 
     def __post_init__(self) -> None:
-        if (self.train_arrays is None) == (self.batches is None):
-            raise ValueError(f"Run {self.workdir}: give exactly one of train_arrays and batches")
+        sources = [self.train_arrays, self.batches, self.batch_fn]
+        if sum(s is not None for s in sources) != 1:
+            raise ValueError(
+                f"Run {self.workdir}: give exactly one of train_arrays, batches and batch_fn"
+            )
 
 
 def finetune(
@@ -177,16 +190,24 @@ def fit(
     """
     group.check_runs(runs)
     stacked = len(runs) > 1 if group_step is None else group_step
+    if stacked and any(_trains_alone(r) for r in runs):
+        raise ValueError(
+            "fit: a run with its own batch source (batches, batch_fn), start or frozen "
+            "elements trains alone (group_step=False)"
+        )
     if stacked and frozen_shardings is not None:
         raise ValueError("fit: sharded backbone weights (frozen_shardings) need one run at a time")
-    if stacked and any(r.batches is not None for r in runs):
-        raise ValueError("fit: streaming batch sources (Run.batches) train one run at a time")
     dirs = [Path(r.workdir).absolute() for r in runs]
     main = jax.process_index() == 0
     backbone = resume.backbone_fingerprint(tm.params) if main else None
     fields = [_run_fields(spec, oc, lc, r, backbone) if main else {} for r in runs]
     with resume.claim(dirs, fields, [r.files for r in runs], restart=restart, main=main):
         return _fit_claimed(tm, spec, oc, lc, runs, dirs, stacked, mesh, frozen_shardings, backbone)
+
+
+def _trains_alone(run: Run) -> bool:
+    """A run with its own batch source, start or frozen elements has its own program."""
+    return any(x is not None for x in (run.batches, run.batch_fn, run.start, run.frozen))
 
 
 def _run_fields(spec, oc, lc, run: Run, backbone: str | None) -> dict:
@@ -200,7 +221,11 @@ def _run_fields(spec, oc, lc, run: Run, backbone: str | None) -> dict:
 def _fit_claimed(tm, spec, oc, lc, runs, dirs, stacked, mesh, frozen_shardings, backbone):
     mesh = mesh or sharding.make_mesh()
     oc = dataclasses.replace(oc, total_steps=lc.total_steps)
-    starts = [forward.init_trainable(tm, spec, jax.random.key(int(r.seed))) for r in runs]
+    starts = [
+        forward.init_trainable(tm, spec, forward.init_key(r.seed, r.meta.get("task"), spec))
+        for r in runs
+    ]
+    starts = [(r.start, p0) if r.start is not None else (t, p0) for r, (t, p0) in zip(runs, starts)]
     phi0s = [phi0 for _, phi0 in starts]
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
@@ -304,6 +329,8 @@ def _single_setup(tm, spec, oc, lc, run, start_phi0, mesh, frozen_shardings) -> 
     """State (restored from the newest checkpoint if any), shardings and batches of one run."""
     trainable0, phi0 = start_phi0
     optimizer = make_optimizer(dataclasses.replace(oc, learning_rate=run.learning_rate))
+    if run.frozen is not None:
+        optimizer = freeze(optimizer, run.frozen)
     repl = sharding.replicated(mesh)
     frozen = {"params": tm.params, "head": run.head, "phi0": phi0}
     frozen_sh = {
@@ -316,7 +343,10 @@ def _single_setup(tm, spec, oc, lc, run, start_phi0, mesh, frozen_shardings) -> 
     frozen = jax.device_put(frozen, frozen_sh)
     state_shape = jax.eval_shape(lambda t: step.init_state(t, optimizer), trainable0)
     state_sh = jax.tree.map(lambda _: repl, state_shape)
-    if frozen_shardings is None:
+    if run.frozen is not None and frozen_shardings is None:
+        # The frozen mask is part of the optimizer: this run's own program (not cached).
+        step_fn = jax.jit(step.make_train_step(tm, spec, optimizer), donate_argnums=0)
+    elif frozen_shardings is None:
         step_fn = step.step_for(tm, spec, oc, mesh, group=False)
     else:
         if spec.method == "full":
@@ -351,6 +381,9 @@ def _single_setup(tm, spec, oc, lc, run, start_phi0, mesh, frozen_shardings) -> 
     if run.batches is not None:
         # A streaming source: its position is restored from the checkpoint's data item.
         positions = Positions(run.batches, start, data_state)
+    elif run.batch_fn is not None:
+        # Batches that are a function of the step (mixtures): resumed by the step alone.
+        positions = Positions(run.batch_fn(lc.batch_size, start), start, None)
     else:
         # Seeded per-epoch permutations, this process's slice of every global batch,
         # resumable at any step.
