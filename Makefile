@@ -33,7 +33,7 @@ endif
 	import-peft export-peft export-hf predict bench-multi capacity reproduce-glue7
 
 help:
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

@@ -201,8 +201,11 @@ def run_study(s: spec.StudySpec, out: Path) -> Path:
 def task_baseline(exp) -> dict:
     """The majority-class baseline of an experiment's test rows (its task's metrics)."""
     regression = bool(getattr(exp.task_spec, "is_regression", False))
-    field = "score" if regression and "score" in exp.arrays["train"] else "label"
-    return majority_baseline(exp.task_spec, exp.arrays["train"][field], exp.arrays["test"][field])
+    train = exp.arrays.get("train")
+    if train is None:  # a streamed training split: its labels, read without decoding images
+        train = {"label": exp.train_batches.split.labels}
+    field = "score" if regression and "score" in train else "label"
+    return majority_baseline(exp.task_spec, train[field], exp.arrays["test"][field])
 
 
 def _members(out, tasks, exps, results, method, seed, chosen) -> tuple[dict, dict]:

@@ -111,11 +111,11 @@ class Run:
     frozen: PyTree | None = None
 
     def __post_init__(self) -> None:
-        sources = [self.train_arrays, self.batches, self.batch_fn]
-        if sum(s is not None for s in sources) != 1:
-            raise ValueError(
-                f"Run {self.workdir}: give exactly one of train_arrays, batches and batch_fn"
-            )
+        # train_arrays may come with batch_fn (then only the data fingerprint reads them).
+        if self.batches is not None and (self.batch_fn is not None or self.train_arrays):
+            raise ValueError(f"Run {self.workdir}: a streaming source (batches) comes alone")
+        if self.train_arrays is None and self.batches is None and self.batch_fn is None:
+            raise ValueError(f"Run {self.workdir}: give train_arrays, batches or batch_fn")
 
 
 def finetune(

@@ -103,7 +103,9 @@ def test_config_attention_impl_reaches_the_backbone_and_cudnn_refuses_l_lora_mod
     c = _config(path, "minilm.py", "tiny", task="rte", attention_impl="reference")
     assert experiment.build(c).tm.module.cfg.attention_impl == "reference"
     c.method, c.attention_impl = "l_lora_model", "cudnn"
-    with pytest.raises(ValueError, match="attention_impl='cudnn' cannot run method 'l_lora_model'"):
+    with pytest.raises(
+        ValueError, match="attention_impl='cudnn' cannot be used with method='l_lora_model'"
+    ):
         experiment.build(c)
 
 
