@@ -21,11 +21,10 @@ Re-running the same command resumes: finished runs and fusions are kept per bloc
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from llora_jax.report.capacity import write_capacity_report
-from llora_jax.study.blocks import Block, run_blocks
+from llora_jax.study.blocks import Block, block_spec, blocks_main
 from llora_jax.study.spec import base_study
 
 GLUE7 = ["cola", "mnli", "mrpc", "qqp", "rte", "sst2", "stsb"]
@@ -194,19 +193,11 @@ def blocks(form: str) -> list[Block]:
 def get_study(arg=None):
     """One block, for the generic runner: ``FORM/ARM/rRANK`` (e.g. ``cpu/l_lora_a0/r4``)."""
     form, arm, rank = (arg or "cpu/lora/r4").split("/")
-    for b in blocks(form):
-        if b.name == f"{arm}_{rank}":
-            return b.spec
-    raise ValueError(f"no block {arm}_{rank} in form {form!r}")
+    return block_spec(blocks(form), f"{arm}_{rank}", form)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("form", choices=FORMS)
-    p.add_argument("--out", required=True, help="output folder (resumes what is there)")
-    p.add_argument("--set", action="append", default=[], dest="sets", help="field=value")
-    a = p.parse_args(argv)
-    run_blocks(f"capacity_{a.form}", blocks(a.form), a.out, a.sets, write_capacity_report)
+    blocks_main("capacity", __doc__, FORMS, blocks, write_capacity_report, argv)
 
 
 if __name__ == "__main__":

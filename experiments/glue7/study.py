@@ -20,11 +20,10 @@ Forms (``python experiments/glue7/study.py FORM --out DIR [--set field=value ...
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from llora_jax.report.cosine_test import write_cosine_report
-from llora_jax.study.blocks import Block, run_blocks
+from llora_jax.study.blocks import Block, block_spec, blocks_main
 from llora_jax.study.spec import base_study
 
 GLUE7 = ["cola", "mnli", "mrpc", "qqp", "rte", "sst2", "stsb"]
@@ -146,19 +145,11 @@ def blocks(form: str) -> list[Block]:
 def get_study(arg=None):
     """One block for the generic runner: ``FORM/BLOCK`` (e.g. ``full/main``)."""
     form, name = (arg or "full/main").split("/")
-    for b in blocks(form):
-        if b.name == name:
-            return b.spec
-    raise ValueError(f"no block {name!r} in form {form!r}")
+    return block_spec(blocks(form), name, form)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("form", choices=FORMS)
-    p.add_argument("--out", required=True, help="output folder (resumes what is there)")
-    p.add_argument("--set", action="append", default=[], dest="sets", help="field=value")
-    a = p.parse_args(argv)
-    run_blocks(f"glue7_{a.form}", blocks(a.form), a.out, a.sets, write_cosine_report)
+    blocks_main("glue7", __doc__, FORMS, blocks, write_cosine_report, argv)
 
 
 if __name__ == "__main__":

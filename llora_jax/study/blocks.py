@@ -10,6 +10,7 @@ finished block; re-running the same command finishes the rest.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -70,3 +71,28 @@ def write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, separators=(",", ":"), default=float))
     os.replace(tmp, path)
+
+
+def block_spec(blocks: Sequence[Block], name: str, form: str) -> spec_lib.StudySpec:
+    """The spec of the block called ``name`` (for a study file's ``get_study``)."""
+    for b in blocks:
+        if b.name == name:
+            return b.spec
+    raise ValueError(f"no block {name!r} in form {form!r}")
+
+
+def blocks_main(
+    name: str,
+    doc: str,
+    forms: Sequence[str],
+    blocks_of: Callable[[str], list[Block]],
+    report: Callable,
+    argv: Sequence[str] | None = None,
+) -> None:
+    """The command line of a block study file: ``FORM --out DIR [--set field=value …]``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("form", choices=forms)
+    p.add_argument("--out", required=True, help="output folder (resumes what is there)")
+    p.add_argument("--set", action="append", default=[], dest="sets", help="field=value")
+    a = p.parse_args(argv)
+    run_blocks(f"{name}_{a.form}", blocks_of(a.form), a.out, a.sets, report)
